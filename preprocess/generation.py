@@ -1,0 +1,83 @@
+"""What the generator's backends share: the work item, its result, and the runner contract."""
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+from .sampling import SamplingSettings
+
+
+@dataclass(frozen=True)
+class GenerationItem:
+    token_ids: list[int]
+    sampling: SamplingSettings
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str = "stop"
+
+
+Completion = Callable[[list[GenerationResult] | BaseException], None]
+
+
+class Runner(Protocol):
+    backend: str
+
+    def submit(self, items: Sequence[GenerationItem], on_done: Completion) -> "BatchHandle": ...
+
+    def cancel(self, handle: "BatchHandle") -> None: ...
+
+    @property
+    def healthy(self) -> bool: ...
+
+    def shutdown(self, timeout_s: float) -> None: ...
+
+
+@dataclass
+class BatchHandle:
+    """One Triton request's prompts, as the backend tracks them."""
+    batch_id: str
+    request_ids: list[str] = field(default_factory=list)
+    future: object | None = None
+
+
+class PromptTooLong(ValueError):
+    """A prompt does not fit the model length: refused for that request only."""
+
+
+def group_by_sampling(items: Sequence[GenerationItem]) -> dict[SamplingSettings, list[int]]:
+    """Indices of the items per distinct sampling settings, in first-seen order.
+
+    Equal settings share one engine submission (and one SamplingParams), which keeps
+    vLLM's batching intact; a per-prompt parameter list would break it.
+    """
+    groups: dict[SamplingSettings, list[int]] = defaultdict(list)
+    for index, item in enumerate(items):
+        groups[item.sampling].append(index)
+    return dict(groups)
+
+
+# next() on itertools.count is atomic in CPython, so ids stay unique across threads
+# without a lock (the official vllm_backend uses a bare `+= 1` here).
+_batch_ids = itertools.count()
+
+
+def new_batch_id() -> str:
+    return f"b{next(_batch_ids)}"
+
+
+def check_prompt_lengths(items: Sequence[GenerationItem], max_model_len: int | None) -> None:
+    """Refuse the request when a prompt leaves no room to generate."""
+    if max_model_len is None:
+        return
+    for index, item in enumerate(items):
+        if len(item.token_ids) >= max_model_len:
+            raise PromptTooLong(
+                f"prompt {index} has {len(item.token_ids)} tokens; the model length is {max_model_len}"
+            )

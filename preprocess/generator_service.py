@@ -1,0 +1,170 @@
+"""The generator's backend choice and lifecycle, independent of Triton.
+
+Chooses vLLM or transformers (USE_VLLM, FORCE_VLLM, the fallback chain), and when the
+vLLM engine process dies it brings a new engine up in the background, failing requests
+fast meanwhile, so the server recovers without a restart.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, MutableMapping, Sequence
+
+from . import engine_config
+from .fallback import EngineStartError
+from .generation import BatchHandle, Completion, GenerationItem
+from .pipeline import load_tokenizer
+from .settings import load_sampling
+
+log = logging.getLogger("generator")
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine is down or restarting: the caller gets a 503 and may retry."""
+
+
+def stop_token_ids(tokenizer, stop_strings: Sequence[str]) -> list[int]:
+    """The tokenizer's eos plus the ids of the end markers that are single tokens."""
+    ids: list[int] = []
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.append(eos)
+    vocab = tokenizer.get_vocab() if tokenizer is not None else {}
+    for marker in ("<|im_end|>", "<|endoftext|>", *stop_strings):
+        if marker in vocab:
+            ids.append(vocab[marker])
+    return list(dict.fromkeys(ids))
+
+
+def model_max_len(model_dir: Path) -> int | None:
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = config.get("max_position_embeddings")
+    return int(value) if isinstance(value, int) else None
+
+
+def accelerator_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+class GeneratorService:
+    def __init__(self, environ: MutableMapping[str, str], model_dir: str | Path, state_path: Path | None = None):
+        self.model_dir = Path(model_dir)
+        self.state_path = state_path
+        self.accelerator = accelerator_available()
+        self.engine = engine_config.load_engine(environ, cpu_only=not self.accelerator)
+        for change in engine_config.prepare_process_environment(environ, self.engine.metax):
+            log.info("environment: %s", change)
+        engine_config.set_vllm_log_level(self.engine.vllm_log_level)
+        self.sampling = load_sampling(environ)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.stop_token_ids = stop_token_ids(self.tokenizer, self.sampling.stop_strings)
+        self.restarts = 0
+        self._restart_lock = threading.Lock()
+        self._restarting = False
+        self.runner = self._start_backend()
+        self.publish_state()
+        self._stop = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch, name="engine-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def _start_backend(self):
+        try:
+            import vllm  # noqa: F401
+
+            importable = True
+        except Exception as exc:
+            log.warning("vllm import failed: %s", exc)
+            importable = False
+        use, reason = engine_config.should_try_vllm(
+            self.engine, importable, engine_config.has_c_compiler(), self.accelerator)
+        if use:
+            from .vllm_runner import VllmRunner
+
+            try:
+                return VllmRunner(self.engine, str(self.model_dir), self.sampling.stop_strings,
+                                  self.stop_token_ids, model_max_len(self.model_dir))
+            except EngineStartError as exc:
+                if self.engine.force_vllm:
+                    raise RuntimeError(f"FORCE_VLLM=1 and vLLM did not start: {exc}") from None
+                log.warning("vLLM did not start (%s); falling back to transformers", exc)
+        else:
+            log.info("not using vLLM: %s", reason)
+            if self.engine.force_vllm and self.engine.use_vllm != "false":
+                raise RuntimeError(f"FORCE_VLLM=1 but vLLM cannot be used: {reason}")
+        from .hf_runner import TransformersRunner
+
+        return TransformersRunner(str(self.model_dir), self.tokenizer, self.sampling.stop_strings, self.stop_token_ids)
+
+    @property
+    def ready(self) -> bool:
+        return not self._restarting and self.runner.healthy
+
+    def submit(self, items: Sequence[GenerationItem], on_done: Completion) -> BatchHandle | None:
+        if not self.ready:
+            on_done(EngineUnavailable("the generator engine is restarting; retry shortly"))
+            return None
+        return self.runner.submit(items, on_done)
+
+    def cancel(self, handle: BatchHandle) -> None:
+        self.runner.cancel(handle)
+
+    def _watch(self) -> None:
+        """Rebuild a dead engine (its process was killed) without a server restart."""
+        while not self._stop.wait(0.5):
+            if self.runner.healthy or self._restarting:
+                continue
+            with self._restart_lock:
+                self._restarting = True
+                log.error("the %s engine died; starting a new one", self.runner.backend)
+                self.publish_state()
+                started = time.monotonic()
+                try:
+                    self.runner.shutdown(timeout_s=5)
+                except Exception as exc:
+                    log.warning("shutdown of the dead engine: %s", exc)
+                try:
+                    self.runner = self._start_backend()
+                    self.restarts += 1
+                    log.info("engine back after %.1f s", time.monotonic() - started)
+                except Exception as exc:
+                    log.error("engine restart failed: %s; retrying", exc)
+                finally:
+                    self._restarting = False
+                    self.publish_state()
+
+    def publish_state(self) -> None:
+        """Write info() where the shim reads it (GET /info, health); atomic replace."""
+        if self.state_path is None:
+            return
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.info(), default=str))
+        tmp.replace(self.state_path)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "ready": self.ready,
+            "backend": self.runner.backend,
+            "engine_mode": getattr(self.runner, "engine_class", type(self.runner)).__name__,
+            "model_dir": str(self.model_dir),
+            "engine_kwargs": getattr(self.runner, "engine_kwargs", {}),
+            "restarts": self.restarts,
+            "pid": os.getpid(),
+            "engine_pid": getattr(self.runner, "engine_pid", None),
+        }
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        self.runner.shutdown(timeout_s)
+

@@ -1,0 +1,141 @@
+"""The transformers backend: the generator's contract when vLLM is off or cannot start.
+
+It fixes the reference's transformers path: batches are generated together (left
+padding), only the new tokens are decoded (the prompt is never echoed), stop tokens and
+stop strings are honoured, and frequency_penalty is a real logits processor instead of
+an argument `generate` does not know.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Sequence
+
+from .generation import (BatchHandle, Completion, GenerationItem, GenerationResult,
+                         check_prompt_lengths, group_by_sampling, new_batch_id)
+from .sampling import SamplingSettings
+
+log = logging.getLogger("generator.transformers")
+
+
+def frequency_penalty_processor(penalty: float, prompt_len: int):
+    """Subtracts penalty x (count of each token generated so far), as vLLM does."""
+    import torch
+
+    def process(input_ids: "torch.Tensor", scores: "torch.Tensor") -> "torch.Tensor":
+        generated = input_ids[:, prompt_len:]
+        if generated.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores)
+        counts.scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - penalty * counts
+
+    return process
+
+
+class TransformersRunner:
+    backend = "transformers"
+
+    def __init__(self, model_dir: str, tokenizer, stop_strings: Sequence[str], stop_token_ids: Sequence[int]):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.float16 if device == "cuda" else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, low_cpu_mem_usage=True).to(device)
+        self.model.eval()
+        self.device = device
+        self.tokenizer = tokenizer
+        self.stop_strings = [s for s in stop_strings if s]
+        self.stop_token_ids = list(stop_token_ids)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_token_ids[0]
+        self.max_model_len = getattr(self.model.config, "max_position_embeddings", None)
+        self.submissions = 0
+        self._work: queue.Queue = queue.Queue()
+        self._stopping = threading.Event()
+        # One worker thread: generate() holds the model; requests queue behind each other.
+        self._thread = threading.Thread(target=self._serve, name="transformers-worker", daemon=True)
+        self._thread.start()
+        log.info("transformers backend up on %s", device)
+
+    @property
+    def healthy(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, items: Sequence[GenerationItem], on_done: Completion) -> BatchHandle:
+        handle = BatchHandle(new_batch_id())
+        try:
+            check_prompt_lengths(items, self.max_model_len)
+        except ValueError as exc:
+            on_done(exc)
+            return handle
+        self._work.put((list(items), on_done, handle))
+        return handle
+
+    def cancel(self, handle: BatchHandle) -> None:
+        handle.request_ids.append("cancelled")
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                items, on_done, handle = self._work.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if "cancelled" in handle.request_ids:
+                on_done(RuntimeError("request cancelled"))
+                continue
+            try:
+                on_done(self._generate(items))
+            except Exception as exc:  # one failed batch answers its own request only
+                log.exception("generation failed")
+                on_done(exc)
+
+    def _generate(self, items: list[GenerationItem]) -> list[GenerationResult]:
+        results: list[GenerationResult | None] = [None] * len(items)
+        for sampling, indices in group_by_sampling(items).items():
+            self.submissions += 1
+            for index, result in zip(indices, self._generate_group([items[i].token_ids for i in indices], sampling)):
+                results[index] = result
+        return results  # type: ignore[return-value]
+
+    def _generate_group(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[GenerationResult]:
+        torch = self.torch
+        width = max(len(p) for p in prompts)
+        input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        kwargs = dict(
+            max_new_tokens=sampling.max_tokens,
+            repetition_penalty=sampling.repetition_penalty,
+            eos_token_id=None if sampling.ignore_eos else self.stop_token_ids,
+            pad_token_id=self.pad_id,
+        )
+        if sampling.temperature > 0:
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+                          top_k=sampling.top_k if sampling.top_k > 0 else None)
+        else:
+            kwargs.update(do_sample=False)
+        if sampling.frequency_penalty:
+            kwargs["logits_processor"] = [frequency_penalty_processor(sampling.frequency_penalty, width)]
+        if self.stop_strings and not sampling.ignore_eos:
+            kwargs.update(stop_strings=self.stop_strings, tokenizer=self.tokenizer)
+        with torch.inference_mode():
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
+        results = []
+        for prompt, row in zip(prompts, output[:, width:].tolist()):
+            new_tokens = []
+            for token in row:
+                if token in self.stop_token_ids and not sampling.ignore_eos:
+                    break
+                new_tokens.append(token)
+            text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
+            for stop in self.stop_strings:
+                text = text.split(stop, 1)[0]
+            finish = "length" if len(new_tokens) >= sampling.max_tokens else "stop"
+            results.append(GenerationResult(text, len(prompt), len(new_tokens), finish))
+        return results
+
+    def shutdown(self, timeout_s: float) -> None:
+        self._stopping.set()
+        self._thread.join(timeout_s)

@@ -1,0 +1,222 @@
+"""Every environment variable of the service, parsed and validated once.
+
+Names and defaults are the reference service's (`serve.py`, `run_model.sh`), so existing
+deployment settings keep working. Each component loads the part it needs with
+`load_*(environ)`; a malformed value raises `SettingsError` with one clear line.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from .envparse import Env, SettingsError
+
+__all__ = [
+    "SettingsError", "RoutingSettings", "CleanupSettings", "SamplingDefaults", "ChatSettings",
+    "WarmupSettings", "ShimSettings", "load_routing", "load_cleanup", "load_sampling",
+    "load_chat", "load_warmup", "load_shim", "batch_mode", "resolve_model_dir",
+    "DEFAULT_SYSTEM_PROMPT", "SYSTEM_PROMPT_MAX_CHARS", "MAX_NEW_TOKENS_LIMIT",
+]
+
+EMBEDDED_MODEL_ID = "SmolLM2-135M-Instruct"
+SYSTEM_PROMPT_MAX_CHARS = 20_000
+MAX_NEW_TOKENS_LIMIT = 4096
+
+DEFAULT_SYSTEM_PROMPT = (
+    "你是答题助手。只输出答案正文，不要推理过程，不要客套话。"
+    "用教科书式的规范表述，给出3-6个简短的关键要点，不要举例。"
+    "代码题只给出最短的核心代码，不要使用代码块标记。"
+)
+
+HARD_CODE_KEYWORDS = ("kernel<<<", "global void", "#include")
+LONG_ANSWER_KEYWORDS = ("算子", "spmv", "convnets", "im2col", "gemm", "tensor cores", "triton", "tilelang")
+CODE_KEYWORDS = ("代码", "伪代码", "核心代码", "代码片段", "kernel<<<", "global void", "#include", "import ", "def ")
+DEFAULT_STOP_STRINGS = ("<|im_end|>", "<|endoftext|>")
+
+
+def _keywords(builtin: tuple[str, ...], extra: tuple[str, ...]) -> tuple[str, ...]:
+    """Built-in keywords plus the environment's, lower-cased, order kept, no repeats."""
+    merged = [k.lower() for k in builtin + extra]
+    return tuple(dict.fromkeys(merged))
+
+
+@dataclass(frozen=True)
+class RoutingSettings:
+    hard_code_keywords: tuple[str, ...] = HARD_CODE_KEYWORDS
+    hard_code_min_hits: int = 1
+    long_answer_keywords: tuple[str, ...] = LONG_ANSWER_KEYWORDS
+    long_answer_min_hits: int = 1
+    long_answer_enabled: bool = True
+    code_keywords: tuple[str, ...] = CODE_KEYWORDS
+    max_new_tokens: int = 32
+    max_new_tokens_code_soft: int = 64
+    max_new_tokens_code: int = 192
+    max_new_tokens_code_hard: int = 192
+    disabled: bool = False
+    log_routing: bool = False
+
+
+def load_routing(environ: Mapping[str, str]) -> RoutingSettings:
+    env = Env(environ)
+    code = env.int("MAX_NEW_TOKENS_CODE", 192, 1, MAX_NEW_TOKENS_LIMIT)
+    return RoutingSettings(
+        hard_code_keywords=_keywords(HARD_CODE_KEYWORDS, env.csv("HARD_CODE_QUESTION_KEYWORDS")),
+        hard_code_min_hits=env.int("HARD_CODE_MIN_HITS", 1, 1, 5),
+        long_answer_keywords=_keywords(LONG_ANSWER_KEYWORDS, env.csv("LONG_ANSWER_KEYWORDS")),
+        long_answer_min_hits=env.int("LONG_ANSWER_MIN_HITS", 1, 1, 5),
+        long_answer_enabled=env.bool("LONG_ANSWER_ENABLE_DEFAULT", True),
+        code_keywords=_keywords(CODE_KEYWORDS, env.csv("CODE_QUESTION_KEYWORDS")),
+        max_new_tokens=env.int("MAX_NEW_TOKENS", 32, 1, MAX_NEW_TOKENS_LIMIT),
+        max_new_tokens_code_soft=env.int("MAX_NEW_TOKENS_CODE_SOFT", 64, 1, MAX_NEW_TOKENS_LIMIT),
+        max_new_tokens_code=code,
+        max_new_tokens_code_hard=env.int("MAX_NEW_TOKENS_CODE_HARD", code, 1, MAX_NEW_TOKENS_LIMIT),
+        disabled=env.bool("DISABLE_TOKEN_ROUTING", False),
+        log_routing=env.bool("LOG_TOKEN_ROUTING", False),
+    )
+
+
+@dataclass(frozen=True)
+class CleanupSettings:
+    trim_examples: bool = True
+    max_sentences: int = 6
+
+
+def load_cleanup(environ: Mapping[str, str]) -> CleanupSettings:
+    env = Env(environ)
+    return CleanupSettings(
+        trim_examples=env.bool("OUTPUT_TRIM_EXAMPLES", True),
+        max_sentences=env.int("OUTPUT_MAX_SENTENCES", 6, 1, 12),
+    )
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 1
+    repetition_penalty: float = 1.05
+    frequency_penalty: float = 0.1
+    stop_strings: tuple[str, ...] = DEFAULT_STOP_STRINGS
+
+
+def load_sampling(environ: Mapping[str, str]) -> SamplingDefaults:
+    env = Env(environ)
+    stops = env.csv("STOP_STRINGS") or DEFAULT_STOP_STRINGS
+    if env.bool("STOP_ON_DOUBLE_NEWLINE", False):
+        stops = stops + ("\n\n",)
+    top_k = env.int("TOP_K", 1)
+    if top_k == 0 or top_k < -1:
+        raise SettingsError(f"TOP_K={top_k} must be -1 (off) or at least 1")
+    top_p = env.float("TOP_P", 1.0, 0.0, 1.0)
+    if top_p <= 0.0:
+        raise SettingsError(f"TOP_P={top_p} must be in (0, 1]")
+    return SamplingDefaults(
+        temperature=env.float("TEMPERATURE", 0.0, 0.0),
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=env.float("REPETITION_PENALTY", 1.05, 0.01, 2.0),
+        frequency_penalty=env.float("FREQUENCY_PENALTY", 0.1, -2.0, 2.0),
+        stop_strings=tuple(dict.fromkeys(stops)),
+    )
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    fast_chat_template: bool = False
+
+
+def batch_mode(environ: Mapping[str, str] | None = None) -> bool:
+    """BATCH_MODE, read at each call: the health answer must follow the live environment."""
+    return Env(os.environ if environ is None else environ).bool("BATCH_MODE", False)
+
+
+def validate_system_prompt(text: str) -> str:
+    """Stripped system prompt; too long is refused, never silently cut."""
+    text = text.strip()
+    if len(text) > SYSTEM_PROMPT_MAX_CHARS:
+        raise ValueError(f"system_prompt has {len(text)} characters; the limit is {SYSTEM_PROMPT_MAX_CHARS}")
+    return text
+
+
+def load_chat(environ: Mapping[str, str]) -> ChatSettings:
+    env = Env(environ)
+    try:
+        system_prompt = validate_system_prompt(env.str("SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT))
+    except ValueError as exc:
+        raise SettingsError(f"SYSTEM_PROMPT: {exc}") from None
+    return ChatSettings(
+        system_prompt=system_prompt,
+        fast_chat_template=env.bool("FAST_CHAT_TEMPLATE", batch_mode(environ)),
+    )
+
+
+@dataclass(frozen=True)
+class WarmupSettings:
+    prompt: str = "你好"
+    data_path: Path = Path("./data.jsonl")
+    num_samples: int = 64
+    repeat: int = 1
+
+
+def load_warmup(environ: Mapping[str, str]) -> WarmupSettings:
+    env = Env(environ)
+    cap = env.int("WARMUP_NUM_SAMPLES_CAP", 512, 0, 8192)
+    return WarmupSettings(
+        prompt=env.str("WARMUP_PROMPT", "你好"),
+        data_path=Path(env.str("WARMUP_DATA_PATH", "./data.jsonl")),
+        num_samples=env.int("WARMUP_NUM_SAMPLES", 64, 0, cap),
+        repeat=env.int("WARMUP_REPEAT", 1, 1, 8),
+    )
+
+
+@dataclass(frozen=True)
+class ShimSettings:
+    host: str = "0.0.0.0"
+    port: int = 8000
+    triton_host: str = "127.0.0.1"
+    triton_http_port: int = 8010
+    triton_grpc_port: int = 8011
+    triton_metrics_port: int = 8012
+    admin_token: str | None = field(default=None, repr=False)
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_batch_prompts: int = 4096
+    request_timeout_s: float = 600.0
+
+
+def load_shim(environ: Mapping[str, str]) -> ShimSettings:
+    env = Env(environ)
+    return ShimSettings(
+        host=env.str("HOST", "0.0.0.0"),
+        port=env.int("PORT", 8000, 1, 65535),
+        triton_host=env.str("TRITON_BIND_ADDRESS", "127.0.0.1"),
+        triton_http_port=env.int("TRITON_HTTP_PORT", 8010, 1, 65535),
+        triton_grpc_port=env.int("TRITON_GRPC_PORT", 8011, 1, 65535),
+        triton_metrics_port=env.int("TRITON_METRICS_PORT", 8012, 1, 65535),
+        admin_token=env.raw("SHIM_ADMIN_TOKEN"),
+        max_body_bytes=env.int("SHIM_MAX_BODY_BYTES", 8 * 1024 * 1024, 1024),
+        max_batch_prompts=env.int("SHIM_MAX_BATCH_PROMPTS", 4096, 1),
+        request_timeout_s=env.float("SHIM_REQUEST_TIMEOUT_S", 600.0, 1.0),
+    )
+
+
+def resolve_model_dir(environ: Mapping[str, str], cwd: Path | None = None) -> Path:
+    """MODEL_DIR, else ./model/$MODEL_ID, else ./merged when only that exists (absolute)."""
+    env = Env(environ)
+    base = Path.cwd() if cwd is None else cwd
+    explicit = env.raw("MODEL_DIR")
+    if explicit is not None:
+        return (base / explicit).resolve()
+    default = (base / "model" / env.str("MODEL_ID", EMBEDDED_MODEL_ID)).resolve()
+    merged = (base / "merged").resolve()
+    if not default.exists() and merged.exists():
+        return merged
+    return default
+
+
+def runtime_dir(environ: Mapping[str, str]) -> Path | None:
+    """LLM_RUNTIME_DIR: where the generator publishes its state for the shim (set by serve)."""
+    value = Env(environ).raw("LLM_RUNTIME_DIR")
+    return Path(value) if value else None

@@ -1,0 +1,57 @@
+"""NumPy-level helpers for the Triton adapters (no Triton import, so they are unit-tested).
+
+Batched tensors have shape [batch, 1] for scalars and strings, [batch, width] for token ids.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+PAD_ID = -1  # never a token id: marks the padding of shorter prompts in PROMPT_IDS
+
+
+def decode_strings(array: np.ndarray, what: str) -> list[str]:
+    """UTF-8 text of a [batch, 1] BYTES tensor; bad bytes are an error naming the row."""
+    texts = []
+    for row, value in enumerate(array.reshape(-1)):
+        if isinstance(value, str):
+            texts.append(value)
+            continue
+        try:
+            texts.append(bytes(value).decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{what}[{row}] is not valid UTF-8 ({exc.reason})") from None
+    return texts
+
+
+def encode_strings(texts: Sequence[str]) -> np.ndarray:
+    return np.array([[t.encode("utf-8")] for t in texts], dtype=np.object_)
+
+
+def column(values: np.ndarray | Sequence | None, batch: int) -> list | None:
+    """A [batch, 1] tensor (or list) as a list; a single value applies to every row."""
+    if values is None:
+        return None
+    values = values.reshape(-1).tolist() if isinstance(values, np.ndarray) else list(values)
+    if len(values) == 1 and batch > 1:
+        values = values * batch
+    if len(values) != batch:
+        raise ValueError(f"expected {batch} values, got {len(values)}")
+    return values
+
+
+def scalars(values: Sequence, dtype) -> np.ndarray:
+    return np.asarray(values, dtype=dtype).reshape(-1, 1)
+
+
+def pad_token_ids(rows: Sequence[Sequence[int]]) -> np.ndarray:
+    width = max((len(r) for r in rows), default=0)
+    out = np.full((len(rows), max(width, 1)), PAD_ID, dtype=np.int32)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
+def unpad_token_ids(array: np.ndarray) -> list[list[int]]:
+    return [[int(t) for t in row if t != PAD_ID] for row in np.atleast_2d(array)]

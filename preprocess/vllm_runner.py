@@ -1,0 +1,197 @@
+"""vLLM AsyncLLM on its own event-loop thread.
+
+Triton calls `execute` on the stub's main thread; the engine lives on a separate asyncio
+loop so vLLM keeps stepping while Triton hands us new requests and while responses go
+out. Completion callbacks run on the loop thread and must only enqueue (the Triton
+adapter sends responses from a third thread).
+"""
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any, Sequence
+
+from .engine_config import EngineSettings, accepted_kwargs, engine_kwargs
+from .fallback import build_with_fallbacks
+from .generation import (BatchHandle, Completion, GenerationItem, GenerationResult,
+                         check_prompt_lengths, group_by_sampling, new_batch_id)
+from .sampling import SamplingSettings
+
+log = logging.getLogger("generator.vllm")
+
+
+def release_memory() -> None:
+    """Free what a failed engine attempt held before the next one starts."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # torch missing or without CUDA: nothing to free
+        pass
+
+
+class VllmRunner:
+    backend = "vllm"
+
+    def __init__(self, settings: EngineSettings, model_dir: str, stop_strings: Sequence[str],
+                 stop_token_ids: Sequence[int], model_max_len: int | None = None):
+        from vllm import SamplingParams
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        self._SamplingParams = SamplingParams
+        self._TokensPrompt = TokensPrompt
+        self._final_only = RequestOutputKind.FINAL_ONLY
+        self._stop_strings = list(stop_strings)
+        self._stop_token_ids = list(stop_token_ids)
+        self._params_cache: dict[SamplingSettings, Any] = {}
+        self.submissions = 0  # engine submissions (one per sampling group), read by metrics
+        self.engine_class = self._engine_class(settings.engine_mode)
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-loop", daemon=True)
+        self._thread.start()
+
+        wanted = engine_kwargs(settings, model_dir)
+        kwargs, dropped = accepted_kwargs(wanted, AsyncEngineArgs.__init__)
+        if dropped:
+            log.info("this vLLM does not take %s; not passing them", ", ".join(dropped))
+
+        def construct(attempt: dict[str, Any]):
+            log.info("starting %s with %s", self.engine_class.__name__, attempt)
+            args = AsyncEngineArgs(**attempt)
+            return self._call_on_loop(self._create(args), timeout=None)
+
+        started = time.monotonic()
+        self.engine, self.engine_kwargs = build_with_fallbacks(
+            construct, kwargs, metax=settings.metax, release=release_memory, model_max_len=model_max_len)
+        self.max_model_len = int(self.engine.model_config.max_model_len)
+        log.info("vLLM engine up in %.1f s: max_model_len=%d", time.monotonic() - started, self.max_model_len)
+
+    @staticmethod
+    def _engine_class(mode: str):
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        if mode == "v0":
+            try:
+                from vllm.engine.async_llm_engine import AsyncLLMEngine
+
+                if AsyncLLMEngine is not AsyncLLM:
+                    return AsyncLLMEngine
+            except ImportError:
+                pass
+            log.info("SERVE_VLLM_ENGINE=v0: this vLLM has only AsyncLLM (v1); using it")
+        return AsyncLLM
+
+    async def _create(self, args):
+        # Built on the loop thread: AsyncLLM binds its output handler to the running loop.
+        return self.engine_class.from_engine_args(args)
+
+    def _call_on_loop(self, coroutine, timeout: float | None):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    @property
+    def healthy(self) -> bool:
+        return not getattr(self.engine, "errored", False)
+
+    @property
+    def engine_pid(self) -> int | None:
+        """The EngineCore process id, for diagnostics and fault tests."""
+        try:
+            return self.engine.engine_core.resources.engine_manager.processes[0].pid
+        except Exception:
+            return None
+
+    def sampling_params(self, sampling: SamplingSettings):
+        """One SamplingParams per distinct settings, reused across requests."""
+        params = self._params_cache.get(sampling)
+        if params is None:
+            params = self._SamplingParams(
+                max_tokens=sampling.max_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                repetition_penalty=sampling.repetition_penalty,
+                frequency_penalty=sampling.frequency_penalty,
+                stop=self._stop_strings,
+                stop_token_ids=self._stop_token_ids,
+                output_kind=self._final_only,  # no per-token Python work: one output per request
+                ignore_eos=sampling.ignore_eos,
+            )
+            if len(self._params_cache) < 4096:
+                self._params_cache[sampling] = params
+        return params
+
+    def submit(self, items: Sequence[GenerationItem], on_done: Completion) -> BatchHandle:
+        handle = BatchHandle(new_batch_id())
+        try:
+            check_prompt_lengths(items, self.max_model_len)
+        except ValueError as exc:
+            on_done(exc)
+            return handle
+        future: Future = asyncio.run_coroutine_threadsafe(self._generate_batch(items, handle), self._loop)
+
+        def finished(done: Future) -> None:
+            if done.cancelled():
+                on_done(asyncio.CancelledError("request cancelled"))
+            elif done.exception() is not None:
+                on_done(done.exception())
+            else:
+                on_done(done.result())
+
+        future.add_done_callback(finished)
+        handle.future = future
+        return handle
+
+    async def _generate_batch(self, items: Sequence[GenerationItem], handle: BatchHandle) -> list[GenerationResult]:
+        results: list[GenerationResult | None] = [None] * len(items)
+        tasks = []
+        for sampling, indices in group_by_sampling(items).items():
+            params = self.sampling_params(sampling)
+            self.submissions += 1  # only the loop thread writes it
+            for index in indices:
+                request_id = f"{handle.batch_id}-{index}"
+                handle.request_ids.append(request_id)
+                tasks.append(asyncio.ensure_future(
+                    self._generate_one(items[index].token_ids, params, request_id, results, index)))
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            # One prompt failed or the batch was cancelled: stop the rest, answer the request once.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        return results  # type: ignore[return-value]
+
+    async def _generate_one(self, token_ids, params, request_id, results, index) -> None:
+        final = None
+        async for output in self.engine.generate(self._TokensPrompt(prompt_token_ids=token_ids), params, request_id):
+            final = output
+        completion = final.outputs[0]
+        results[index] = GenerationResult(
+            text=completion.text,
+            prompt_tokens=len(final.prompt_token_ids or token_ids),
+            completion_tokens=len(completion.token_ids),
+            finish_reason=completion.finish_reason or "stop",
+        )
+
+    def cancel(self, handle: BatchHandle) -> None:
+        """Abort a batch (client gone): cancelling the tasks aborts their vLLM requests."""
+        if handle.future is not None:
+            handle.future.cancel()
+
+    def shutdown(self, timeout_s: float) -> None:
+        try:
+            self.engine.shutdown()
+        except Exception as exc:
+            log.warning("engine shutdown: %s", exc)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout_s)

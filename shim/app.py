@@ -1,0 +1,223 @@
+"""The FastAPI shim: the judge's contract (`GET /`, `POST /predict`) in front of the ensemble.
+
+It answers `GET /` from its first second (warming until the ensemble is ready and warmed
+up), sends the judge's list as a few batched tensors, and holds the run-time system
+prompt, which it sends with every request so each request sees exactly one prompt.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from contextlib import asynccontextmanager
+from typing import Any, Mapping
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+
+from preprocess import settings as cfg
+from preprocess.envparse import clip
+from preprocess.warmup import warmup_prompts
+
+from .ensemble import EnsembleClient, EnsembleError
+
+log = logging.getLogger("shim")
+
+WARMUP_MAX_TOKENS = 8
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    prompt: StrictStr | list[StrictStr]
+    max_new_tokens: int | None = None
+    temperature: float | None = Field(default=None, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, allow_inf_nan=False)
+    top_k: int | None = None
+    repetition_penalty: float | None = Field(default=None, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(default=None, allow_inf_nan=False)
+
+    def overrides(self) -> dict[str, Any]:
+        values = self.model_dump(exclude={"prompt"}, exclude_none=True)
+        if "max_new_tokens" in values:  # clipped, as the reference service does
+            values["max_new_tokens"] = clip(values["max_new_tokens"], 1, cfg.MAX_NEW_TOKENS_LIMIT)
+        return values
+
+
+class SystemPromptRequest(BaseModel):
+    system_prompt: StrictStr
+
+
+def error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": message, **extra})
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+async def parse_body(request: Request, model: type[BaseModel]):
+    """The JSON body as `model`, whatever the content-type; errors name the field at fault."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(400, f"invalid JSON: {exc}") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise BadRequest(422, describe_validation(exc.errors())) from None
+
+
+def describe_validation(errors: list[dict]) -> str:
+    """One line naming the field (and list index) at fault."""
+    problems = []
+    for item in errors:
+        location = [str(p) for p in item.get("loc", ()) if p not in ("body", "str", "list[str]")]
+        where = location[0] + "".join(f"[{p}]" for p in location[1:]) if location else "body"
+        if item.get("type") == "json_invalid":
+            return f"invalid JSON: {item.get('msg')}"
+        problems.append(f"{where}: {item.get('msg')}")
+    return "; ".join(dict.fromkeys(problems)) or "invalid request"
+
+
+class ShimState:
+    """Health, warm-up and the run-time system prompt."""
+
+    def __init__(self, environ: Mapping[str, str], client: EnsembleClient):
+        self.environ = environ
+        self.client = client
+        self.system_prompt = cfg.load_chat(environ).system_prompt
+        self.warmup = cfg.load_warmup(environ)
+        runtime = cfg.runtime_dir(environ)
+        self.generator_state_path = runtime / "generator.json" if runtime else None
+        self.ready = False
+        self.started = time.monotonic()
+        self.ready_after_s: float | None = None
+
+    def generator_state(self) -> dict[str, Any] | None:
+        if self.generator_state_path is None:
+            return None
+        try:
+            return json.loads(self.generator_state_path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def generator_up(self) -> bool:
+        state = self.generator_state()
+        return state is None or bool(state.get("ready", True))
+
+    async def monitor(self) -> None:
+        """Follows the ensemble: warm up whenever it (re)appears, fall back to warming when it goes."""
+        while True:
+            up = await self.client.ready() and self.generator_up()
+            if up and not self.ready:
+                await self._warm_up()
+            elif not up and self.ready:
+                log.warning("the ensemble is not ready any more; health says warming")
+                self.ready = False
+            await asyncio.sleep(0.5)
+
+    async def _warm_up(self) -> None:
+        prompts = warmup_prompts(self.warmup)
+        started = time.monotonic()
+        log.info("warming up with %d prompts through the ensemble", len(prompts))
+        try:
+            await self.client.generate(prompts, self.system_prompt, {"max_new_tokens": WARMUP_MAX_TOKENS})
+        except EnsembleError as exc:
+            log.warning("warm-up failed (%s); will retry", exc.message)
+            return
+        self.ready = True
+        if self.ready_after_s is None:
+            self.ready_after_s = time.monotonic() - self.started
+        log.info("ready: warm-up took %.1f s", time.monotonic() - started)
+
+
+def create_app(environ: Mapping[str, str] | None = None, client: EnsembleClient | None = None,
+               on_shutdown=None) -> FastAPI:
+    environ = os.environ if environ is None else environ
+    shim = cfg.load_shim(environ)
+    client = client or EnsembleClient(f"{shim.triton_host}:{shim.triton_http_port}", timeout_s=shim.request_timeout_s)
+    state = ShimState(environ, client)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        monitor = asyncio.create_task(state.monitor())
+        yield
+        monitor.cancel()
+        await client.close()
+        if on_shutdown is not None:
+            on_shutdown()
+
+    app = FastAPI(title="LLM service (Triton ensemble shim)", lifespan=lifespan)
+    app.state.shim = state
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        message = describe_validation(exc.errors())
+        return error(400 if message.startswith("invalid JSON") else 422, message)
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(request: Request, exc: BadRequest):
+        return error(exc.status, exc.message)
+
+    @app.get("/")
+    async def health():
+        if not state.ready:
+            return {"status": "warming"}
+        return {"status": "batch" if cfg.batch_mode(environ) else "ok"}
+
+    @app.post("/predict")
+    async def predict(request: Request):
+        body = await parse_body(request, PredictRequest)
+        prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
+        if len(prompts) > shim.max_batch_prompts:
+            return error(413, f"prompt list has {len(prompts)} items; the limit is {shim.max_batch_prompts}")
+        try:
+            answers = await run_until_disconnect(
+                request, client.generate(prompts, state.system_prompt, body.overrides()))
+        except EnsembleError as exc:
+            return error(exc.status, exc.message)
+        except ClientGone:
+            return error(499, "client disconnected; generation aborted")
+        texts = [a.text for a in answers]
+        return {"response": texts if isinstance(body.prompt, list) else texts[0]}
+
+    @app.get("/system_prompt")
+    async def get_system_prompt():
+        return {"system_prompt": state.system_prompt}
+
+    @app.post("/system_prompt")
+    async def set_system_prompt(request: Request):
+        body = await parse_body(request, SystemPromptRequest)
+        try:
+            state.system_prompt = cfg.validate_system_prompt(body.system_prompt)
+        except ValueError as exc:
+            return error(422, str(exc))
+        return {"system_prompt": state.system_prompt}
+
+    return app
+
+
+class ClientGone(Exception):
+    pass
+
+
+async def run_until_disconnect(request: Request, work):
+    """Run `work`; if the client disconnects first, cancel it (which aborts it in vLLM)."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise ClientGone()
+

@@ -1,0 +1,135 @@
+"""The shim's door to the `llm` ensemble: batched tensors in, answers out, errors mapped.
+
+A judge list of N prompts goes out as ceil(N / max_batch_size) batched requests sent
+together, not N requests; answers come back in order, or the whole call fails (never a
+shorter list).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import tritonclient.http.aio as triton_http
+from tritonclient.utils import InferenceServerException
+
+log = logging.getLogger("shim.ensemble")
+
+ENSEMBLE = "llm"
+OUTPUTS = ("answer", "prompt_tokens", "completion_tokens", "finish_reason")
+OVERRIDE_TYPES = {
+    "max_new_tokens": ("INT32", np.int32),
+    "temperature": ("FP32", np.float32),
+    "top_p": ("FP32", np.float32),
+    "top_k": ("INT32", np.int32),
+    "repetition_penalty": ("FP32", np.float32),
+    "frequency_penalty": ("FP32", np.float32),
+    "ignore_eos": ("BOOL", np.bool_),
+    "raw": ("BOOL", np.bool_),
+}
+
+
+class EnsembleError(Exception):
+    """A failed call, with the HTTP status the shim should answer."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+def _text_input(name: str, texts: Sequence[str]):
+    array = np.array([[t.encode("utf-8", "surrogatepass")] for t in texts], dtype=np.object_)
+    tensor = triton_http.InferInput(name, list(array.shape), "BYTES")
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def build_inputs(prompts: Sequence[str], system_prompt: str | None, overrides: dict[str, Any]) -> list:
+    inputs = [_text_input("prompt", prompts)]
+    if system_prompt is not None:
+        inputs.append(_text_input("system_prompt", [system_prompt] * len(prompts)))
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        triton_type, numpy_type = OVERRIDE_TYPES[name]
+        array = np.full((len(prompts), 1), value, dtype=numpy_type)
+        tensor = triton_http.InferInput(name, list(array.shape), triton_type)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def map_triton_error(exc: InferenceServerException) -> EnsembleError:
+    """Triton's status to the shim's: bad input stays a 4xx, the rest is a 5xx."""
+    status = str(exc.status() or "")
+    message = exc.message() or str(exc)
+    for prefix in (f"in ensemble '{ENSEMBLE}', ", "[400] ", "[503] "):
+        message = message.replace(prefix, "")
+    if status == "400":
+        return EnsembleError(400, message)
+    if status in ("503", "UNAVAILABLE") or "Unavailable" in message or "restarting" in message:
+        return EnsembleError(503, message)
+    return EnsembleError(502, f"model server error: {message}")
+
+
+class EnsembleClient:
+    def __init__(self, url: str, max_batch_size: int = 512, timeout_s: float = 600.0):
+        self.url = url
+        self.max_batch_size = max_batch_size
+        self.timeout_s = timeout_s
+        self._client: triton_http.InferenceServerClient | None = None
+
+    def _connection(self) -> triton_http.InferenceServerClient:
+        if self._client is None:
+            self._client = triton_http.InferenceServerClient(self.url, conn_limit=256, conn_timeout=self.timeout_s)
+        return self._client
+
+    async def ready(self) -> bool:
+        try:
+            return bool(await self._connection().is_model_ready(ENSEMBLE))
+        except Exception:
+            return False
+
+    async def generate(self, prompts: Sequence[str], system_prompt: str | None = None,
+                       overrides: dict[str, Any] | None = None) -> list[Answer]:
+        if not prompts:
+            return []
+        chunks = [prompts[i:i + self.max_batch_size] for i in range(0, len(prompts), self.max_batch_size)]
+        results = await asyncio.gather(*(self._call(chunk, system_prompt, overrides or {}) for chunk in chunks))
+        answers = [answer for chunk in results for answer in chunk]
+        if len(answers) != len(prompts):  # a server bug, never passed on as a shorter list
+            raise EnsembleError(502, f"the model server returned {len(answers)} answers for {len(prompts)} prompts")
+        return answers
+
+    async def _call(self, prompts: Sequence[str], system_prompt: str | None, overrides: dict[str, Any]) -> list[Answer]:
+        outputs = [triton_http.InferRequestedOutput(name) for name in OUTPUTS]
+        try:
+            result = await self._connection().infer(
+                ENSEMBLE, build_inputs(prompts, system_prompt, overrides), outputs=outputs, timeout=int(self.timeout_s))
+        except InferenceServerException as exc:
+            raise map_triton_error(exc) from None
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # connection refused/reset: the server is down or restarting
+            raise EnsembleError(503, f"the model server is unavailable ({type(exc).__name__}: {exc})") from None
+        texts = [t.decode("utf-8", "replace") for t in result.as_numpy("answer").reshape(-1)]
+        prompt_tokens = result.as_numpy("prompt_tokens").reshape(-1).tolist()
+        completion_tokens = result.as_numpy("completion_tokens").reshape(-1).tolist()
+        reasons = [r.decode() for r in result.as_numpy("finish_reason").reshape(-1)]
+        return [Answer(*row) for row in zip(texts, prompt_tokens, completion_tokens, reasons)]
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None

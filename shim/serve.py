@@ -1,0 +1,140 @@
+"""`./build.sh serve`: tritonserver (supervised) plus the shim, in one process tree.
+
+The shim starts first, so `GET /` answers `warming` from the first second. tritonserver
+runs in its own process group, bound to 127.0.0.1, and is restarted whenever it exits;
+on Ctrl-C or SIGTERM the whole group (stubs and vLLM engine processes included) is
+stopped, so nothing is left behind.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+
+from preprocess import settings as cfg
+
+from .app import create_app
+
+log = logging.getLogger("serve")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def triton_home() -> Path:
+    return Path(sysconfig.get_paths()["purelib"]) / "pytriton" / "tritonserver"
+
+
+def triton_command(shim: cfg.ShimSettings, repository: Path) -> list[str]:
+    home = triton_home()
+    return [
+        str(home / "bin" / "tritonserver"),
+        f"--model-repository={repository}",
+        f"--backend-directory={home / 'backends'}",
+        f"--http-address={shim.triton_host}", f"--http-port={shim.triton_http_port}",
+        f"--grpc-address={shim.triton_host}", f"--grpc-port={shim.triton_grpc_port}",
+        f"--metrics-address={shim.triton_host}", f"--metrics-port={shim.triton_metrics_port}",
+        "--log-verbose=0", "--exit-timeout-secs=10",
+    ]
+
+
+def triton_environment(base: dict[str, str], model_dir: Path, runtime: Path) -> dict[str, str]:
+    """What the Python-backend stub needs (see STACK.md): the venv's python3 first on PATH,
+    the interpreter's own libpython, and absolute paths (the stub's cwd is not ours)."""
+    env = dict(base)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    env["LD_LIBRARY_PATH"] = ":".join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
+    env["MODEL_DIR"] = str(model_dir)
+    env["LLM_RUNTIME_DIR"] = str(runtime)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    env.setdefault("LC_ALL", "C.UTF-8")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+class TritonSupervisor:
+    """Keeps one tritonserver running; restarts it when it exits unexpectedly."""
+
+    def __init__(self, command: list[str], env: dict[str, str], restart_delay_s: float = 1.0):
+        self.command = command
+        self.env = env
+        self.restart_delay_s = restart_delay_s
+        self.process: subprocess.Popen | None = None
+        self.restarts = 0
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="triton-supervisor", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            log.info("starting tritonserver")
+            self.process = subprocess.Popen(self.command, env=self.env, start_new_session=True, cwd=REPO)
+            code = self.process.wait()
+            if self._stopping.is_set():
+                return
+            self._kill_group(self.process)  # stubs and engines of the dead server
+            self.restarts += 1
+            log.error("tritonserver exited with %s; restarting (restart %d)", code, self.restarts)
+            self._stopping.wait(self.restart_delay_s)
+
+    @staticmethod
+    def _kill_group(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        self._stopping.set()
+        process = self.process
+        if process is None:
+            return
+        if process.poll() is None:
+            self._kill_group(process, signal.SIGTERM)
+            try:
+                process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver did not stop in %.0f s; killing it", timeout_s)
+        self._kill_group(process)  # whatever of the group is left
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(levelname)s %(message)s")
+    try:
+        shim = cfg.load_shim(os.environ)
+        model_dir = cfg.resolve_model_dir(os.environ)
+    except cfg.SettingsError as exc:
+        log.error("%s", exc)
+        return 2
+    if not (model_dir / "config.json").is_file():
+        log.error("MODEL_DIR %s has no config.json (run ./build.sh, or point MODEL_DIR at a model folder)", model_dir)
+        return 2
+    runtime = Path(tempfile.mkdtemp(prefix="llm-runtime-"))
+    os.environ["LLM_RUNTIME_DIR"] = str(runtime)
+    env = triton_environment(dict(os.environ), model_dir, runtime)
+    supervisor = TritonSupervisor(triton_command(shim, REPO / "model_repository"), env)
+    log.info("model %s; shim on %s:%d; tritonserver on %s:%d", model_dir, shim.host, shim.port,
+             shim.triton_host, shim.triton_http_port)
+    app = create_app(os.environ, on_shutdown=supervisor.stop)
+    app.state.supervisor = supervisor
+    supervisor.start()
+    try:
+        uvicorn.run(app, host=shim.host, port=shim.port, log_level="warning", timeout_graceful_shutdown=5)
+    finally:
+        supervisor.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

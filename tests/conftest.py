@@ -1,0 +1,180 @@
+"""Session fixtures: a tiny real-architecture model, and one real server per test session.
+
+The server is the product itself (`python -m shim.serve`): a real tritonserver on the
+real model_repository, vLLM on CPU, and the shim, on free ports.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "tests" / ".artifacts"
+EMBEDDED_MODEL = REPO / "model" / "SmolLM2-135M-Instruct"
+TINY_MODEL = ARTIFACTS / "tiny-llama"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_tiny_model(dest: Path) -> Path:
+    """Llama architecture, SmolLM2's real tokenizer and chat template, random weights."""
+    if (dest / "config.json").is_file():
+        return dest
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    tmp = dest.with_name(dest.name + ".partial")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return build_tiny_model(TINY_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def http_json(method: str, url: str, body=None, headers=None, timeout=120):
+    """(status, parsed JSON body) over real HTTP; errors are returned, not raised."""
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            return exc.code, json.loads(raw)
+        except ValueError:
+            return exc.code, raw.decode(errors="replace")
+
+
+@dataclass
+class Server:
+    url: str
+    triton_url: str
+    metrics_url: str
+    process: subprocess.Popen
+    env: dict
+    statuses_seen: list = field(default_factory=list)
+    log_path: Path | None = None
+
+    def get(self, path, **kw):
+        return http_json("GET", self.url + path, **kw)
+
+    def post(self, path, body, **kw):
+        return http_json("POST", self.url + path, body, **kw)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def wait_ok(self, timeout_s: float = 240) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            try:
+                status, body = self.get("/", timeout=2)
+                if status == 200 and body.get("status") in ("ok", "batch"):
+                    return time.monotonic() - started
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"server not ok after {timeout_s} s; log tail:\n{self.log_text()[-3000:]}")
+
+
+def server_env(model_dir: Path, **extra: str) -> dict:
+    env = dict(os.environ)
+    env.update({
+        "MODEL_DIR": str(model_dir), "PORT": str(free_port()), "HOST": "127.0.0.1",
+        "TRITON_HTTP_PORT": str(free_port()), "TRITON_GRPC_PORT": str(free_port()),
+        "TRITON_METRICS_PORT": str(free_port()),
+        "VLLM_CPU_KVCACHE_SPACE": "1", "WARMUP_NUM_SAMPLES": "0",
+        "MAX_NEW_TOKENS": "8", "MAX_NEW_TOKENS_CODE_SOFT": "8", "MAX_NEW_TOKENS_CODE": "8",
+    })
+    env.update(extra)
+    return env
+
+
+def start_server(env: dict, log_name: str) -> Server:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    log_path = ARTIFACTS / log_name
+    log_file = open(log_path, "w")
+    process = subprocess.Popen([sys.executable, "-m", "shim.serve"], cwd=REPO, env=env,
+                               stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server(
+        url=f"http://127.0.0.1:{env['PORT']}", triton_url=f"127.0.0.1:{env['TRITON_HTTP_PORT']}",
+        metrics_url=f"http://127.0.0.1:{env['TRITON_METRICS_PORT']}/metrics",
+        process=process, env=env, log_path=log_path)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # record what health says while it comes up
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_text()[-3000:]}")
+        try:
+            status, body = server.get("/", timeout=2)
+            server.statuses_seen.append(body.get("status") if isinstance(body, dict) else body)
+            if server.statuses_seen[-1] in ("ok", "batch"):
+                return server
+        except OSError:
+            server.statuses_seen.append("unreachable")
+        time.sleep(0.5)
+    stop_server(server)
+    raise TimeoutError(f"server not ok after 240 s:\n{server.log_text()[-3000:]}")
+
+
+def stop_server(server: Server) -> None:
+    if server.process.poll() is None:
+        server.process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        try:
+            server.process.wait(40)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait(5)
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model) -> Server:
+    env = server_env(tiny_model, VLLM_ENFORCE_EAGER="1", DTYPE="bfloat16", USE_VLLM="true")
+    srv = start_server(env, "server.log")
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(scope="session")
+def triton(server):
+    import tritonclient.http as triton_http
+
+    client = triton_http.InferenceServerClient(server.triton_url, network_timeout=120)
+    yield client
+    client.close()
