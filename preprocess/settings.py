@@ -220,3 +220,44 @@ def runtime_dir(environ: Mapping[str, str]) -> Path | None:
     """LLM_RUNTIME_DIR: where the generator publishes its state for the shim (set by serve)."""
     value = Env(environ).raw("LLM_RUNTIME_DIR")
     return Path(value) if value else None
+
+
+# Shown by GET /info. An allow-list: nothing else from the environment is ever echoed,
+# and a name that looks like a credential is dropped even if someone adds it here.
+PUBLIC_VARIABLES = (
+    "MODEL_ID", "MODEL_DIR", "BATCH_MODE", "SYSTEM_PROMPT", "FAST_CHAT_TEMPLATE",
+    "MAX_NEW_TOKENS", "MAX_NEW_TOKENS_CODE", "MAX_NEW_TOKENS_CODE_SOFT", "MAX_NEW_TOKENS_CODE_HARD",
+    "DISABLE_TOKEN_ROUTING", "LOG_TOKEN_ROUTING", "CODE_QUESTION_KEYWORDS", "HARD_CODE_QUESTION_KEYWORDS",
+    "HARD_CODE_MIN_HITS", "LONG_ANSWER_KEYWORDS", "LONG_ANSWER_MIN_HITS", "LONG_ANSWER_ENABLE_DEFAULT",
+    "OUTPUT_TRIM_EXAMPLES", "OUTPUT_MAX_SENTENCES", "TEMPERATURE", "TOP_P", "TOP_K", "REPETITION_PENALTY",
+    "FREQUENCY_PENALTY", "STOP_STRINGS", "STOP_ON_DOUBLE_NEWLINE", "WARMUP_PROMPT", "WARMUP_DATA_PATH",
+    "WARMUP_NUM_SAMPLES", "WARMUP_NUM_SAMPLES_CAP", "WARMUP_REPEAT", "USE_VLLM", "FORCE_VLLM",
+    "SERVE_VLLM_ENGINE", "GPU_MEMORY_UTILIZATION", "DTYPE", "MAX_MODEL_LEN", "DEFAULT_MAX_MODEL_LEN",
+    "VLLM_QUANTIZATION", "VLLM_LOAD_FORMAT", "VLLM_KV_CACHE_DTYPE", "KV_CACHE_DTYPE", "ENABLE_PREFIX_CACHING",
+    "VLLM_MAX_NUM_SEQS", "VLLM_MAX_NUM_BATCHED_TOKENS", "VLLM_TOKENIZER_POOL_SIZE", "VLLM_TOKENIZER_POOL_TYPE",
+    "TENSOR_PARALLEL_SIZE", "VLLM_ENFORCE_EAGER", "ENABLE_CHUNKED_PREFILL", "VLLM_COMPILATION_CONFIG",
+    "ENABLE_SPECULATIVE_DECODING", "SPEC_METHOD", "SPEC_NUM_SPECULATIVE_TOKENS", "SPEC_NGRAM_LOOKUP_MAX",
+    "SPEC_NGRAM_LOOKUP_MIN", "SPEC_DRAFT_MODEL_DIR", "SPEC_DRAFT_MAX_MODEL_LEN", "SPEC_DISABLE_BY_BATCH_SIZE",
+    "VLLM_LOG_LEVEL", "VLLM_USE_V1", "VLLM_PLUGINS", "CUDA_VISIBLE_DEVICES", "VLLM_CPU_KVCACHE_SPACE",
+    "PORT", "TRITON_HTTP_PORT", "TRITON_GRPC_PORT", "TRITON_METRICS_PORT", "SHIM_MAX_BODY_BYTES",
+    "SHIM_MAX_BATCH_PROMPTS", "SHIM_REQUEST_TIMEOUT_S",
+)
+_SECRET_WORDS = frozenset({"TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS", "APIKEY"})
+
+
+def looks_secret(name: str) -> bool:
+    """HF_TOKEN, OPENAI_API_KEY, MY_SECRET... (MAX_NEW_TOKENS is not: words, not substrings)."""
+    return any(word in _SECRET_WORDS for word in name.upper().split("_"))
+
+
+def public_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    return {name: environ[name] for name in PUBLIC_VARIABLES if name in environ and not looks_secret(name)}
+
+
+def load_all(environ: Mapping[str, str]) -> None:
+    """Parse every variable once at start-up, so a malformed one stops it with one line."""
+    from .engine_config import load_engine
+
+    for loader in (load_routing, load_cleanup, load_sampling, load_chat, load_warmup, load_shim):
+        loader(environ)
+    load_engine(environ, metax=False)

@@ -7,6 +7,7 @@ prompt, which it sends with every request so each request sees exactly one promp
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -188,6 +189,30 @@ def create_app(environ: Mapping[str, str] | None = None, client: EnsembleClient 
             return error(499, "client disconnected; generation aborted")
         texts = [a.text for a in answers]
         return {"response": texts if isinstance(body.prompt, list) else texts[0]}
+
+    @app.get("/info")
+    async def info():
+        generator = state.generator_state() or {}
+        routing = cfg.load_routing(environ)
+        return {
+            "backend": generator.get("backend"),
+            "engine_mode": generator.get("engine_mode"),
+            "model_dir": generator.get("model_dir") or str(cfg.resolve_model_dir(environ)),
+            "engine_args": generator.get("engine_kwargs", {}),
+            "engine_restarts": generator.get("restarts", 0),
+            "ready": state.ready,
+            "batch_mode": cfg.batch_mode(environ),
+            "routing": {
+                "disabled": routing.disabled,
+                "max_new_tokens": routing.max_new_tokens,
+                "max_new_tokens_code_soft": routing.max_new_tokens_code_soft,
+                "max_new_tokens_code": routing.max_new_tokens_code,
+                "max_new_tokens_code_hard": routing.max_new_tokens_code_hard,
+            },
+            "sampling_defaults": dataclasses.asdict(cfg.load_sampling(environ)),
+            "system_prompt_chars": len(state.system_prompt),
+            "env": cfg.public_environment(environ),
+        }
 
     @app.get("/system_prompt")
     async def get_system_prompt():

@@ -112,6 +112,7 @@ class TritonSupervisor:
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(levelname)s %(message)s")
     try:
+        cfg.load_all(os.environ)
         shim = cfg.load_shim(os.environ)
         model_dir = cfg.resolve_model_dir(os.environ)
     except cfg.SettingsError as exc:

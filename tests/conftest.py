@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "tests" / ".artifacts"
 EMBEDDED_MODEL = REPO / "model" / "SmolLM2-135M-Instruct"
 TINY_MODEL = ARTIFACTS / "tiny-llama"
+LEAK_CANARY = "canary-secret-4b1d"  # set as HF_TOKEN etc.; must never be echoed
 
 
 def free_port() -> int:
@@ -165,7 +166,7 @@ def stop_server(server: Server) -> None:
 
 @pytest.fixture(scope="session")
 def server(tiny_model) -> Server:
-    env = server_env(tiny_model, VLLM_ENFORCE_EAGER="1", DTYPE="bfloat16", USE_VLLM="true")
+    env = server_env(tiny_model, USE_VLLM="true", HF_TOKEN=LEAK_CANARY, OPENAI_API_KEY=LEAK_CANARY)
     srv = start_server(env, "server.log")
     yield srv
     stop_server(srv)

@@ -1,0 +1,75 @@
+"""Shim features against the session's real server: /info, system prompt, batch health."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from shim.app import create_app
+from shim.ensemble import build_inputs
+
+from .conftest import LEAK_CANARY
+
+pytestmark = pytest.mark.server
+
+
+def test_info_names_backend_model_and_settings_without_secrets(server, tiny_model):
+    status, info = server.get("/info")
+    assert status == 200
+    assert info["backend"] == "vllm" and info["engine_mode"] == "AsyncLLM"
+    assert info["model_dir"] == str(tiny_model)
+    assert info["engine_args"]["model"] == str(tiny_model)
+    assert info["routing"]["max_new_tokens"] == 8
+    assert info["sampling_defaults"]["repetition_penalty"] == 1.05
+    text = json.dumps(info)
+    assert LEAK_CANARY not in text and "HF_TOKEN" not in text and "OPENAI_API_KEY" not in text
+    assert LEAK_CANARY not in server.log_text()
+
+
+def test_system_prompt_over_the_limit_is_refused_not_cut(server):
+    before = server.get("/system_prompt")[1]["system_prompt"]
+    status, body = server.post("/system_prompt", {"system_prompt": "长" * 20001})
+    assert status == 422 and "20000" in body["error"]
+    assert server.get("/system_prompt")[1]["system_prompt"] == before
+    status, body = server.post("/system_prompt", {"system_prompt": "长" * 20000})
+    assert status == 200 and len(body["system_prompt"]) == 20000
+    assert server.post("/system_prompt", {"system_prompt": 5})[0] == 422
+    server.post("/system_prompt", {"system_prompt": before})
+
+
+def test_system_prompt_takes_effect_on_the_next_request(server, triton):
+    question = ["What is shared memory?"]
+
+    def direct(system):
+        result = triton.infer("llm", build_inputs(question, system, {}))
+        return result.as_numpy("answer").reshape(-1)[0].decode(), result.as_numpy("prompt_tokens").reshape(-1)[0]
+
+    a_answer, a_tokens = direct("Answer briefly.")
+    b_answer, b_tokens = direct("你是一个非常详细的老师，请用很长的篇幅回答每一个问题。")
+    assert a_tokens != b_tokens
+    original = server.get("/system_prompt")[1]["system_prompt"]
+    try:
+        for system, expected in (("Answer briefly.", a_answer), ("你是一个非常详细的老师，请用很长的篇幅回答每一个问题。", b_answer)):
+            assert server.post("/system_prompt", {"system_prompt": system})[0] == 200
+            assert server.post("/predict", {"prompt": question})[1]["response"] == [expected]
+    finally:
+        server.post("/system_prompt", {"system_prompt": original})
+
+
+def test_batch_mode_is_read_at_each_request(server):
+    """The real app in-process, on the session's tritonserver, with a live environment."""
+    environ = {"TRITON_HTTP_PORT": server.env["TRITON_HTTP_PORT"], "WARMUP_NUM_SAMPLES": "0",
+               "MODEL_DIR": server.env["MODEL_DIR"]}
+    app = create_app(environ)
+    with TestClient(app) as client:
+        for _ in range(200):  # the app warms up through the ensemble first
+            if client.get("/").json()["status"] != "warming":
+                break
+            time.sleep(0.1)
+        assert client.get("/").json() == {"status": "ok"}
+        environ["BATCH_MODE"] = "1"
+        assert client.get("/").json() == {"status": "batch"}
+        environ["BATCH_MODE"] = "off"
+        assert client.get("/").json() == {"status": "ok"}

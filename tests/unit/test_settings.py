@@ -1,0 +1,164 @@
+"""Environment parsing: names, defaults, clip ranges and one-line errors (no server)."""
+import json
+
+import pytest
+
+from preprocess import settings as cfg
+from preprocess.engine_config import load_engine, prepare_process_environment
+from preprocess.envparse import Env, SettingsError
+from preprocess.generator_service import stop_token_ids
+from preprocess.sampling import InvalidRequest, resolve
+from preprocess.warmup import load_user_prompts, warmup_prompts
+
+
+@pytest.mark.parametrize("word", ["1", "true", "yes", "y", "on", "TRUE", " On "])
+def test_true_words(word):
+    assert Env({"X": word}).bool("X", False) is True
+
+
+@pytest.mark.parametrize("word", ["0", "false", "no", "n", "off", "OFF"])
+def test_false_words(word):
+    assert Env({"X": word}).bool("X", True) is False
+
+
+def test_bad_boolean_names_variable():
+    with pytest.raises(SettingsError, match=r"BATCH_MODE='maybe' is not a boolean"):
+        cfg.batch_mode({"BATCH_MODE": "maybe"})
+
+
+@pytest.mark.parametrize("loader, name", [
+    (cfg.load_sampling, "TEMPERATURE"), (cfg.load_sampling, "TOP_P"), (cfg.load_sampling, "TOP_K"),
+    (cfg.load_cleanup, "OUTPUT_MAX_SENTENCES"), (cfg.load_warmup, "WARMUP_NUM_SAMPLES"),
+    (cfg.load_warmup, "WARMUP_REPEAT"), (cfg.load_shim, "PORT"), (load_engine, "GPU_MEMORY_UTILIZATION"),
+    (load_engine, "MAX_MODEL_LEN"), (load_engine, "SPEC_NUM_SPECULATIVE_TOKENS"),
+])
+def test_malformed_numbers_stop_with_one_line(loader, name):
+    env = {name: "1.2.3x", "ENABLE_SPECULATIVE_DECODING": "1"}
+    with pytest.raises(SettingsError) as info:
+        loader(env)
+    message = str(info.value)
+    assert name in message and "1.2.3x" in message and "\n" not in message
+
+
+def test_serve_refuses_to_start_on_a_malformed_variable():
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    run = subprocess.run([sys.executable, "-m", "shim.serve"], cwd=REPO, capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", "MAX_NEW_TOKENS_CODE": "lots"}, timeout=60)
+    assert run.returncode == 2
+    assert "MAX_NEW_TOKENS_CODE='lots' is not an integer" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_warmup_clips():
+    assert cfg.load_warmup({}).num_samples == 64
+    assert cfg.load_warmup({"WARMUP_NUM_SAMPLES": "100000"}).num_samples == 512
+    assert cfg.load_warmup({"WARMUP_NUM_SAMPLES": "1000", "WARMUP_NUM_SAMPLES_CAP": "700"}).num_samples == 700
+    assert cfg.load_warmup({"WARMUP_NUM_SAMPLES": "9000", "WARMUP_NUM_SAMPLES_CAP": "99999"}).num_samples == 8192
+    assert cfg.load_warmup({"WARMUP_NUM_SAMPLES": "-5"}).num_samples == 0
+    assert cfg.load_warmup({"WARMUP_REPEAT": "0"}).repeat == 1
+    assert cfg.load_warmup({"WARMUP_REPEAT": "20"}).repeat == 8
+    assert cfg.load_warmup({}).prompt == "你好"
+
+
+def test_warmup_data_formats(tmp_path):
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [
+        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "问一"}]},
+        {"instruction": "问二"}, {"prompt": "问三"}, {"question": "问四"}, {"query": "问五"}, {"input": "问六"},
+        {"other": "skipped"},
+    ]))
+    assert load_user_prompts(jsonl, 10) == ["问一", "问二", "问三", "问四", "问五", "问六"]
+    assert load_user_prompts(jsonl, 2) == ["问一", "问二"]
+    as_list = tmp_path / "d.json"
+    as_list.write_text(json.dumps([{"question": "a"}, {"question": "b"}]))
+    assert load_user_prompts(as_list, 10) == ["a", "b"]
+    as_dict = tmp_path / "e.json"
+    as_dict.write_text(json.dumps({"data": [{"query": "c"}]}))
+    assert load_user_prompts(as_dict, 10) == ["c"]
+
+
+def test_missing_or_broken_warmup_file_is_no_data(tmp_path, caplog):
+    broken = tmp_path / "bad.jsonl"
+    broken.write_text('{"question": "ok"}\n{not json')
+    with caplog.at_level("INFO"):
+        assert load_user_prompts(broken, 10) == []
+        assert load_user_prompts(tmp_path / "missing.jsonl", 10) == []
+    assert "unreadable" in caplog.text and "no warm-up data" in caplog.text
+    s = cfg.load_warmup({"WARMUP_DATA_PATH": str(broken), "WARMUP_REPEAT": "2", "WARMUP_PROMPT": "hi"})
+    assert warmup_prompts(s) == ["hi", "hi"]
+
+
+def test_sampling_defaults_and_stops():
+    s = cfg.load_sampling({})
+    assert (s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.frequency_penalty) == (0.0, 1.0, 1, 1.05, 0.1)
+    assert s.stop_strings == ("<|im_end|>", "<|endoftext|>")
+    assert cfg.load_sampling({"STOP_STRINGS": "END, ###"}).stop_strings == ("END", "###")
+    assert cfg.load_sampling({"STOP_ON_DOUBLE_NEWLINE": "1"}).stop_strings[-1] == "\n\n"
+
+
+def test_stop_token_ids_are_eos_plus_end_markers(tokenizer):
+    ids = stop_token_ids(tokenizer, ("<|im_end|>", "<|endoftext|>"))
+    assert ids == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")] or \
+        set(ids) == {tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])}
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"temperature": -0.1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.01}, "top_p"),
+    ({"top_k": 0}, "top_k"), ({"top_k": -2}, "top_k"), ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"frequency_penalty": 2.5}, "frequency_penalty"), ({"temperature": float("nan")}, "temperature"),
+    ({"top_p": float("inf")}, "top_p"),
+])
+def test_invalid_sampling_is_refused(overrides, field):
+    with pytest.raises(InvalidRequest, match=field):
+        resolve(cfg.load_sampling({}), 8, overrides)
+
+
+def test_equal_settings_are_equal_keys():
+    a = resolve(cfg.load_sampling({}), 8, {"temperature": 0.5})
+    b = resolve(cfg.load_sampling({}), 8, {"temperature": 0.5})
+    assert a == b and hash(a) == hash(b)
+
+
+def test_system_prompt_limit_and_strip():
+    assert cfg.validate_system_prompt("  x  ") == "x"
+    assert len(cfg.validate_system_prompt("字" * 20000)) == 20000
+    with pytest.raises(ValueError, match="20000"):
+        cfg.validate_system_prompt("字" * 20001)
+    with pytest.raises(SettingsError, match="SYSTEM_PROMPT"):
+        cfg.load_chat({"SYSTEM_PROMPT": "x" * 20001})
+    assert cfg.load_chat({"SYSTEM_PROMPT": " 简短 "}).system_prompt == "简短"
+    assert "不要" in cfg.DEFAULT_SYSTEM_PROMPT and "代码" in cfg.DEFAULT_SYSTEM_PROMPT
+
+
+def test_model_dir_resolution(tmp_path):
+    assert cfg.resolve_model_dir({}, tmp_path) == tmp_path / "model" / "SmolLM2-135M-Instruct"
+    assert cfg.resolve_model_dir({"MODEL_ID": "Qwen/Qwen3-4B"}, tmp_path) == tmp_path / "model" / "Qwen" / "Qwen3-4B"
+    (tmp_path / "merged").mkdir()
+    assert cfg.resolve_model_dir({}, tmp_path) == tmp_path / "merged"
+    assert cfg.resolve_model_dir({"MODEL_DIR": "/abs/m"}, tmp_path) == tmp_path / "/abs/m"
+
+
+def test_blank_device_variables_removed_and_plugins_policy():
+    env = {"CUDA_VISIBLE_DEVICES": "", "NVIDIA_VISIBLE_DEVICES": " ", "VLLM_DEVICE": "", "KEEP": ""}
+    prepare_process_environment(env, metax=False)
+    assert env == {"KEEP": "", "VLLM_PLUGINS": ""}
+    env = {"VLLM_PLUGINS": "mine"}
+    prepare_process_environment(env, metax=False)
+    assert env["VLLM_PLUGINS"] == "mine"
+    env = {}
+    prepare_process_environment(env, metax=True)
+    assert env == {"VLLM_USE_V1": "1"}
+    env = {"VLLM_USE_V1": "0"}
+    prepare_process_environment(env, metax=True)
+    assert env["VLLM_USE_V1"] == "0"
+
+
+def test_public_environment_never_shows_secrets():
+    env = {"MAX_NEW_TOKENS": "32", "HF_TOKEN": "hf_secret", "OPENAI_API_KEY": "sk-x", "MY_SECRET": "s",
+           "SHIM_ADMIN_TOKEN": "t", "DB_PASSWORD": "p"}
+    shown = cfg.public_environment(env)
+    assert shown == {"MAX_NEW_TOKENS": "32"}

@@ -1,0 +1,84 @@
+"""The transformers backend serves the generator's contract for real (tiny Llama, CPU)."""
+import threading
+
+import pytest
+
+from preprocess.chat import ChatFormatter
+from preprocess.generation import GenerationItem
+from preprocess.generator_service import stop_token_ids
+from preprocess.sampling import SamplingSettings
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_model, tokenizer):
+    from preprocess.hf_runner import TransformersRunner
+
+    r = TransformersRunner(str(tiny_model), tokenizer, ["<|im_end|>"], stop_token_ids(tokenizer, ["<|im_end|>"]))
+    yield r
+    r.shutdown(5)
+
+
+def run(runner, items):
+    done = threading.Event()
+    box = {}
+
+    def finished(outcome):
+        box["outcome"] = outcome
+        done.set()
+
+    runner.submit(items, finished)
+    assert done.wait(120)
+    if isinstance(box["outcome"], BaseException):
+        raise box["outcome"]
+    return box["outcome"]
+
+
+def sampling(max_tokens, **kw):
+    base = dict(temperature=0.0, top_p=1.0, top_k=1, repetition_penalty=1.05, frequency_penalty=0.1)
+    return SamplingSettings(max_tokens=max_tokens, **{**base, **kw})
+
+
+def test_batch_generates_together_without_echoing_the_prompt(runner, tokenizer):
+    formatter = ChatFormatter(tokenizer)
+    prompts = formatter.format_batch("sys", ["short", "a much longer question " * 5])
+    items = [GenerationItem(p.token_ids, sampling(6, ignore_eos=True)) for p in prompts]
+    before = runner.submissions
+    results = run(runner, items)
+    assert runner.submissions == before + 1  # one generate() call for the whole group
+    assert [r.completion_tokens for r in results] == [6, 6]
+    assert [r.prompt_tokens for r in results] == [len(p.token_ids) for p in prompts]
+    for result in results:
+        assert "sys" not in result.text and "question" not in result.text
+
+
+def test_groups_by_sampling_settings(runner, tokenizer):
+    ids = tokenizer("hello", add_special_tokens=False).input_ids
+    items = [GenerationItem(ids, sampling(2, ignore_eos=True)), GenerationItem(ids, sampling(3, ignore_eos=True)),
+             GenerationItem(ids, sampling(2, ignore_eos=True))]
+    before = runner.submissions
+    results = run(runner, items)
+    assert runner.submissions == before + 2
+    assert [r.completion_tokens for r in results] == [2, 3, 2]
+
+
+def test_stop_token_is_honoured(runner, tokenizer):
+    """Make the stop token likely: generation ends early, without the marker in the text."""
+    import torch
+
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        runner.model.lm_head.weight[eos] += 100.0  # raises the eos logit for most hidden states
+    try:
+        result = run(runner, [GenerationItem([1, 2, 3], sampling(8))])[0]
+        forced = run(runner, [GenerationItem([1, 2, 3], sampling(8, ignore_eos=True))])[0]
+    finally:
+        with torch.no_grad():
+            runner.model.lm_head.weight[eos] -= 100.0
+    assert forced.completion_tokens == 8
+    assert result.completion_tokens < 8 and result.finish_reason == "stop"
+    assert "<|im_end|>" not in result.text
+
+
+def test_prompt_longer_than_the_model_is_refused(runner):
+    with pytest.raises(ValueError, match="model length"):
+        run(runner, [GenerationItem([5] * 2000, sampling(2))])
