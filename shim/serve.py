@@ -121,7 +121,8 @@ def main() -> int:
     if not (model_dir / "config.json").is_file():
         log.error("MODEL_DIR %s has no config.json (run ./build.sh, or point MODEL_DIR at a model folder)", model_dir)
         return 2
-    runtime = Path(tempfile.mkdtemp(prefix="llm-runtime-"))
+    runtime = cfg.runtime_dir(os.environ) or Path(tempfile.mkdtemp(prefix="llm-runtime-"))
+    runtime.mkdir(parents=True, exist_ok=True)
     os.environ["LLM_RUNTIME_DIR"] = str(runtime)
     env = triton_environment(dict(os.environ), model_dir, runtime)
     supervisor = TritonSupervisor(triton_command(shim, REPO / "model_repository"), env)

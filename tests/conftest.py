@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -99,6 +100,9 @@ class Server:
     def post(self, path, body, **kw):
         return http_json("POST", self.url + path, body, **kw)
 
+    def generator_state(self) -> dict:
+        return json.loads((Path(self.env["LLM_RUNTIME_DIR"]) / "generator.json").read_text())
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
 
@@ -122,6 +126,7 @@ def server_env(model_dir: Path, **extra: str) -> dict:
         "TRITON_HTTP_PORT": str(free_port()), "TRITON_GRPC_PORT": str(free_port()),
         "TRITON_METRICS_PORT": str(free_port()),
         "VLLM_CPU_KVCACHE_SPACE": "1", "WARMUP_NUM_SAMPLES": "0",
+        "LLM_RUNTIME_DIR": tempfile.mkdtemp(prefix="llm-test-runtime-"),
         "MAX_NEW_TOKENS": "8", "MAX_NEW_TOKENS_CODE_SOFT": "8", "MAX_NEW_TOKENS_CODE": "8",
     })
     env.update(extra)
