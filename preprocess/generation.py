@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
@@ -81,3 +82,33 @@ def check_prompt_lengths(items: Sequence[GenerationItem], max_model_len: int | N
             raise PromptTooLong(
                 f"prompt {index} has {len(item.token_ids)} tokens; the model length is {max_model_len}"
             )
+
+
+class CancelMarkers:
+    """Cancellation requests dropped by the shim as empty files named after request ids.
+
+    Triton 2.51 cancels a request on a gRPC client's cancel but not on an HTTP client's
+    disconnect; the shim (same host, it supervises the server) marks what to abort here.
+    """
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def valid(request_id: str) -> bool:
+        return bool(request_id) and len(request_id) <= 128 and request_id.replace("-", "").isalnum()
+
+    def mark(self, request_id: str) -> None:
+        if self.folder is not None and self.valid(request_id):
+            (self.folder / request_id).touch()
+
+    def take(self, request_id: str) -> bool:
+        if self.folder is None or not self.valid(request_id):
+            return False
+        try:
+            (self.folder / request_id).unlink()
+            return True
+        except FileNotFoundError:
+            return False

@@ -24,6 +24,8 @@ from preprocess import settings as cfg
 from preprocess.envparse import clip
 from preprocess.warmup import warmup_prompts
 
+from preprocess.generation import CancelMarkers
+
 from .ensemble import EnsembleClient, EnsembleError
 
 log = logging.getLogger("shim")
@@ -40,6 +42,7 @@ class PredictRequest(BaseModel):
     top_k: int | None = None
     repetition_penalty: float | None = Field(default=None, allow_inf_nan=False)
     frequency_penalty: float | None = Field(default=None, allow_inf_nan=False)
+    ignore_eos: bool | None = None  # benchmarks: fixed-length generation
 
     def overrides(self) -> dict[str, Any]:
         values = self.model_dump(exclude={"prompt"}, exclude_none=True)
@@ -144,7 +147,9 @@ def create_app(environ: Mapping[str, str] | None = None, client: EnsembleClient 
                on_shutdown=None) -> FastAPI:
     environ = os.environ if environ is None else environ
     shim = cfg.load_shim(environ)
-    client = client or EnsembleClient(f"{shim.triton_host}:{shim.triton_http_port}", timeout_s=shim.request_timeout_s)
+    runtime = cfg.runtime_dir(environ)
+    client = client or EnsembleClient(f"{shim.triton_host}:{shim.triton_http_port}", timeout_s=shim.request_timeout_s,
+                                      cancel_markers=CancelMarkers(runtime / "cancelled" if runtime else None))
     state = ShimState(environ, client)
 
     @asynccontextmanager
@@ -242,6 +247,7 @@ async def run_until_disconnect(request: Request, work):
         if done:
             return task.result()
         if await request.is_disconnected():
+            log.info("client disconnected; cancelling its generation")
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             raise ClientGone()

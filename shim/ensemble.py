@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import tritonclient.http.aio as triton_http
 from tritonclient.utils import InferenceServerException
+
+from preprocess.generation import CancelMarkers
 
 log = logging.getLogger("shim.ensemble")
 
@@ -84,8 +87,10 @@ def map_triton_error(exc: InferenceServerException) -> EnsembleError:
 
 
 class EnsembleClient:
-    def __init__(self, url: str, max_batch_size: int = 512, timeout_s: float = 600.0):
+    def __init__(self, url: str, max_batch_size: int = 512, timeout_s: float = 600.0,
+                 cancel_markers: CancelMarkers | None = None):
         self.url = url
+        self.cancel_markers = cancel_markers or CancelMarkers(None)
         self.max_batch_size = max_batch_size
         self.timeout_s = timeout_s
         self._client: triton_http.InferenceServerClient | None = None
@@ -114,12 +119,16 @@ class EnsembleClient:
 
     async def _call(self, prompts: Sequence[str], system_prompt: str | None, overrides: dict[str, Any]) -> list[Answer]:
         outputs = [triton_http.InferRequestedOutput(name) for name in OUTPUTS]
+        request_id = uuid.uuid4().hex
         try:
             result = await self._connection().infer(
-                ENSEMBLE, build_inputs(prompts, system_prompt, overrides), outputs=outputs, timeout=int(self.timeout_s))
+                ENSEMBLE, build_inputs(prompts, system_prompt, overrides), outputs=outputs,
+                request_id=request_id, timeout=int(self.timeout_s))
         except InferenceServerException as exc:
             raise map_triton_error(exc) from None
         except asyncio.CancelledError:
+            # Our caller is gone; Triton's HTTP frontend will not tell the model, so we do.
+            self.cancel_markers.mark(request_id)
             raise
         except Exception as exc:  # connection refused/reset: the server is down or restarting
             raise EnsembleError(503, f"the model server is unavailable ({type(exc).__name__}: {exc})") from None

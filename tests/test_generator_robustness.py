@@ -65,3 +65,20 @@ def test_killed_engine_comes_back_without_a_restart(server):
     assert new_state["engine_pid"] != engine_pid and new_state["restarts"] == 1
     assert server.post("/predict", {"prompt": ["after", "recovery"]})[0] == 200
     print(f"engine killed -> ok again in {recovered_s:.1f} s")
+
+
+def test_client_disconnect_aborts_the_generation(server):
+    import json
+    import socket
+
+    # 64 prompts run to the tiny model's length (about 900 tokens each): many seconds of work.
+    body = json.dumps({"prompt": [f"write forever {i}" for i in range(64)], "max_new_tokens": 4000}).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    time.sleep(1.5)
+    sock.close()
+    assert wait_for(lambda: "cancelled by the client; aborting" in server.log_text(), 15), \
+        server.log_text()[-2000:]
+    assert server.post("/predict", {"prompt": "next one"})[0] == 200

@@ -9,8 +9,7 @@ from preprocess.generator_service import GeneratorService
 
 def service(tiny_model, **env):
     environ = {"VLLM_CPU_KVCACHE_SPACE": "1", **env}
-    s = GeneratorService(environ, tiny_model)
-    return s
+    return GeneratorService(environ, tiny_model)
 
 
 @pytest.fixture

@@ -145,13 +145,13 @@ def test_model_dir_resolution(tmp_path):
 def test_blank_device_variables_removed_and_plugins_policy():
     env = {"CUDA_VISIBLE_DEVICES": "", "NVIDIA_VISIBLE_DEVICES": " ", "VLLM_DEVICE": "", "KEEP": ""}
     prepare_process_environment(env, metax=False)
-    assert env == {"KEEP": "", "VLLM_PLUGINS": ""}
+    assert env == {"KEEP": "", "VLLM_PLUGINS": "", "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
     env = {"VLLM_PLUGINS": "mine"}
     prepare_process_environment(env, metax=False)
     assert env["VLLM_PLUGINS"] == "mine"
-    env = {}
+    env = {"VLLM_WORKER_MULTIPROC_METHOD": "fork"}
     prepare_process_environment(env, metax=True)
-    assert env == {"VLLM_USE_V1": "1"}
+    assert env == {"VLLM_USE_V1": "1", "VLLM_WORKER_MULTIPROC_METHOD": "fork"}
     env = {"VLLM_USE_V1": "0"}
     prepare_process_environment(env, metax=True)
     assert env["VLLM_USE_V1"] == "0"

@@ -10,6 +10,7 @@ answered later through its response sender. Three threads, on purpose:
 import os
 import queue
 import threading
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -19,7 +20,7 @@ from preprocess.stub import prepare_stub_process
 log = prepare_stub_process("generator")
 
 from preprocess import triton_io as io  # noqa: E402
-from preprocess.generation import GenerationItem, PromptTooLong  # noqa: E402
+from preprocess.generation import CancelMarkers, GenerationItem, PromptTooLong  # noqa: E402
 from preprocess.generator_service import EngineUnavailable, GeneratorService  # noqa: E402
 from preprocess.sampling import InvalidRequest, SamplingSettings  # noqa: E402
 from preprocess.settings import resolve_model_dir, runtime_dir  # noqa: E402
@@ -68,6 +69,13 @@ class TritonPythonModel:
         self.responses = queue.Queue()
         self.sender = threading.Thread(target=self._send_responses, name="response-sender", daemon=True)
         self.sender.start()
+        # Requests still generating, watched for cancellation (client gone): abort them in vLLM.
+        self.in_flight = {}
+        self.cancel_markers = CancelMarkers(runtime / "cancelled" if runtime else None)
+        self.in_flight_lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.watcher = threading.Thread(target=self._watch_cancellations, name="cancel-watcher", daemon=True)
+        self.watcher.start()
         log.info("ready: %s", self.service.info())
 
     def execute(self, requests):
@@ -78,9 +86,35 @@ class TritonPythonModel:
             except Exception as exc:
                 sender.send(error_response(exc), flags=FINAL)
                 continue
-            # Runs on the engine thread: only enqueue, the response thread does the sending.
-            self.service.submit(items, lambda outcome, sender=sender: self.responses.put((sender, outcome)))
+            key = object()
+            with self.in_flight_lock:
+                self.in_flight[key] = (request, None)
+
+            def done(outcome, sender=sender, key=key):
+                # Runs on the engine thread: only enqueue, the response thread does the sending.
+                with self.in_flight_lock:
+                    self.in_flight.pop(key, None)
+                self.responses.put((sender, outcome))
+
+            handle = self.service.submit(items, done)
+            with self.in_flight_lock:
+                if key in self.in_flight:
+                    self.in_flight[key] = (request, handle)
         return None
+
+    def _watch_cancellations(self):
+        """Abort requests whose client is gone. gRPC clients cancel through Triton
+        (request.is_cancelled()); Triton 2.51's HTTP frontend does not propagate a
+        disconnect, so the shim drops a marker named after the request id instead."""
+        while not self.stopping.wait(0.5):
+            with self.in_flight_lock:
+                pending = list(self.in_flight.values())
+            for request, handle in pending:
+                if handle is None:
+                    continue
+                if request.is_cancelled() or self.cancel_markers.take(request.request_id()):
+                    log.info("request %s cancelled by the client; aborting %s", request.request_id(), handle.batch_id)
+                    self.service.cancel(handle)
 
     def _send_responses(self):
         while True:
@@ -102,6 +136,16 @@ class TritonPythonModel:
                 log.warning("could not send a response: %s", exc)
 
     def finalize(self):
-        self.service.shutdown(timeout_s=10)
+        """Abort what is still generating and answer it, within a bounded time, before the
+        engine goes: a response sender outliving the stub's shutdown crashes the stub."""
+        self.stopping.set()
+        with self.in_flight_lock:
+            pending = [handle for _, handle in self.in_flight.values() if handle is not None]
+        for handle in pending:
+            self.service.cancel(handle)
+        deadline = time.monotonic() + 10
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
         self.responses.put((None, None))
         self.sender.join(5)
+        self.service.shutdown(timeout_s=10)

@@ -1,0 +1,318 @@
+"""`./build.sh bench`: raw vLLM baselines and the product paths, side by side in one run.
+
+Every path generates exactly `--max-tokens` tokens per prompt (ignore_eos) from the same
+token ids, which the product's own preprocess stage builds, so they all do the same work.
+
+    ./build.sh bench [--quick] [--model-dir DIR] [-n N] [--max-tokens T] [--out FILE]
+    ./build.sh bench --perf-analyzer [--url 127.0.0.1:8010]   # sweep against a running server
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.conftest import EMBEDDED_MODEL, http_json, server_env, start_server, stop_server  # noqa: E402
+from tests.perf_tools import perf_analyzer_command, perf_analyzer_env  # noqa: E402
+
+log = logging.getLogger("bench")
+QUESTIONS = ["What is a CUDA kernel?", "什么是共享内存？", "Explain warp divergence.", "GPU 的 SM 是什么？",
+             "What does cudaMemcpy do?", "简述 GEMM 的分块思想。", "What is memory coalescing?", "Tensor Core 有什么用？"]
+
+
+def percentile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))] if ordered else float("nan")
+
+
+def row(path, tokens, seconds, latencies, baseline=None):
+    return {"path": path, "tok_s": tokens / seconds, "seconds": seconds,
+            "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99),
+            "baseline": baseline}
+
+
+def prompts_and_ids(model_dir: Path, n: int, tag: str):
+    """N questions and their token ids. Each path gets its own `tag` at the start of the
+    question, so no path finds another's prompts in vLLM's prefix cache (the shared system
+    prompt is cached for all, as in production)."""
+    from preprocess.pipeline import PreprocessStage, load_tokenizer
+
+    questions = [f"[{tag}-{i}] {QUESTIONS[i % len(QUESTIONS)]}" for i in range(n)]
+    rows = PreprocessStage(os.environ, load_tokenizer(model_dir)).run(questions)
+    return questions, [r.token_ids for r in rows]
+
+
+def offline_generate(model_dir, ids, max_tokens):
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(str(model_dir), **engine_overrides())
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0)
+    warm = prompts_and_ids(model_dir, 4, "warm")[1]
+    llm.generate([TokensPrompt(prompt_token_ids=i) for i in warm], params, use_tqdm=False)
+    started = time.perf_counter()
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=i) for i in ids], params, use_tqdm=False)
+    seconds = time.perf_counter() - started
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    del llm
+    return tokens, seconds
+
+
+def engine_overrides():
+    from preprocess.engine_config import engine_kwargs, load_engine
+    from preprocess.generator_service import accelerator_available
+
+    kwargs = engine_kwargs(load_engine(os.environ, cpu_only=not accelerator_available()), "")
+    return {k: v for k, v in kwargs.items() if k in ("dtype", "enforce_eager", "gpu_memory_utilization",
+                                                     "enable_prefix_caching", "max_model_len")}
+
+
+async def async_llm(model_dir, n, max_tokens, concurrency_levels):
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=str(model_dir), **engine_overrides()))
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
+    counter = iter(range(10**9))
+
+    async def one(token_ids):
+        started = time.perf_counter()
+        async for out in engine.generate(TokensPrompt(prompt_token_ids=token_ids), params, f"r{next(counter)}"):
+            final = out
+        return len(final.outputs[0].token_ids), time.perf_counter() - started
+
+    await asyncio.gather(*(one(i) for i in prompts_and_ids(model_dir, 4, "warm")[1]))
+    results = {}
+    for concurrency in concurrency_levels:
+        ids = prompts_and_ids(model_dir, n, f"async{concurrency}")[1]
+        batch = ids[:max(concurrency, min(n, concurrency * 4))]
+        semaphore = asyncio.Semaphore(concurrency)
+
+        async def limited(token_ids):
+            async with semaphore:
+                return await one(token_ids)
+
+        started = time.perf_counter()
+        done = await asyncio.gather(*(limited(i) for i in batch))
+        seconds = time.perf_counter() - started
+        results[concurrency] = (sum(t for t, _ in done), seconds, [s for _, s in done])
+    engine.shutdown()
+    return results
+
+
+def product_paths(server, model_dir, n, max_tokens, concurrency_levels):
+    return asyncio.run(_product_paths(server, model_dir, n, max_tokens, concurrency_levels))
+
+
+async def _product_paths(server, model_dir, n, max_tokens, concurrency_levels):
+    import numpy as np
+    import tritonclient.http.aio as triton_aio
+    from tritonclient.utils import np_to_triton_dtype
+
+    from preprocess.triton_io import pad_token_ids
+    from shim.ensemble import build_inputs
+
+    client = triton_aio.InferenceServerClient(server.triton_url, conn_limit=512, conn_timeout=3600)
+    rows = []
+    questions = {tag: prompts_and_ids(model_dir, n, tag) for tag in
+                 ("generator", "ensemble", "shim", "ensemble1", "shim1", *(f"ens{c}" for c in concurrency_levels[1:]))}
+    overrides = {"max_new_tokens": max_tokens, "ignore_eos": True, "repetition_penalty": 1.0,
+                 "frequency_penalty": 0.0}
+
+    def generator_inputs(batch_ids):
+        count = len(batch_ids)
+        tensors = {"PROMPT_IDS": pad_token_ids(batch_ids), "MAX_TOKENS": np.full((count, 1), max_tokens, np.int32),
+                   "TEMPERATURE": np.zeros((count, 1), np.float32), "TOP_P": np.ones((count, 1), np.float32),
+                   "TOP_K": np.ones((count, 1), np.int32), "REPETITION_PENALTY": np.ones((count, 1), np.float32),
+                   "FREQUENCY_PENALTY": np.zeros((count, 1), np.float32), "IGNORE_EOS": np.ones((count, 1), np.bool_)}
+        inputs = []
+        for name, array in tensors.items():
+            tensor = triton_aio.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        return inputs
+
+    async def in_chunks(model, make_inputs, items, size=512):
+        """Batches above max_batch_size go as concurrent requests of at most `size`, as the shim does."""
+        chunks = [items[i:i + size] for i in range(0, len(items), size)]
+        return await asyncio.gather(*(client.infer(model, make_inputs(chunk)) for chunk in chunks))
+
+    async def shim_batch():
+        status, body = await asyncio.to_thread(http_json, "POST", server.url + "/predict",
+                                               {"prompt": questions["shim"][0], **overrides}, timeout=3600)
+        assert status == 200 and len(body["response"]) == n, (status, str(body)[:300])
+
+    for label, call in (
+        ("generator alone (batched requests)", lambda: in_chunks("generator", generator_inputs, questions["generator"][1])),
+        ("ensemble, tritonclient (batched requests)",
+         lambda: in_chunks("llm", lambda chunk: build_inputs(chunk, None, overrides), questions["ensemble"][0])),
+        ("shim /predict batch", shim_batch),
+    ):
+        log.info("  %s", label)
+        started = time.perf_counter()
+        await call()
+        seconds = time.perf_counter() - started
+        rows.append(row(label, n * max_tokens, seconds, [seconds], baseline="offline"))
+        log.info("  %s: %.1f s", label, seconds)
+
+    async def one_ensemble(question):
+        started = time.perf_counter()
+        await client.infer("llm", build_inputs([question], None, overrides))
+        return time.perf_counter() - started
+
+    async def one_shim(question):
+        started = time.perf_counter()
+        status, _ = await asyncio.to_thread(http_json, "POST", server.url + "/predict", {"prompt": question, **overrides})
+        assert status == 200
+        return time.perf_counter() - started
+
+    for path, one in (("ensemble", one_ensemble), ("shim", one_shim)):
+        log.info("  %s single requests", path)
+        latencies = [await one(q) for q in questions[f"{path}1"][0][:16]]
+        rows.append(row(f"{path} single request (c=1)", len(latencies) * max_tokens, sum(latencies), latencies,
+                        baseline="async c=1"))
+    for concurrency in concurrency_levels[1:]:
+        log.info("  ensemble at concurrency %d", concurrency)
+        batch = questions[f"ens{concurrency}"][0][:max(concurrency, min(n, concurrency * 4))]
+        semaphore = asyncio.Semaphore(concurrency)
+
+        async def limited(question):
+            async with semaphore:
+                return await one_ensemble(question)
+
+        started = time.perf_counter()
+        latencies = await asyncio.gather(*(limited(q) for q in batch))
+        seconds = time.perf_counter() - started
+        rows.append(row(f"ensemble, {concurrency} concurrent single requests", len(batch) * max_tokens, seconds,
+                        latencies, baseline=f"async c={concurrency}"))
+    await client.close()
+    return rows
+
+
+def print_table(rows):
+    by_name = {r["path"]: r for r in rows}
+    print(f"\n{'path':52} {'tok/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'ratio':>7} {'+p50 ms':>8}  baseline")
+    for r in rows:
+        base = by_name.get(r["baseline"]) if r["baseline"] else None
+        if base is None and r["baseline"]:
+            base = next((b for b in rows if b["path"].startswith(r["baseline"])), None)
+        r["ratio"] = r["tok_s"] / base["tok_s"] if base else None
+        r["p50_over_baseline_ms"] = r["p50_ms"] - base["p50_ms"] if base and "c=" in base["path"] else None
+        ratio = f"{r['ratio']:.3f}" if r["ratio"] else "-"
+        delta = f"{r['p50_over_baseline_ms']:+.1f}" if r["p50_over_baseline_ms"] is not None else "-"
+        print(f"{r['path']:52} {r['tok_s']:9.0f} {r['p50_ms']:9.1f} {r['p99_ms']:9.1f} {ratio:>7} {delta:>8}  "
+              f"{base['path'] if base else ''}")
+
+
+def run_baseline(args):
+    """One baseline in this (child) process, so its engine and memory go away with it."""
+    model_dir = Path(args.model_dir)
+    levels = concurrency_levels(args.n)
+    if args.baseline == "offline":
+        tokens, seconds = offline_generate(model_dir, prompts_and_ids(model_dir, args.n, "offline")[1], args.max_tokens)
+        rows = [row("offline", tokens, seconds, [seconds])]
+    else:
+        results = asyncio.run(async_llm(model_dir, args.n, args.max_tokens, levels))
+        rows = [row(f"async c={c}", tokens, seconds, lat) for c, (tokens, seconds, lat) in results.items()]
+    print("BASELINE " + json.dumps(rows), flush=True)
+
+
+def concurrency_levels(n):
+    return [1] + [c for c in (16, 64, 256) if c <= n]
+
+
+def baseline_in_child(args, which):
+    command = [sys.executable, "-m", "tests.bench", "--baseline", which, "--model-dir", args.model_dir,
+               "-n", str(args.n), "--max-tokens", str(args.max_tokens)]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    line = next((l for l in run.stdout.splitlines() if l.startswith("BASELINE ")), None)
+    if line is None:
+        raise RuntimeError(f"baseline {which} failed:\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}")
+    return json.loads(line[len("BASELINE "):])
+
+
+def run_bench(args):
+    model_dir = Path(args.model_dir)
+    levels = concurrency_levels(args.n)
+    log.info("[1/3] offline LLM.generate, %d prompts x %d tokens", args.n, args.max_tokens)
+    rows = baseline_in_child(args, "offline")
+    log.info("[2/3] in-process AsyncLLM at concurrency %s", levels)
+    rows += baseline_in_child(args, "async")
+    log.info("[3/3] the product: tritonserver + shim")
+    started = time.perf_counter()
+    server = start_server(server_env(model_dir, BATCH_MODE="1", WARMUP_NUM_SAMPLES="0",
+                                     VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")),
+                          "bench-server.log")
+    startup_s = time.perf_counter() - started
+    try:
+        rows += product_paths(server, model_dir, args.n, args.max_tokens, levels)
+    finally:
+        stop_server(server)
+    print_table(rows)
+    print(f"\nserver start to ok (shim + tritonserver + engine + warm-up): {startup_s:.1f} s")
+    result = {"model_dir": str(model_dir), "n": args.n, "max_tokens": args.max_tokens, "rows": rows,
+              "startup_s": startup_s, "device": device_name()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    print(f"written to {args.out}")
+
+
+def device_name() -> str:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    except Exception:
+        return "unknown"
+
+
+def run_perf_analyzer(url: str, out: str | None):
+    results = []
+    for concurrency in (1, 16, 64, 256):
+        cmd = perf_analyzer_command(url, str(concurrency), extra=["--measurement-interval", "10000",
+                                                                  "--stability-percentage", "50"])
+        print("$", " ".join(cmd), flush=True)
+        run = subprocess.run(cmd, env=perf_analyzer_env(), capture_output=True, text=True)
+        print(run.stdout[-1500:], run.stderr[-500:])
+        results.append({"concurrency": concurrency, "returncode": run.returncode, "stdout": run.stdout[-3000:]})
+    if out:
+        Path(out).write_text(json.dumps(results, indent=1))
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="[bench] %(message)s")
+    parser = argparse.ArgumentParser(prog="./build.sh bench")
+    parser.add_argument("--quick", action="store_true", help="N=256 x 32 tokens (a few minutes on 2 cores)")
+    parser.add_argument("--perf-analyzer", action="store_true", help="concurrency sweep against a running server")
+    parser.add_argument("--baseline", choices=("offline", "async"), help=argparse.SUPPRESS)
+    parser.add_argument("--url", default="127.0.0.1:8010")
+    parser.add_argument("--model-dir", default=str(EMBEDDED_MODEL))
+    parser.add_argument("-n", type=int, default=None)
+    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--out", default=str(REPO / "tests" / "bench_results" / "latest.json"))
+    args = parser.parse_args(argv)
+    if args.perf_analyzer:
+        return run_perf_analyzer(args.url, args.out if args.out.endswith(".json") else None)
+    args.n = args.n or 256
+    args.max_tokens = args.max_tokens or (32 if args.quick else 128)
+    if args.baseline:
+        return run_baseline(args)
+    run_bench(args)
+
+
+if __name__ == "__main__":
+    main()
