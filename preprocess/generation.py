@@ -22,6 +22,8 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str = "stop"
+    ttft_s: float | None = None  # time to first token, from vLLM's request stats
+    e2e_s: float | None = None
 
 
 Completion = Callable[[list[GenerationResult] | BaseException], None]

@@ -59,9 +59,11 @@ def accelerator_available() -> bool:
 
 
 class GeneratorService:
-    def __init__(self, environ: MutableMapping[str, str], model_dir: str | Path, state_path: Path | None = None):
+    def __init__(self, environ: MutableMapping[str, str], model_dir: str | Path, state_path: Path | None = None,
+                 metrics=None):
         self.model_dir = Path(model_dir)
         self.state_path = state_path
+        self.metrics = metrics  # preprocess.metrics.GeneratorMetrics, or None outside Triton
         self.accelerator = accelerator_available()
         self.engine = engine_config.load_engine(environ, cpu_only=not self.accelerator)
         for change in engine_config.prepare_process_environment(environ, self.engine.metax):
@@ -92,9 +94,11 @@ class GeneratorService:
         if use:
             from .vllm_runner import VllmRunner
 
+            kv = getattr(self.metrics, "kv", None)
             try:
-                return VllmRunner(self.engine, str(self.model_dir), self.sampling.stop_strings,
-                                  self.stop_token_ids, model_max_len(self.model_dir))
+                return self._hooked(VllmRunner(
+                    self.engine, str(self.model_dir), self.sampling.stop_strings, self.stop_token_ids,
+                    model_max_len(self.model_dir), stat_loggers=[kv.stat_logger_factory()] if kv else None))
             except EngineStartError as exc:
                 if self.engine.force_vllm:
                     raise RuntimeError(f"FORCE_VLLM=1 and vLLM did not start: {exc}") from None
@@ -105,7 +109,13 @@ class GeneratorService:
                 raise RuntimeError(f"FORCE_VLLM=1 but vLLM cannot be used: {reason}")
         from .hf_runner import TransformersRunner
 
-        return TransformersRunner(str(self.model_dir), self.tokenizer, self.sampling.stop_strings, self.stop_token_ids)
+        return self._hooked(TransformersRunner(str(self.model_dir), self.tokenizer, self.sampling.stop_strings,
+                                               self.stop_token_ids))
+
+    def _hooked(self, runner):
+        if self.metrics is not None:
+            runner.on_submit = self.metrics.submitted
+        return runner
 
     @property
     def ready(self) -> bool:
@@ -146,6 +156,8 @@ class GeneratorService:
 
     def publish_state(self) -> None:
         """Write info() where the shim reads it (GET /info, health); atomic replace."""
+        if self.metrics is not None:
+            self.metrics.set_engine_up(self.ready)
         if self.state_path is None:
             return
         tmp = self.state_path.with_suffix(".tmp")

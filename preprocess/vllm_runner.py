@@ -40,7 +40,7 @@ class VllmRunner:
     backend = "vllm"
 
     def __init__(self, settings: EngineSettings, model_dir: str, stop_strings: Sequence[str],
-                 stop_token_ids: Sequence[int], model_max_len: int | None = None):
+                 stop_token_ids: Sequence[int], model_max_len: int | None = None, stat_loggers=None):
         from vllm import SamplingParams
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.inputs import TokensPrompt
@@ -52,7 +52,7 @@ class VllmRunner:
         self._stop_strings = list(stop_strings)
         self._stop_token_ids = list(stop_token_ids)
         self._params_cache: dict[SamplingSettings, Any] = {}
-        self.submissions = 0  # engine submissions (one per sampling group), read by metrics
+        self.on_submit = None  # metrics hook: (items, number of sampling groups)
         self.engine_class = self._engine_class(settings.engine_mode)
 
         self._loop = asyncio.new_event_loop()
@@ -63,6 +63,8 @@ class VllmRunner:
         kwargs, dropped = accepted_kwargs(wanted, AsyncEngineArgs.__init__)
         if dropped:
             log.info("this vLLM does not take %s; not passing them", ", ".join(dropped))
+
+        self._stat_loggers = [f for f in (stat_loggers or []) if f is not None]
 
         def construct(attempt: dict[str, Any]):
             log.info("starting %s with %s", self.engine_class.__name__, attempt)
@@ -92,6 +94,8 @@ class VllmRunner:
 
     async def _create(self, args):
         # Built on the loop thread: AsyncLLM binds its output handler to the running loop.
+        if self._stat_loggers:
+            return self.engine_class.from_engine_args(args, stat_loggers=self._stat_loggers)
         return self.engine_class.from_engine_args(args)
 
     def _call_on_loop(self, coroutine, timeout: float | None):
@@ -153,9 +157,11 @@ class VllmRunner:
     async def _generate_batch(self, items: Sequence[GenerationItem], handle: BatchHandle) -> list[GenerationResult]:
         results: list[GenerationResult | None] = [None] * len(items)
         tasks = []
-        for sampling, indices in group_by_sampling(items).items():
+        groups = group_by_sampling(items)
+        if self.on_submit is not None:
+            self.on_submit(items, len(groups))
+        for sampling, indices in groups.items():
             params = self.sampling_params(sampling)
-            self.submissions += 1  # only the loop thread writes it
             for index in indices:
                 request_id = f"{handle.batch_id}-{index}"
                 handle.request_ids.append(request_id)
@@ -172,6 +178,7 @@ class VllmRunner:
         return results  # type: ignore[return-value]
 
     async def _generate_one(self, token_ids, params, request_id, results, index) -> None:
+        started = time.perf_counter()
         final = None
         async for output in self.engine.generate(self._TokensPrompt(prompt_token_ids=token_ids), params, request_id):
             final = output
@@ -181,6 +188,8 @@ class VllmRunner:
             prompt_tokens=len(final.prompt_token_ids or token_ids),
             completion_tokens=len(completion.token_ids),
             finish_reason=completion.finish_reason or "stop",
+            ttft_s=getattr(getattr(final, "metrics", None), "first_token_latency", None) or None,
+            e2e_s=time.perf_counter() - started,
         )
 
     def cancel(self, handle: BatchHandle) -> None:

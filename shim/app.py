@@ -27,6 +27,7 @@ from preprocess.warmup import warmup_prompts
 from preprocess.generation import CancelMarkers
 
 from .ensemble import EnsembleClient, EnsembleError
+from .guards import ShimMetrics, install_guards
 
 log = logging.getLogger("shim")
 
@@ -163,6 +164,12 @@ def create_app(environ: Mapping[str, str] | None = None, client: EnsembleClient 
 
     app = FastAPI(title="LLM service (Triton ensemble shim)", lifespan=lifespan)
     app.state.shim = state
+    metrics = ShimMetrics()
+    install_guards(app, shim.max_body_bytes, shim.admin_token, metrics)
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return metrics.render()
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):

@@ -77,16 +77,21 @@ class TritonSupervisor:
         self._thread.start()
 
     def _run(self) -> None:
+        failures_in_a_row = 0
         while not self._stopping.is_set():
             log.info("starting tritonserver")
+            started = time.monotonic()
             self.process = subprocess.Popen(self.command, env=self.env, start_new_session=True, cwd=REPO)
             code = self.process.wait()
             if self._stopping.is_set():
                 return
             self._kill_group(self.process)  # stubs and engines of the dead server
             self.restarts += 1
-            log.error("tritonserver exited with %s; restarting (restart %d)", code, self.restarts)
-            self._stopping.wait(self.restart_delay_s)
+            failures_in_a_row = 1 if time.monotonic() - started > 120 else failures_in_a_row + 1
+            # Back off when it keeps failing (a model that cannot load), up to 30 s.
+            delay = min(30.0, self.restart_delay_s * 2 ** min(failures_in_a_row - 1, 5))
+            log.error("tritonserver exited with %s; restarting in %.0f s (restart %d)", code, delay, self.restarts)
+            self._stopping.wait(delay)
 
     @staticmethod
     def _kill_group(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:

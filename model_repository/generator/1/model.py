@@ -22,6 +22,7 @@ log = prepare_stub_process("generator")
 from preprocess import triton_io as io  # noqa: E402
 from preprocess.generation import CancelMarkers, GenerationItem, PromptTooLong  # noqa: E402
 from preprocess.generator_service import EngineUnavailable, GeneratorService  # noqa: E402
+from preprocess.metrics import GeneratorMetrics, KvCacheGauge  # noqa: E402
 from preprocess.sampling import InvalidRequest, SamplingSettings  # noqa: E402
 from preprocess.settings import resolve_model_dir, runtime_dir  # noqa: E402
 
@@ -65,7 +66,8 @@ class TritonPythonModel:
         model_dir = resolve_model_dir(os.environ)
         runtime = runtime_dir(os.environ)  # set by `./build.sh serve`; the shim reads the state there
         state_path = runtime / "generator.json" if runtime else None
-        self.service = GeneratorService(os.environ, model_dir, state_path)
+        self.metrics = GeneratorMetrics(pb_utils, KvCacheGauge())
+        self.service = GeneratorService(os.environ, model_dir, state_path, self.metrics)
         self.responses = queue.Queue()
         self.sender = threading.Thread(target=self._send_responses, name="response-sender", daemon=True)
         self.sender.start()
@@ -94,6 +96,8 @@ class TritonPythonModel:
                 # Runs on the engine thread: only enqueue, the response thread does the sending.
                 with self.in_flight_lock:
                     self.in_flight.pop(key, None)
+                if not isinstance(outcome, BaseException):
+                    self.metrics.finished(outcome)
                 self.responses.put((sender, outcome))
 
             handle = self.service.submit(items, done)

@@ -1,0 +1,45 @@
+"""Triton's metrics port, with the generator's own figures, scraped after real requests."""
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.server
+
+
+def scrape(url) -> dict[str, float]:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return values
+
+
+def test_a_batch_of_n_prompts_reaches_vllm_as_one_grouped_submission(server):
+    before = scrape(server.metrics_url)
+    status, body = server.post("/predict", {"prompt": [f"q{i}" for i in range(48)], "max_new_tokens": 2})
+    assert status == 200 and len(body["response"]) == 48
+    after = scrape(server.metrics_url)
+    assert after["llm_generator_prompts_total"] - before["llm_generator_prompts_total"] == 48
+    # one sampling setting for the whole list: one engine submission, not 48
+    assert after["llm_generator_engine_submissions_total"] - before["llm_generator_engine_submissions_total"] == 1
+    assert after["llm_generator_requests_by_bucket_total{max_new_tokens=2}"] - \
+        before.get("llm_generator_requests_by_bucket_total{max_new_tokens=2}", 0) == 48
+
+
+def test_generator_figures_after_real_requests(server):
+    server.post("/predict", {"prompt": ["hello", "你好"], "max_new_tokens": 3})
+    m = scrape(server.metrics_url)
+    assert m["llm_generator_prompt_tokens_total"] > 0 and m["llm_generator_generation_tokens_total"] > 0
+    assert m["llm_generator_e2e_latency_seconds_count"] >= 2
+    assert m["llm_generator_time_to_first_token_seconds_count"] >= 1
+    assert m["llm_generator_kv_cache_blocks_total"] > 0
+    assert 0 <= m["llm_generator_kv_cache_blocks_used"] <= m["llm_generator_kv_cache_blocks_total"]
+    assert m["llm_generator_kv_cache_concurrency"] > 0
+    assert m["llm_generator_engine_up"] == 1
+    # Triton's own figures are there too
+    assert any(k.startswith("nv_inference_request_success") for k in m)

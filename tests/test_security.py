@@ -1,0 +1,94 @@
+"""Limits, the admin token, loopback-only Triton, and the shim's own metrics."""
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+
+import psutil
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from shim.app import create_app
+
+from .conftest import http_json
+
+pytestmark = pytest.mark.server
+
+
+def raw_post(server, head: bytes, body: bytes = b"") -> bytes:
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head + body)
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    return reply
+
+
+def test_body_over_the_limit_is_a_413(server):
+    # Declared length over the default SHIM_MAX_BODY_BYTES (8 MiB): refused before reading it.
+    reply = raw_post(server, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 9437184\r\n\r\n", b'{"prompt": "')
+    assert reply.startswith(b"HTTP/1.1 413") and b"SHIM_MAX_BODY_BYTES" in reply
+    # A chunked body (no length up front) is counted as it arrives.
+    chunk = b"x" * (1024 * 1024)
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(9)) + b"0\r\n\r\n"
+    reply = raw_post(server, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n", body)
+    assert reply.startswith(b"HTTP/1.1 413")
+    assert server.post("/predict", {"prompt": "still fine"})[0] == 200
+
+
+def test_list_over_the_configured_maximum_is_refused(server):
+    status, body = server.post("/predict", {"prompt": ["q"] * 4097})
+    assert status == 413 and "4096" in body["error"]
+
+
+def test_triton_ports_listen_on_loopback_only(server):
+    ports = {int(server.env[k]) for k in ("TRITON_HTTP_PORT", "TRITON_GRPC_PORT", "TRITON_METRICS_PORT")}
+    listening = [c for c in psutil.net_connections(kind="tcp") if c.status == "LISTEN" and c.laddr.port in ports]
+    assert {c.laddr.port for c in listening} == ports
+    def loopback(ip: str) -> bool:
+        address = ipaddress.ip_address(ip)
+        return (getattr(address, "ipv4_mapped", None) or address).is_loopback  # gRPC shows ::ffff:127.0.0.1
+
+    assert all(loopback(c.laddr.ip) for c in listening), listening
+
+
+def test_shim_metrics_count_routes_and_statuses(server):
+    server.post("/predict", {"prompt": "counted"})
+    server.post("/predict", {"prompt": 1})
+    status, _ = http_json("GET", server.url + "/")
+    import urllib.request
+
+    text = urllib.request.urlopen(server.url + "/metrics").read().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    ok = samples[("llm_shim_requests_total", (("method", "POST"), ("route", "/predict"), ("status", "200")))]
+    bad = samples[("llm_shim_requests_total", (("method", "POST"), ("route", "/predict"), ("status", "422")))]
+    assert ok >= 1 and bad >= 1
+    assert samples[("llm_shim_request_seconds_count", (("method", "POST"), ("route", "/predict")))] >= 2
+
+
+def test_admin_token_guards_system_prompt_updates_only(server):
+    environ = {"TRITON_HTTP_PORT": server.env["TRITON_HTTP_PORT"], "WARMUP_NUM_SAMPLES": "0",
+               "MODEL_DIR": server.env["MODEL_DIR"], "SHIM_ADMIN_TOKEN": "s3cret-admin"}
+    with TestClient(create_app(environ)) as client:
+        for _ in range(200):
+            if client.get("/").json()["status"] != "warming":
+                break
+            time.sleep(0.1)
+        assert client.post("/system_prompt", json={"system_prompt": "x"}).status_code == 401
+        wrong = client.post("/system_prompt", json={"system_prompt": "x"}, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and "s3cret" not in wrong.text
+        right = client.post("/system_prompt", json={"system_prompt": "x"},
+                            headers={"Authorization": "Bearer s3cret-admin"})
+        assert right.status_code == 200
+        assert client.get("/system_prompt").status_code == 200  # reading stays open
+        assert client.post("/predict", json={"prompt": "open"}).status_code == 200  # judge routes stay open
+        assert "s3cret" not in client.get("/info").text
