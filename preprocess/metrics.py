@@ -85,6 +85,8 @@ class GeneratorMetrics:
 
     def submitted(self, items: Sequence[GenerationItem], groups: int) -> None:
         with self._lock:
+            if self.prompts is None:  # closed
+                return
             self.prompts.increment(len(items))
             self.submissions.increment(groups)
             for item in items:
@@ -95,6 +97,8 @@ class GeneratorMetrics:
 
     def finished(self, results: Sequence[GenerationResult]) -> None:
         with self._lock:
+            if self.prompts is None:  # closed
+                return
             for result in results:
                 self.prompt_tokens.increment(result.prompt_tokens)
                 self.generated_tokens.increment(result.completion_tokens)
@@ -116,4 +120,14 @@ class GeneratorMetrics:
             self.kv_concurrency.set(self.kv.total_blocks * self.kv.block_size / max(average, 1.0))
 
     def set_engine_up(self, up: bool) -> None:
-        self.engine_up.set(1 if up else 0)
+        if self.engine_up is not None:
+            self.engine_up.set(1 if up else 0)
+
+    def close(self) -> None:
+        """Metrics first, families last: the stub crashes on a Metric outliving its family."""
+        with self._lock:
+            for name in ("prompts", "submissions", "prompt_tokens", "generated_tokens", "kv_used", "kv_total",
+                         "kv_concurrency", "engine_up", "ttft", "e2e"):
+                setattr(self, name, None)
+            self._buckets.clear()
+            self._families.clear()

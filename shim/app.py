@@ -27,7 +27,8 @@ from preprocess.warmup import warmup_prompts
 from preprocess.generation import CancelMarkers
 
 from .ensemble import EnsembleClient, EnsembleError
-from .guards import ShimMetrics, install_guards
+from .guards import Guards, ShimMetrics
+from .openai_api import build_router
 
 log = logging.getLogger("shim")
 
@@ -95,8 +96,9 @@ def describe_validation(errors: list[dict]) -> str:
 class ShimState:
     """Health, warm-up and the run-time system prompt."""
 
-    def __init__(self, environ: Mapping[str, str], client: EnsembleClient):
+    def __init__(self, environ: Mapping[str, str], client: EnsembleClient, restart_server=None):
         self.environ = environ
+        self.restart_server = restart_server  # the supervisor's restart, under ./build.sh serve
         self.client = client
         self.system_prompt = cfg.load_chat(environ).system_prompt
         self.warmup = cfg.load_warmup(environ)
@@ -121,6 +123,12 @@ class ShimState:
     async def monitor(self) -> None:
         """Follows the ensemble: warm up whenever it (re)appears, fall back to warming when it goes."""
         while True:
+            if self.restart_server is not None and self.client.persistently_failing():
+                log.error("every request fails although Triton says ready (%d in a row): restarting tritonserver",
+                          self.client.failures_in_a_row)
+                self.ready = False
+                self.client.failures_in_a_row, self.client.first_failure_at = 0, None
+                await asyncio.to_thread(self.restart_server)
             up = await self.client.ready() and self.generator_up()
             if up and not self.ready:
                 await self._warm_up()
@@ -145,13 +153,13 @@ class ShimState:
 
 
 def create_app(environ: Mapping[str, str] | None = None, client: EnsembleClient | None = None,
-               on_shutdown=None) -> FastAPI:
+               on_shutdown=None, restart_server=None) -> FastAPI:
     environ = os.environ if environ is None else environ
     shim = cfg.load_shim(environ)
     runtime = cfg.runtime_dir(environ)
     client = client or EnsembleClient(f"{shim.triton_host}:{shim.triton_http_port}", timeout_s=shim.request_timeout_s,
                                       cancel_markers=CancelMarkers(runtime / "cancelled" if runtime else None))
-    state = ShimState(environ, client)
+    state = ShimState(environ, client, restart_server)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -165,7 +173,9 @@ def create_app(environ: Mapping[str, str] | None = None, client: EnsembleClient 
     app = FastAPI(title="LLM service (Triton ensemble shim)", lifespan=lifespan)
     app.state.shim = state
     metrics = ShimMetrics()
-    install_guards(app, shim.max_body_bytes, shim.admin_token, metrics)
+    app.add_middleware(Guards, max_body_bytes=shim.max_body_bytes, admin_token=shim.admin_token, metrics=metrics)
+
+    app.include_router(build_router(state, parse_body, cfg.resolve_model_dir(environ).name))
 
     @app.get("/metrics")
     async def prometheus_metrics():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -91,6 +92,10 @@ class EnsembleClient:
                  cancel_markers: CancelMarkers | None = None):
         self.url = url
         self.cancel_markers = cancel_markers or CancelMarkers(None)
+        # Server-side failures since the last success: a stub that died leaves Triton
+        # "ready" while every request fails, which only a restart repairs (see ShimState).
+        self.failures_in_a_row = 0
+        self.first_failure_at: float | None = None
         self.max_batch_size = max_batch_size
         self.timeout_s = timeout_s
         self._client: triton_http.InferenceServerClient | None = None
@@ -125,18 +130,31 @@ class EnsembleClient:
                 ENSEMBLE, build_inputs(prompts, system_prompt, overrides), outputs=outputs,
                 request_id=request_id, timeout=int(self.timeout_s))
         except InferenceServerException as exc:
-            raise map_triton_error(exc) from None
+            error = map_triton_error(exc)
+            if error.status == 502:  # a model failed; 503 (restarting, unavailable) heals by itself
+                self._failed()
+            raise error from None
         except asyncio.CancelledError:
             # Our caller is gone; Triton's HTTP frontend will not tell the model, so we do.
             self.cancel_markers.mark(request_id)
             raise
         except Exception as exc:  # connection refused/reset: the server is down or restarting
             raise EnsembleError(503, f"the model server is unavailable ({type(exc).__name__}: {exc})") from None
+        self.failures_in_a_row, self.first_failure_at = 0, None
         texts = [t.decode("utf-8", "replace") for t in result.as_numpy("answer").reshape(-1)]
         prompt_tokens = result.as_numpy("prompt_tokens").reshape(-1).tolist()
         completion_tokens = result.as_numpy("completion_tokens").reshape(-1).tolist()
         reasons = [r.decode() for r in result.as_numpy("finish_reason").reshape(-1)]
         return [Answer(*row) for row in zip(texts, prompt_tokens, completion_tokens, reasons)]
+
+    def _failed(self) -> None:
+        self.failures_in_a_row += 1
+        if self.first_failure_at is None:
+            self.first_failure_at = time.monotonic()
+
+    def persistently_failing(self, count: int = 3, seconds: float = 5.0) -> bool:
+        return (self.failures_in_a_row >= count and self.first_failure_at is not None
+                and time.monotonic() - self.first_failure_at >= seconds)
 
     async def close(self) -> None:
         if self._client is not None:

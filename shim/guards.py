@@ -4,7 +4,6 @@ from __future__ import annotations
 import hmac
 import time
 
-from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -27,38 +26,71 @@ class ShimMetrics:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def route_label(request: Request) -> str:
-    """The route template, never the raw path (unbounded label values would grow forever)."""
-    route = request.scope.get("route")
-    return getattr(route, "path", "unmatched")
+def json_reply(status: int, message: str) -> Response:
+    return JSONResponse(status_code=status, content={"error": message})
 
 
-def install_guards(app, max_body_bytes: int, admin_token: str | None, metrics: ShimMetrics) -> None:
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
+class Guards:
+    """Pure ASGI middleware (BaseHTTPMiddleware hides client disconnects from the routes,
+    and the shim aborts generations on disconnect): size limit, admin token, metrics."""
+
+    def __init__(self, app, max_body_bytes: int, admin_token: str | None, metrics: ShimMetrics):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.admin_token = admin_token
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
         started = time.perf_counter()
-        response = await _guarded(request, call_next)
-        label = route_label(request)
-        metrics.requests.labels(request.method, label, str(response.status_code)).inc()
-        metrics.latency.labels(request.method, label).observe(time.perf_counter() - started)
-        return response
+        status_holder = {"status": 500}
 
-    async def _guarded(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_body_bytes:
-            return JSONResponse(status_code=413, content={
-                "error": f"request body of {length} bytes is over the limit of {max_body_bytes} (SHIM_MAX_BODY_BYTES)"})
-        if admin_token and (request.method, request.url.path) in ADMIN_ROUTES:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {admin_token}".encode()):
-                return JSONResponse(status_code=401, content={"error": "this route needs Authorization: Bearer <SHIM_ADMIN_TOKEN>"})
-        if request.method == "POST" and length is None:
-            # A chunked body has no length up front: read it with the same limit.
+        async def send_and_record(message):
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+            await send(message)
+
+        refusal, receive = await self._check(scope, receive)
+        if refusal is not None:
+            await refusal(scope, receive, send_and_record)
+        else:
+            await self.app(scope, receive, send_and_record)
+        route = getattr(scope.get("route"), "path", "unmatched")  # the template, never the raw path
+        self.metrics.requests.labels(scope["method"], route, str(status_holder["status"])).inc()
+        self.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - started)
+
+    async def _check(self, scope, receive):
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            return json_reply(413, f"request body of {length} bytes is over the limit of "
+                                   f"{self.max_body_bytes} (SHIM_MAX_BODY_BYTES)"), receive
+        if self.admin_token and (scope["method"], scope["path"]) in ADMIN_ROUTES:
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.admin_token}".encode()):
+                return json_reply(401, "this route needs Authorization: Bearer <SHIM_ADMIN_TOKEN>"), receive
+        if scope["method"] == "POST" and length is None:
+            # A chunked body has no length up front: read it here, bounded, then replay it.
             body = b""
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > max_body_bytes:
-                    return JSONResponse(status_code=413, content={
-                        "error": f"request body is over the limit of {max_body_bytes} bytes (SHIM_MAX_BODY_BYTES)"})
-            request._body = body  # starlette reuses it for request.body()
-        return await call_next(request)
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    break
+                body += message.get("body", b"")
+                if len(body) > self.max_body_bytes:
+                    return json_reply(413, f"request body is over the limit of {self.max_body_bytes} bytes "
+                                           "(SHIM_MAX_BODY_BYTES)"), receive
+                if not message.get("more_body"):
+                    break
+            replayed = False
+
+            async def replay():
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()  # later: the disconnect, as the route expects
+
+            return None, replay
+        return None, receive

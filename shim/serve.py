@@ -100,6 +100,16 @@ class TritonSupervisor:
         except ProcessLookupError:
             pass
 
+    def restart(self) -> None:
+        """Stop the running server; the supervising loop starts a new one."""
+        process = self.process
+        if process is not None and process.poll() is None:
+            self._kill_group(process, signal.SIGTERM)
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                self._kill_group(process)
+
     def stop(self, timeout_s: float = 20.0) -> None:
         self._stopping.set()
         process = self.process
@@ -133,7 +143,7 @@ def main() -> int:
     supervisor = TritonSupervisor(triton_command(shim, REPO / "model_repository"), env)
     log.info("model %s; shim on %s:%d; tritonserver on %s:%d", model_dir, shim.host, shim.port,
              shim.triton_host, shim.triton_http_port)
-    app = create_app(os.environ, on_shutdown=supervisor.stop)
+    app = create_app(os.environ, on_shutdown=supervisor.stop, restart_server=supervisor.restart)
     app.state.supervisor = supervisor
     supervisor.start()
     try:

@@ -184,3 +184,8 @@ def triton(server):
     client = triton_http.InferenceServerClient(server.triton_url, network_timeout=120)
     yield client
     client.close()
+
+
+def pytest_collection_modifyitems(items):
+    """Fault tests kill parts of the shared server: run them last."""
+    items.sort(key=lambda item: item.get_closest_marker("faults") is not None)

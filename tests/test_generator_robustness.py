@@ -38,6 +38,7 @@ def wait_for(predicate, timeout_s):
     return None
 
 
+@pytest.mark.faults
 def test_killed_engine_comes_back_without_a_restart(server):
     state = server.generator_state()
     engine_pid, stub_pid = state["engine_pid"], state["pid"]
@@ -69,6 +70,8 @@ def test_killed_engine_comes_back_without_a_restart(server):
 
 def test_client_disconnect_aborts_the_generation(server):
     import json
+
+    server.wait_ok()
     import socket
 
     # 64 prompts run to the tiny model's length (about 900 tokens each): many seconds of work.

@@ -153,3 +153,4 @@ class TritonPythonModel:
         self.responses.put((None, None))
         self.sender.join(5)
         self.service.shutdown(timeout_s=10)
+        self.metrics.close()

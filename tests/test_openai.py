@@ -1,0 +1,57 @@
+"""The OpenAI-compatible door, driven by the official openai client."""
+from __future__ import annotations
+
+import openai
+import pytest
+
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_models_lists_the_served_model(client, tiny_model):
+    assert [m.id for m in client.models.list().data] == [tiny_model.name]
+
+
+def test_chat_completion_with_usage(client):
+    reply = client.chat.completions.create(
+        model="any", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is HBM?"}],
+        max_tokens=4)
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.usage.prompt_tokens > 5 and 0 < reply.usage.completion_tokens <= 4
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_n_4_returns_4_choices(client):
+    reply = client.chat.completions.create(model="any", messages=[{"role": "user", "content": "hi"}],
+                                           n=4, max_tokens=3, temperature=0.8)
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    assert 4 <= reply.usage.completion_tokens <= 12  # at least one token per choice, at most 3
+
+
+def test_streamed_reply_comes_as_server_sent_events(client):
+    stream = client.chat.completions.create(model="any", messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=3, stream=True)
+    chunks = list(stream)
+    assert chunks and chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_completions_with_a_list_and_n(client):
+    reply = client.completions.create(model="any", prompt=["a", "b"], n=2, max_tokens=2)
+    assert len(reply.choices) == 4 and reply.usage.completion_tokens <= 8
+
+
+def test_raw_flag_skips_routing_and_clean_up(server):
+    status, body = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                        "max_tokens": 2, "raw": True})
+    assert status == 200 and body["usage"]["completion_tokens"] <= 2
+
+
+def test_bad_openai_input_is_a_4xx(server):
+    assert server.post("/v1/chat/completions", {"messages": []})[0] == 422
+    assert server.post("/v1/chat/completions", {"messages": [{"role": "system", "content": "s"}]})[0] == 422
+    assert server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 99})[0] == 422
