@@ -48,6 +48,7 @@ class BatchHandle:
     batch_id: str
     request_ids: list[str] = field(default_factory=list)
     future: object | None = None
+    cancelled: bool = False
 
 
 class PromptTooLong(ValueError):

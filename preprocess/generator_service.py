@@ -16,7 +16,7 @@ from typing import Any, MutableMapping, Sequence
 
 from . import engine_config
 from .fallback import EngineStartError
-from .generation import BatchHandle, Completion, GenerationItem
+from .generation import BatchHandle, Completion, GenerationItem, PromptTooLong, check_prompt_lengths
 from .pipeline import load_tokenizer
 from .settings import load_sampling
 
@@ -124,6 +124,11 @@ class GeneratorService:
     def submit(self, items: Sequence[GenerationItem], on_done: Completion) -> BatchHandle | None:
         if not self.ready:
             on_done(EngineUnavailable("the generator engine is restarting; retry shortly"))
+            return None
+        try:
+            check_prompt_lengths(items, self.runner.max_model_len)
+        except PromptTooLong as exc:
+            on_done(exc)
             return None
         return self.runner.submit(items, on_done)
 

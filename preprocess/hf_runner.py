@@ -13,7 +13,7 @@ import threading
 from typing import Sequence
 
 from .generation import (BatchHandle, Completion, GenerationItem, GenerationResult,
-                         check_prompt_lengths, group_by_sampling, new_batch_id)
+                         group_by_sampling, new_batch_id)
 from .sampling import SamplingSettings
 
 log = logging.getLogger("generator.transformers")
@@ -67,16 +67,11 @@ class TransformersRunner:
 
     def submit(self, items: Sequence[GenerationItem], on_done: Completion) -> BatchHandle:
         handle = BatchHandle(new_batch_id())
-        try:
-            check_prompt_lengths(items, self.max_model_len)
-        except ValueError as exc:
-            on_done(exc)
-            return handle
         self._work.put((list(items), on_done, handle))
         return handle
 
     def cancel(self, handle: BatchHandle) -> None:
-        handle.request_ids.append("cancelled")
+        handle.cancelled = True  # a queued batch is dropped; a running generate() finishes
 
     def _serve(self) -> None:
         while not self._stopping.is_set():
@@ -84,7 +79,7 @@ class TransformersRunner:
                 items, on_done, handle = self._work.get(timeout=0.2)
             except queue.Empty:
                 continue
-            if "cancelled" in handle.request_ids:
+            if handle.cancelled:
                 on_done(RuntimeError("request cancelled"))
                 continue
             try:

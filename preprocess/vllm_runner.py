@@ -18,7 +18,7 @@ from typing import Any, Sequence
 from .engine_config import EngineSettings, accepted_kwargs, engine_kwargs
 from .fallback import build_with_fallbacks
 from .generation import (BatchHandle, Completion, GenerationItem, GenerationResult,
-                         check_prompt_lengths, group_by_sampling, new_batch_id)
+                         group_by_sampling, new_batch_id)
 from .sampling import SamplingSettings
 
 log = logging.getLogger("generator.vllm")
@@ -135,11 +135,6 @@ class VllmRunner:
 
     def submit(self, items: Sequence[GenerationItem], on_done: Completion) -> BatchHandle:
         handle = BatchHandle(new_batch_id())
-        try:
-            check_prompt_lengths(items, self.max_model_len)
-        except ValueError as exc:
-            on_done(exc)
-            return handle
         future: Future = asyncio.run_coroutine_threadsafe(self._generate_batch(items, handle), self._loop)
 
         def finished(done: Future) -> None:

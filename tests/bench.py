@@ -68,6 +68,24 @@ def offline_generate(model_dir, ids, max_tokens):
     return tokens, seconds
 
 
+def requests_at(concurrency: int, n: int) -> int:
+    """Requests sent at a concurrency level: four rounds, at most N (the same for both sides)."""
+    return max(concurrency, min(n, concurrency * 4))
+
+
+async def at_concurrency(call, items, concurrency):
+    """Results of `call` over `items` with at most `concurrency` in flight, and the seconds taken."""
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def limited(item):
+        async with semaphore:
+            return await call(item)
+
+    started = time.perf_counter()
+    results = await asyncio.gather(*(limited(item) for item in items))
+    return results, time.perf_counter() - started
+
+
 def engine_overrides():
     from preprocess.engine_config import engine_kwargs, load_engine
     from preprocess.generator_service import accelerator_available
@@ -99,16 +117,7 @@ async def async_llm(model_dir, n, max_tokens, concurrency_levels):
     results = {}
     for concurrency in concurrency_levels:
         ids = prompts_and_ids(model_dir, n, f"async{concurrency}")[1]
-        batch = ids[:max(concurrency, min(n, concurrency * 4))]
-        semaphore = asyncio.Semaphore(concurrency)
-
-        async def limited(token_ids):
-            async with semaphore:
-                return await one(token_ids)
-
-        started = time.perf_counter()
-        done = await asyncio.gather(*(limited(i) for i in batch))
-        seconds = time.perf_counter() - started
+        done, seconds = await at_concurrency(one, ids[:requests_at(concurrency, n)], concurrency)
         results[concurrency] = (sum(t for t, _ in done), seconds, [s for _, s in done])
     engine.shutdown()
     return results
@@ -187,16 +196,8 @@ async def _product_paths(server, model_dir, n, max_tokens, concurrency_levels):
                         baseline="async c=1"))
     for concurrency in concurrency_levels[1:]:
         log.info("  ensemble at concurrency %d", concurrency)
-        batch = questions[f"ens{concurrency}"][0][:max(concurrency, min(n, concurrency * 4))]
-        semaphore = asyncio.Semaphore(concurrency)
-
-        async def limited(question):
-            async with semaphore:
-                return await one_ensemble(question)
-
-        started = time.perf_counter()
-        latencies = await asyncio.gather(*(limited(q) for q in batch))
-        seconds = time.perf_counter() - started
+        batch = questions[f"ens{concurrency}"][0][:requests_at(concurrency, n)]
+        latencies, seconds = await at_concurrency(one_ensemble, batch, concurrency)
         rows.append(row(f"ensemble, {concurrency} concurrent single requests", len(batch) * max_tokens, seconds,
                         latencies, baseline=f"async c={concurrency}"))
     await client.close()

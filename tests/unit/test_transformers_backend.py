@@ -80,5 +80,9 @@ def test_stop_token_is_honoured(runner, tokenizer):
 
 
 def test_prompt_longer_than_the_model_is_refused(runner):
-    with pytest.raises(ValueError, match="model length"):
-        run(runner, [GenerationItem([5] * 2000, sampling(2))])
+    from preprocess.generation import PromptTooLong, check_prompt_lengths
+
+    assert runner.max_model_len == 1024
+    with pytest.raises(PromptTooLong, match="prompt 1 has 2000 tokens; the model length is 1024"):
+        check_prompt_lengths([GenerationItem([5] * 10, sampling(2)), GenerationItem([5] * 2000, sampling(2))],
+                             runner.max_model_len)
