@@ -47,14 +47,21 @@ setup_venv() {
   log "creating $VENV (about 2 minutes on a fresh machine)"
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   local pip=("$VENV/bin/python" -m pip install --disable-pip-version-check)
+  # pip's resolver warns that opencv/vllm want NumPy 2 and torchvision (both unused here,
+  # see STACK.md); drop those lines, but never a failure.
+  quiet_pip() {
+    local out
+    if ! out=$("${pip[@]}" -q "$@" 2>&1); then printf '%s\n' "$out" >&2; return 1; fi
+    printf '%s\n' "$out" | grep -v "incompatible\|requires numpy\|which is not installed\|dependency resolver\|^$" >&2 || true
+  }
   log "[1/4] vLLM on CPU"
   "${pip[@]}" -q "${VLLM_PINS[@]}"
   log "[2/4] NumPy < 2 for the Triton stub (pip warns that opencv wants NumPy 2: unused here)"
   "$VENV/bin/python" -m pip uninstall -q -y "${CUDA_ONLY[@]}" >/dev/null 2>&1 || true
-  "${pip[@]}" -q "$NUMPY_PIN" 2>&1 | grep -v "incompatible\|requires numpy\|dependency resolver\|^$" || true
+  quiet_pip "$NUMPY_PIN"
   log "[3/4] Triton server, embedded model, client tools"
   "${pip[@]}" -q --no-deps "${NODEPS_PINS[@]}"
-  "${pip[@]}" -q "${TOOL_PINS[@]}" "$NUMPY_PIN" 2>&1 | grep -v "incompatible\|requires numpy\|dependency resolver\|^$" || true
+  quiet_pip "${TOOL_PINS[@]}" "$NUMPY_PIN"
   log "[4/4] this project (editable: the Triton models import it from the venv)"
   "${pip[@]}" -q --no-deps --no-build-isolation -e "$ROOT"
   echo "$stamp" > "$VENV/.stamp"

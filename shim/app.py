@@ -200,6 +200,10 @@ def create_app(environ: Mapping[str, str] | None = None, client: EnsembleClient 
     async def predict(request: Request):
         body = await parse_body(request, PredictRequest)
         prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
+        broken = not_text(prompts)
+        if broken is not None:
+            where = f"prompt[{broken}]" if isinstance(body.prompt, list) else "prompt"
+            return error(400, f"{where} is not valid UTF-8 text (a lone surrogate)")
         if len(prompts) > shim.max_batch_prompts:
             return error(413, f"prompt list has {len(prompts)} items; the limit is {shim.max_batch_prompts}")
         try:
@@ -250,6 +254,16 @@ def create_app(environ: Mapping[str, str] | None = None, client: EnsembleClient 
         return {"system_prompt": state.system_prompt}
 
     return app
+
+
+def not_text(texts) -> int | None:
+    """Index of the first string that cannot be UTF-8 (JSON allows lone surrogates)."""
+    for index, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return index
+    return None
 
 
 class ClientGone(Exception):

@@ -92,3 +92,14 @@ def test_admin_token_guards_system_prompt_updates_only(server):
         assert client.get("/system_prompt").status_code == 200  # reading stays open
         assert client.post("/predict", json={"prompt": "open"}).status_code == 200  # judge routes stay open
         assert "s3cret" not in client.get("/info").text
+
+
+def test_control_characters_pass_and_bad_unicode_is_a_4xx(server):
+    status, body = server.post("/predict", {"prompt": ["tab\tbell\u0007nul\u0000esc\u001b", "\u202e rtl"]})
+    assert status == 200 and len(body["response"]) == 2
+    # A lone surrogate is valid JSON but not text: refused by name, and the next request is served.
+    status, body = server.post("/predict", b'{"prompt": ["ok", "bad \\ud800 half"]}')
+    assert status == 400 and "prompt[1]" in body["error"] and "UTF-8" in body["error"]
+    status, body = server.post("/predict", b'{"prompt": "\xff\xfe raw bytes"}')
+    assert status == 400 and "invalid JSON" in body["error"]
+    assert server.post("/predict", {"prompt": "after"})[0] == 200

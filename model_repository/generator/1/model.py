@@ -90,7 +90,7 @@ class TritonPythonModel:
                 continue
             key = object()
             with self.in_flight_lock:
-                self.in_flight[key] = (request, None)
+                self.in_flight[key] = (request, None, time.monotonic())
 
             def done(outcome, sender=sender, key=key):
                 # Runs on the engine thread: only enqueue, the response thread does the sending.
@@ -103,22 +103,27 @@ class TritonPythonModel:
             handle = self.service.submit(items, done)
             with self.in_flight_lock:
                 if key in self.in_flight:
-                    self.in_flight[key] = (request, handle)
+                    self.in_flight[key] = (request, handle, self.in_flight[key][2])
         return None
 
     def _watch_cancellations(self):
         """Abort requests whose client is gone. gRPC clients cancel through Triton
         (request.is_cancelled()); Triton 2.51's HTTP frontend does not propagate a
-        disconnect, so the shim drops a marker named after the request id instead."""
+        disconnect, so the shim drops a marker named after the request id instead.
+        is_cancelled() is asked under the lock: an entry still in the map has not been
+        answered, and asking about an answered request crashes tritonserver (measured)."""
         while not self.stopping.wait(0.5):
+            now = time.monotonic()
+            to_cancel = []
             with self.in_flight_lock:
-                pending = list(self.in_flight.values())
-            for request, handle in pending:
-                if handle is None:
-                    continue
-                if request.is_cancelled() or self.cancel_markers.take(request.request_id()):
-                    log.info("request %s cancelled by the client; aborting %s", request.request_id(), handle.batch_id)
-                    self.service.cancel(handle)
+                for request, handle, started in self.in_flight.values():
+                    if handle is None or now - started < 1.0:
+                        continue
+                    if self.cancel_markers.take(request.request_id()) or request.is_cancelled():
+                        to_cancel.append((request.request_id(), handle))
+            for request_id, handle in to_cancel:
+                log.info("request %s cancelled by the client; aborting %s", request_id, handle.batch_id)
+                self.service.cancel(handle)
 
     def _send_responses(self):
         while True:
@@ -144,7 +149,7 @@ class TritonPythonModel:
         engine goes: a response sender outliving the stub's shutdown crashes the stub."""
         self.stopping.set()
         with self.in_flight_lock:
-            pending = [handle for _, handle in self.in_flight.values() if handle is not None]
+            pending = [handle for _, handle, _ in self.in_flight.values() if handle is not None]
         for handle in pending:
             self.service.cancel(handle)
         deadline = time.monotonic() + 10

@@ -1,0 +1,75 @@
+"""vLLM engine arguments from the environment, filtered by the installed vLLM's signature."""
+import pytest
+
+from preprocess.engine_config import SAFE_MAX_MODEL_LEN, accepted_kwargs, engine_kwargs, load_engine
+from preprocess.envparse import SettingsError
+
+
+def test_reference_defaults_on_gpu():
+    s = load_engine({}, metax=False, cpu_only=False)
+    kw = engine_kwargs(s, "/m")
+    assert kw["gpu_memory_utilization"] == 0.85 and kw["dtype"] == "float16"
+    assert kw["enable_prefix_caching"] is True and kw["tensor_parallel_size"] == 1 and kw["enforce_eager"] is False
+    for unset in ("max_model_len", "quantization", "load_format", "kv_cache_dtype", "max_num_seqs",
+                  "max_num_batched_tokens", "enable_chunked_prefill", "compilation_config", "speculative_config"):
+        assert unset not in kw
+
+
+def test_metax_defaults():
+    kw = engine_kwargs(load_engine({}, metax=True), "/m")
+    assert kw["gpu_memory_utilization"] == 0.60 and kw["max_model_len"] == SAFE_MAX_MODEL_LEN
+    assert kw["enable_chunked_prefill"] is False
+    assert engine_kwargs(load_engine({"DEFAULT_MAX_MODEL_LEN": "4096"}, metax=True), "/m")["max_model_len"] == 4096
+
+
+def test_every_variable_reaches_its_argument():
+    env = {"GPU_MEMORY_UTILIZATION": "0.5", "DTYPE": "bfloat16", "MAX_MODEL_LEN": "2048", "VLLM_QUANTIZATION": "awq",
+           "VLLM_LOAD_FORMAT": "safetensors", "KV_CACHE_DTYPE": "fp8", "ENABLE_PREFIX_CACHING": "0",
+           "VLLM_MAX_NUM_SEQS": "64", "VLLM_MAX_NUM_BATCHED_TOKENS": "8192", "VLLM_TOKENIZER_POOL_SIZE": "2",
+           "VLLM_TOKENIZER_POOL_TYPE": "ray", "TENSOR_PARALLEL_SIZE": "2", "VLLM_ENFORCE_EAGER": "1",
+           "ENABLE_CHUNKED_PREFILL": "1", "VLLM_COMPILATION_CONFIG": '{"level": 3}'}
+    kw = engine_kwargs(load_engine(env, metax=False), "/m")
+    assert kw == {"model": "/m", "tokenizer": "/m", "tensor_parallel_size": 2, "gpu_memory_utilization": 0.5,
+                  "dtype": "bfloat16", "enable_prefix_caching": False, "disable_log_stats": False,
+                  "enforce_eager": True, "max_model_len": 2048, "quantization": "awq", "load_format": "safetensors",
+                  "kv_cache_dtype": "fp8", "max_num_seqs": 64, "max_num_batched_tokens": 8192,
+                  "tokenizer_pool_size": 2, "tokenizer_pool_type": "ray", "enable_chunked_prefill": True,
+                  "compilation_config": {"level": 3}}
+    assert engine_kwargs(load_engine({"VLLM_KV_CACHE_DTYPE": "fp8_e5m2", "KV_CACHE_DTYPE": "fp8"}), "/m")[
+        "kv_cache_dtype"] == "fp8_e5m2"
+
+
+def test_speculative_ngram_forces_chunked_prefill_off_and_clips():
+    env = {"ENABLE_SPECULATIVE_DECODING": "1", "ENABLE_CHUNKED_PREFILL": "1", "SPEC_NUM_SPECULATIVE_TOKENS": "99",
+           "SPEC_DISABLE_BY_BATCH_SIZE": "32"}
+    kw = engine_kwargs(load_engine(env, metax=False), "/m")
+    assert kw["enable_chunked_prefill"] is False
+    assert kw["speculative_config"] == {"method": "ngram", "num_speculative_tokens": 32, "prompt_lookup_max": 8,
+                                        "prompt_lookup_min": 1, "disable_by_batch_size": 32}
+    draft = engine_kwargs(load_engine({"ENABLE_SPECULATIVE_DECODING": "1", "SPEC_METHOD": "draft_model",
+                                       "SPEC_DRAFT_MODEL_DIR": "/d", "SPEC_DRAFT_MAX_MODEL_LEN": "4096"}), "/m")
+    assert draft["speculative_config"] == {"method": "draft_model", "num_speculative_tokens": 6, "model": "/d",
+                                           "max_model_len": 4096}
+    with pytest.raises(SettingsError, match="SPEC_DRAFT_MODEL_DIR"):
+        load_engine({"ENABLE_SPECULATIVE_DECODING": "1", "SPEC_METHOD": "draft_model"})
+
+
+def test_bad_compilation_config_and_choices_are_one_line_errors():
+    with pytest.raises(SettingsError, match="VLLM_COMPILATION_CONFIG"):
+        load_engine({"VLLM_COMPILATION_CONFIG": "{level"})
+    with pytest.raises(SettingsError, match="USE_VLLM='maybe'"):
+        load_engine({"USE_VLLM": "maybe"})
+
+
+def test_only_arguments_this_vllm_accepts_are_passed():
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    kept, dropped = accepted_kwargs({"model": "/m", "dtype": "bfloat16", "made_up_future_flag": 1,
+                                     "tokenizer_pool_size": 2}, AsyncEngineArgs.__init__)
+    assert kept["model"] == "/m" and "made_up_future_flag" not in kept
+    assert "made_up_future_flag" in dropped
+
+    def open_ended(**kwargs):
+        return kwargs
+
+    assert accepted_kwargs({"x": 1}, open_ended) == ({"x": 1}, [])

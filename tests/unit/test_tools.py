@@ -1,0 +1,52 @@
+"""The command-line tools and presets users run: preprocess explain/clean, the two presets."""
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def run(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "preprocess", *args], cwd=REPO, capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_explain_prints_route_limit_and_exact_prompt(tiny_model):
+    out = run("explain", "用 CUDA 写一个 GEMM 算子", "--model-dir", str(tiny_model), "--system-prompt", "简短")
+    result = json.loads(out.stdout)
+    assert result["route"] == "long_answer" and result["max_new_tokens"] == 192
+    assert result["prompt"] == ("<|im_start|>system\n简短<|im_end|>\n<|im_start|>user\n用 CUDA 写一个 GEMM 算子"
+                                "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_clean_prints_the_cleaned_answer():
+    out = run("clean", "<think>嗯</think>要点一。例如：x", "--question", "什么是 warp")
+    assert json.loads(out.stdout) == {"route": "short", "answer": "要点一"}
+
+
+def test_explain_refuses_a_malformed_variable_in_one_line():
+    out = run("clean", "x", env={"PATH": "/usr/bin:/bin", "OUTPUT_MAX_SENTENCES": "many"})
+    assert out.returncode == 2 and out.stderr.strip() == "error: OUTPUT_MAX_SENTENCES='many' is not an integer"
+
+
+def preset_env(preset: str, **given) -> dict:
+    script = f"set -e; source docker/{preset}; env -0"
+    out = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, env={"PATH": "/usr/bin:/bin", **given})
+    return dict(item.split("=", 1) for item in out.stdout.decode().split("\0") if "=" in item)
+
+
+def test_run_model_preset_fills_only_unset_variables():
+    env = preset_env("run_model.sh", MAX_NEW_TOKENS="48")
+    assert env["MAX_NEW_TOKENS"] == "48" and env["BATCH_MODE"] == "1" and env["TEMPERATURE"] == "0"
+
+
+def test_env_force_preset_overrides():
+    env = preset_env("env_force.sh", MAX_NEW_TOKENS="48", BATCH_MODE="0")
+    assert env["MAX_NEW_TOKENS"] == "32" and env["BATCH_MODE"] == "1" and env["FAST_CHAT_TEMPLATE"] == "1"
+
+
+def test_presets_parse_as_valid_settings():
+    from preprocess.settings import load_all
+
+    for preset in ("run_model.sh", "env_force.sh"):
+        load_all(preset_env(preset))
