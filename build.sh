@@ -7,7 +7,7 @@
 #   ./build.sh test            set up if needed, then the test suite
 #   ./build.sh bench [--quick|--perf-analyzer]   throughput table (tests/bench.py)
 #   ./build.sh eval FILE       the judge's procedure against a running server
-#   ./build.sh soak            the long reliability run
+#   ./build.sh soak [--minutes M] [--clients C]   the long reliability run
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$PWD
@@ -111,7 +111,5 @@ case "$cmd" in
   soak)
     setup
     exec "$VENV/bin/python" -m tests.reliability.soak "$@" ;;
-  docker)
-    exec bash docker/build.sh "$@" ;;
-  *) echo "usage: ./build.sh [setup|serve [PRESET]|test|bench|eval FILE|soak|docker [nvidia|metax]]" >&2; exit 2 ;;
+  *) echo "usage: ./build.sh [setup|serve [PRESET]|test|bench [--quick|--perf-analyzer]|eval FILE|soak]" >&2; exit 2 ;;
 esac
