@@ -52,7 +52,6 @@ class TransformersRunner:
         self.stop_token_ids = list(stop_token_ids)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_token_ids[0]
         self.max_model_len = getattr(self.model.config, "max_position_embeddings", None)
-        self.submissions = 0
         self.on_submit = None  # metrics hook: (items, number of sampling groups)
         self._work: queue.Queue = queue.Queue()
         self._stopping = threading.Event()
@@ -94,7 +93,6 @@ class TransformersRunner:
         if self.on_submit is not None:
             self.on_submit(items, len(groups))
         for sampling, indices in groups.items():
-            self.submissions += 1
             for index, result in zip(indices, self._generate_group([items[i].token_ids for i in indices], sampling)):
                 results[index] = result
         return results  # type: ignore[return-value]

@@ -16,7 +16,6 @@ from contextlib import asynccontextmanager
 from typing import Any, Mapping
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
@@ -87,8 +86,6 @@ def describe_validation(errors: list[dict]) -> str:
     for item in errors:
         location = [str(p) for p in item.get("loc", ()) if p not in ("body", "str", "list[str]")]
         where = location[0] + "".join(f"[{p}]" for p in location[1:]) if location else "body"
-        if item.get("type") == "json_invalid":
-            return f"invalid JSON: {item.get('msg')}"
         problems.append(f"{where}: {item.get('msg')}")
     return "; ".join(dict.fromkeys(problems)) or "invalid request"
 
@@ -127,7 +124,7 @@ class ShimState:
                 log.error("every request fails although Triton says ready (%d in a row): restarting tritonserver",
                           self.client.failures_in_a_row)
                 self.ready = False
-                self.client.failures_in_a_row, self.client.first_failure_at = 0, None
+                self.client.reset_failures()
                 await asyncio.to_thread(self.restart_server)
             up = await self.client.ready() and self.generator_up()
             if up and not self.ready:
@@ -180,11 +177,6 @@ def create_app(environ: Mapping[str, str] | None = None, client: EnsembleClient 
     @app.get("/metrics")
     async def prometheus_metrics():
         return metrics.render()
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError):
-        message = describe_validation(exc.errors())
-        return error(400 if message.startswith("invalid JSON") else 422, message)
 
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, exc: BadRequest):

@@ -140,12 +140,15 @@ class EnsembleClient:
             raise
         except Exception as exc:  # connection refused/reset: the server is down or restarting
             raise EnsembleError(503, f"the model server is unavailable ({type(exc).__name__}: {exc})") from None
-        self.failures_in_a_row, self.first_failure_at = 0, None
+        self.reset_failures()
         texts = [t.decode("utf-8", "replace") for t in result.as_numpy("answer").reshape(-1)]
         prompt_tokens = result.as_numpy("prompt_tokens").reshape(-1).tolist()
         completion_tokens = result.as_numpy("completion_tokens").reshape(-1).tolist()
         reasons = [r.decode() for r in result.as_numpy("finish_reason").reshape(-1)]
         return [Answer(*row) for row in zip(texts, prompt_tokens, completion_tokens, reasons)]
+
+    def reset_failures(self) -> None:
+        self.failures_in_a_row, self.first_failure_at = 0, None
 
     def _failed(self) -> None:
         self.failures_in_a_row += 1
