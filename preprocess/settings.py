@@ -184,6 +184,7 @@ class ShimSettings:
     max_body_bytes: int = 8 * 1024 * 1024
     max_batch_prompts: int = 4096
     request_timeout_s: float = 600.0
+    triton_home: Path | None = None  # a tritonserver install (bin/, backends/); None: pytriton's
 
 
 def load_shim(environ: Mapping[str, str]) -> ShimSettings:
@@ -199,6 +200,7 @@ def load_shim(environ: Mapping[str, str]) -> ShimSettings:
         max_body_bytes=env.int("SHIM_MAX_BODY_BYTES", 8 * 1024 * 1024, 1024),
         max_batch_prompts=env.int("SHIM_MAX_BATCH_PROMPTS", 4096, 1),
         request_timeout_s=env.float("SHIM_REQUEST_TIMEOUT_S", 600.0, 1.0),
+        triton_home=Path(home) if (home := env.raw("TRITON_HOME")) else None,
     )
 
 
@@ -240,7 +242,7 @@ PUBLIC_VARIABLES = (
     "SPEC_NGRAM_LOOKUP_MIN", "SPEC_DRAFT_MODEL_DIR", "SPEC_DRAFT_MAX_MODEL_LEN", "SPEC_DISABLE_BY_BATCH_SIZE",
     "VLLM_LOG_LEVEL", "VLLM_USE_V1", "VLLM_PLUGINS", "CUDA_VISIBLE_DEVICES", "VLLM_CPU_KVCACHE_SPACE",
     "PORT", "TRITON_HTTP_PORT", "TRITON_GRPC_PORT", "TRITON_METRICS_PORT", "SHIM_MAX_BODY_BYTES",
-    "SHIM_MAX_BATCH_PROMPTS", "SHIM_REQUEST_TIMEOUT_S",
+    "SHIM_MAX_BATCH_PROMPTS", "SHIM_REQUEST_TIMEOUT_S", "TRITON_HOME",
 )
 _SECRET_WORDS = frozenset({"TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS", "APIKEY"})
 

@@ -29,12 +29,13 @@ log = logging.getLogger("serve")
 REPO = Path(__file__).resolve().parent.parent
 
 
-def triton_home() -> Path:
-    return Path(sysconfig.get_paths()["purelib"]) / "pytriton" / "tritonserver"
+def triton_home(shim: cfg.ShimSettings) -> Path:
+    """TRITON_HOME (the NVIDIA image's /opt/tritonserver), else the one in the pytriton wheel."""
+    return shim.triton_home or Path(sysconfig.get_paths()["purelib"]) / "pytriton" / "tritonserver"
 
 
 def triton_command(shim: cfg.ShimSettings, repository: Path) -> list[str]:
-    home = triton_home()
+    home = triton_home(shim)
     return [
         str(home / "bin" / "tritonserver"),
         f"--model-repository={repository}",
@@ -132,6 +133,10 @@ def main() -> int:
         model_dir = cfg.resolve_model_dir(os.environ)
     except cfg.SettingsError as exc:
         log.error("%s", exc)
+        return 2
+    server_binary = triton_home(shim) / "bin" / "tritonserver"
+    if not server_binary.is_file():
+        log.error("no tritonserver at %s (run ./build.sh, or set TRITON_HOME)", server_binary)
         return 2
     if not (model_dir / "config.json").is_file():
         log.error("MODEL_DIR %s has no config.json (run ./build.sh, or point MODEL_DIR at a model folder)", model_dir)

@@ -133,11 +133,11 @@ def server_env(model_dir: Path, **extra: str) -> dict:
     return env
 
 
-def start_server(env: dict, log_name: str) -> Server:
+def start_server(env: dict, log_name: str, command: list[str] | None = None) -> Server:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     log_path = ARTIFACTS / log_name
     log_file = open(log_path, "w")
-    process = subprocess.Popen([sys.executable, "-m", "shim.serve"], cwd=REPO, env=env,
+    process = subprocess.Popen(command or [sys.executable, "-m", "shim.serve"], cwd=REPO, env=env,
                                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     server = Server(
         url=f"http://127.0.0.1:{env['PORT']}", triton_url=f"127.0.0.1:{env['TRITON_HTTP_PORT']}",

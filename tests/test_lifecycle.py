@@ -1,21 +1,26 @@
-"""A second server: the transformers backend through Triton, and Ctrl-C leaving nothing behind."""
+"""A second server: the transformers backend through Triton, started by the Docker images'
+entry script (outside Docker), and Ctrl-C leaving nothing behind."""
 from __future__ import annotations
 
 import signal
-import time
+import sys
 
 import psutil
 import pytest
 
-from .conftest import server_env, start_server
+from .conftest import REPO, server_env, start_server
 
 pytestmark = pytest.mark.server
 
 
-def test_transformers_backend_serves_and_ctrl_c_stops_everything(tiny_model):
-    server = start_server(server_env(tiny_model, USE_VLLM="false"), "server-transformers.log")
+def test_entry_script_serves_transformers_backend_and_ctrl_c_stops_everything(tiny_model):
+    # The images run docker/entrypoint.sh on their own Python; here that Python is the venv's.
+    env = server_env(tiny_model, USE_VLLM="false", PYTHON=sys.executable)
+    server = start_server(env, "server-transformers.log", command=[str(REPO / "docker" / "entrypoint.sh")])
     try:
-        assert server.get("/info")[1]["backend"] == "transformers"
+        info = server.get("/info")[1]
+        assert info["backend"] == "transformers"
+        assert info["batch_mode"] is True  # docker/run_model.sh, the entry's default preset, applied
         status, body = server.post("/predict", {"prompt": ["hello", "世界"], "max_new_tokens": 3})
         assert status == 200 and len(body["response"]) == 2
         tree = psutil.Process(server.process.pid).children(recursive=True)
