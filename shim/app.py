@@ -25,9 +25,10 @@ from preprocess.warmup import warmup_prompts
 
 from preprocess.generation import CancelMarkers
 
-from .ensemble import EnsembleClient, EnsembleError
+from .ensemble import EnsembleClient, EnsembleError, not_text
 from .guards import Guards, ShimMetrics
 from .openai_api import build_router
+from .ui import build_ui_router
 
 log = logging.getLogger("shim")
 
@@ -173,6 +174,7 @@ def create_app(environ: Mapping[str, str] | None = None, client: EnsembleClient 
     app.add_middleware(Guards, max_body_bytes=shim.max_body_bytes, admin_token=shim.admin_token, metrics=metrics)
 
     app.include_router(build_router(state, parse_body, cfg.resolve_model_dir(environ).name))
+    app.include_router(build_ui_router(state, parse_body))
 
     @app.get("/metrics")
     async def prometheus_metrics():
@@ -246,16 +248,6 @@ def create_app(environ: Mapping[str, str] | None = None, client: EnsembleClient 
         return {"system_prompt": state.system_prompt}
 
     return app
-
-
-def not_text(texts) -> int | None:
-    """Index of the first string that cannot be UTF-8 (JSON allows lone surrogates)."""
-    for index, text in enumerate(texts):
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            return index
-    return None
 
 
 class ClientGone(Exception):

@@ -22,7 +22,9 @@ from preprocess.generation import CancelMarkers
 log = logging.getLogger("shim.ensemble")
 
 ENSEMBLE = "llm"
+PREPROCESS = "preprocess"  # asked alone by /explain: the exact routing and prompt the ensemble uses
 OUTPUTS = ("answer", "prompt_tokens", "completion_tokens", "finish_reason")
+EXPLAIN_OUTPUTS = ("ROUTE", "MAX_TOKENS", "IS_CODE", "PROMPT_TEXT", "PROMPT_IDS")
 OVERRIDE_TYPES = {
     "max_new_tokens": ("INT32", np.int32),
     "temperature": ("FP32", np.float32),
@@ -50,6 +52,16 @@ class Answer:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
+
+
+def not_text(texts) -> int | None:
+    """Index of the first string that cannot be UTF-8 (JSON allows lone surrogates)."""
+    for index, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return index
+    return None
 
 
 def _text_input(name: str, texts: Sequence[str]):
@@ -122,13 +134,32 @@ class EnsembleClient:
             raise EnsembleError(502, f"the model server returned {len(answers)} answers for {len(prompts)} prompts")
         return answers
 
+    async def explain(self, prompt: str, system_prompt: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
+        """What the preprocess model makes of one question: route, token limit, final prompt."""
+        result = await self._infer(PREPROCESS, build_inputs([prompt], system_prompt, overrides), EXPLAIN_OUTPUTS)
+        ids = result.as_numpy("PROMPT_IDS").reshape(-1)
+        return {
+            "route": result.as_numpy("ROUTE").reshape(-1)[0].decode(),
+            "max_new_tokens": int(result.as_numpy("MAX_TOKENS").reshape(-1)[0]),
+            "is_code": bool(result.as_numpy("IS_CODE").reshape(-1)[0]),
+            "prompt": result.as_numpy("PROMPT_TEXT").reshape(-1)[0].decode("utf-8", "replace"),
+            "prompt_tokens": int((ids >= 0).sum()),  # PROMPT_IDS is padded with -1
+        }
+
     async def _call(self, prompts: Sequence[str], system_prompt: str | None, overrides: dict[str, Any]) -> list[Answer]:
-        outputs = [triton_http.InferRequestedOutput(name) for name in OUTPUTS]
+        result = await self._infer(ENSEMBLE, build_inputs(prompts, system_prompt, overrides), OUTPUTS)
+        texts = [t.decode("utf-8", "replace") for t in result.as_numpy("answer").reshape(-1)]
+        prompt_tokens = result.as_numpy("prompt_tokens").reshape(-1).tolist()
+        completion_tokens = result.as_numpy("completion_tokens").reshape(-1).tolist()
+        reasons = [r.decode() for r in result.as_numpy("finish_reason").reshape(-1)]
+        return [Answer(*row) for row in zip(texts, prompt_tokens, completion_tokens, reasons)]
+
+    async def _infer(self, model: str, inputs: list, output_names: Sequence[str]):
+        outputs = [triton_http.InferRequestedOutput(name) for name in output_names]
         request_id = uuid.uuid4().hex
         try:
             result = await self._connection().infer(
-                ENSEMBLE, build_inputs(prompts, system_prompt, overrides), outputs=outputs,
-                request_id=request_id, timeout=int(self.timeout_s))
+                model, inputs, outputs=outputs, request_id=request_id, timeout=int(self.timeout_s))
         except InferenceServerException as exc:
             error = map_triton_error(exc)
             if error.status == 502:  # a model failed; 503 (restarting, unavailable) heals by itself
@@ -141,11 +172,7 @@ class EnsembleClient:
         except Exception as exc:  # connection refused/reset: the server is down or restarting
             raise EnsembleError(503, f"the model server is unavailable ({type(exc).__name__}: {exc})") from None
         self.reset_failures()
-        texts = [t.decode("utf-8", "replace") for t in result.as_numpy("answer").reshape(-1)]
-        prompt_tokens = result.as_numpy("prompt_tokens").reshape(-1).tolist()
-        completion_tokens = result.as_numpy("completion_tokens").reshape(-1).tolist()
-        reasons = [r.decode() for r in result.as_numpy("finish_reason").reshape(-1)]
-        return [Answer(*row) for row in zip(texts, prompt_tokens, completion_tokens, reasons)]
+        return result
 
     def reset_failures(self) -> None:
         self.failures_in_a_row, self.first_failure_at = 0, None

@@ -1,0 +1,46 @@
+"""The web page (`GET /ui`) and the routing explainer it uses (`POST /explain`).
+
+The page is one static HTML file with plain JavaScript that calls the shim's own routes
+(/predict, /system_prompt, /info, /explain); there is no front-end build step.
+`/explain` asks the `preprocess` model in Triton directly, so what it shows is exactly
+what the ensemble would route and send to the engine.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, StrictStr
+
+from .ensemble import EnsembleError, not_text
+
+PAGE = Path(__file__).resolve().parent / "static" / "ui.html"
+
+
+class ExplainRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    prompt: StrictStr
+    max_new_tokens: int | None = None
+    raw: bool | None = None
+
+
+def build_ui_router(state, parse_body) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/ui", response_class=HTMLResponse, include_in_schema=False)
+    async def page():
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    @router.post("/explain")
+    async def explain(request: Request):
+        body = await parse_body(request, ExplainRequest)
+        if not_text([body.prompt]) is not None:
+            return JSONResponse(status_code=400, content={"error": "prompt is not valid UTF-8 text (a lone surrogate)"})
+        overrides = body.model_dump(exclude={"prompt"}, exclude_none=True)
+        try:
+            return await state.client.explain(body.prompt, state.system_prompt, overrides)
+        except EnsembleError as exc:
+            return JSONResponse(status_code=exc.status, content={"error": exc.message})
+
+    return router
