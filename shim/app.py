@@ -16,15 +16,15 @@ from contextlib import asynccontextmanager
 from typing import Any, Mapping
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from preprocess import settings as cfg
 from preprocess.envparse import clip
+from preprocess.progress import Heartbeat
+from preprocess.generation import CancelMarkers
 from preprocess.warmup import warmup_prompts
 
-from preprocess.generation import CancelMarkers
-
+from .bodies import BadRequest, error, json_body, parse_body
 from .ensemble import EnsembleClient, EnsembleError, not_text
 from .guards import Guards, ShimMetrics
 from .openai_api import build_router
@@ -57,40 +57,6 @@ class SystemPromptRequest(BaseModel):
     system_prompt: StrictStr
 
 
-def error(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": message, **extra})
-
-
-class BadRequest(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-async def parse_body(request: Request, model: type[BaseModel]):
-    """The JSON body as `model`, whatever the content-type; errors name the field at fault."""
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(400, f"invalid JSON: {exc}") from None
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise BadRequest(422, describe_validation(exc.errors())) from None
-
-
-def describe_validation(errors: list[dict]) -> str:
-    """One line naming the field (and list index) at fault."""
-    problems = []
-    for item in errors:
-        location = [str(p) for p in item.get("loc", ()) if p not in ("body", "str", "list[str]")]
-        where = location[0] + "".join(f"[{p}]" for p in location[1:]) if location else "body"
-        problems.append(f"{where}: {item.get('msg')}")
-    return "; ".join(dict.fromkeys(problems)) or "invalid request"
-
-
 class ShimState:
     """Health, warm-up and the run-time system prompt."""
 
@@ -105,6 +71,7 @@ class ShimState:
         self.ready = False
         self.started = time.monotonic()
         self.ready_after_s: float | None = None
+        self.last_wait_report_s = 0.0
 
     def generator_state(self) -> dict[str, Any] | None:
         if self.generator_state_path is None:
@@ -128,6 +95,8 @@ class ShimState:
                 self.client.reset_failures()
                 await asyncio.to_thread(self.restart_server)
             up = await self.client.ready() and self.generator_up()
+            if not up and not self.ready:
+                self._report_waiting()
             if up and not self.ready:
                 await self._warm_up()
             elif not up and self.ready:
@@ -135,19 +104,29 @@ class ShimState:
                 self.ready = False
             await asyncio.sleep(0.5)
 
+    def _report_waiting(self) -> None:
+        """While the model server comes up (engine load: tens of seconds), one line every 5 s."""
+        waited = time.monotonic() - self.started
+        if waited - self.last_wait_report_s >= 5.0:
+            self.last_wait_report_s = waited
+            state = self.generator_state() or {}
+            log.info("waiting for the model server: %.0f s (generator: %s)", waited,
+                     "loading" if not state else ("ready" if state.get("ready") else "loading engine"))
+
     async def _warm_up(self) -> None:
         prompts = warmup_prompts(self.warmup)
         started = time.monotonic()
-        log.info("warming up with %d prompts through the ensemble", len(prompts))
         try:
-            await self.client.generate(prompts, self.system_prompt, {"max_new_tokens": WARMUP_MAX_TOKENS})
+            with Heartbeat(log, f"warm-up ({len(prompts)} prompts through the ensemble)"):
+                await self.client.generate(prompts, self.system_prompt, {"max_new_tokens": WARMUP_MAX_TOKENS})
         except EnsembleError as exc:
             log.warning("warm-up failed (%s); will retry", exc.message)
             return
         self.ready = True
         if self.ready_after_s is None:
             self.ready_after_s = time.monotonic() - self.started
-        log.info("ready: warm-up took %.1f s", time.monotonic() - started)
+        log.info("ready: warm-up took %.1f s, %.1f s since the shim started", time.monotonic() - started,
+                 time.monotonic() - self.started)
 
 
 def create_app(environ: Mapping[str, str] | None = None, client: EnsembleClient | None = None,
@@ -173,8 +152,8 @@ def create_app(environ: Mapping[str, str] | None = None, client: EnsembleClient 
     metrics = ShimMetrics()
     app.add_middleware(Guards, max_body_bytes=shim.max_body_bytes, admin_token=shim.admin_token, metrics=metrics)
 
-    app.include_router(build_router(state, parse_body, cfg.resolve_model_dir(environ).name))
-    app.include_router(build_ui_router(state, parse_body))
+    app.include_router(build_router(state, cfg.resolve_model_dir(environ).name))
+    app.include_router(build_ui_router(state))
 
     @app.get("/metrics")
     async def prometheus_metrics():
@@ -190,7 +169,7 @@ def create_app(environ: Mapping[str, str] | None = None, client: EnsembleClient 
             return {"status": "warming"}
         return {"status": "batch" if cfg.batch_mode(environ) else "ok"}
 
-    @app.post("/predict")
+    @app.post("/predict", openapi_extra=json_body(PredictRequest))
     async def predict(request: Request):
         body = await parse_body(request, PredictRequest)
         prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
@@ -238,7 +217,7 @@ def create_app(environ: Mapping[str, str] | None = None, client: EnsembleClient 
     async def get_system_prompt():
         return {"system_prompt": state.system_prompt}
 
-    @app.post("/system_prompt")
+    @app.post("/system_prompt", openapi_extra=json_body(SystemPromptRequest))
     async def set_system_prompt(request: Request):
         body = await parse_body(request, SystemPromptRequest)
         try:

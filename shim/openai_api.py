@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
+from .bodies import json_body, parse_body
 from .ensemble import Answer, EnsembleError
 
 MAX_CHOICES = 16
@@ -23,7 +24,7 @@ MAX_CHOICES = 16
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: StrictStr
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr
 
 
@@ -74,7 +75,7 @@ def sse(chunks: list[dict]) -> StreamingResponse:
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-def build_router(state, parse_body, model_name: str) -> APIRouter:
+def build_router(state, model_name: str) -> APIRouter:
     router = APIRouter()
 
     async def generate(prompts: list[str], system: str, params: CommonParams) -> list[Answer]:
@@ -85,7 +86,7 @@ def build_router(state, parse_body, model_name: str) -> APIRouter:
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "local"}]}
 
-    @router.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions", openapi_extra=json_body(ChatRequest))
     async def chat(request: Request):
         body: ChatRequest = await parse_body(request, ChatRequest)
         users = [m.content for m in body.messages if m.role == "user"]
@@ -109,7 +110,7 @@ def build_router(state, parse_body, model_name: str) -> APIRouter:
                              "finish_reason": a.finish_reason} for i, a in enumerate(answers)],
                 "usage": usage(answers, 1)}
 
-    @router.post("/v1/completions")
+    @router.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
     async def completions(request: Request):
         body: CompletionRequest = await parse_body(request, CompletionRequest)
         prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from preprocess.progress import Heartbeat
+
 log = logging.getLogger("setup_model")
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,15 +52,15 @@ def convert_embedded(dest: Path) -> Path:
     started = time.monotonic()
     log.info("[1/3] loading tokenizer from %s", gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    log.info("[2/3] dequantizing weights (about 30 s)")
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    with Heartbeat(log, "[2/3] dequantizing weights (about 30 s)"):
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
     # save_pretrained refuses a model that still carries the GGUF quantizer mark.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    log.info("[3/3] writing safetensors to %s", dest)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    with Heartbeat(log, f"[3/3] writing safetensors to {dest}"):
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)  # atomic: an interrupted run never leaves a half folder in place
     log.info("converted in %.1f s", time.monotonic() - started)

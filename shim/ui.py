@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, StrictStr
 
+from .bodies import json_body, parse_body
 from .ensemble import EnsembleError, not_text
 
 PAGE = Path(__file__).resolve().parent / "static" / "ui.html"
@@ -25,14 +26,14 @@ class ExplainRequest(BaseModel):
     raw: bool | None = None
 
 
-def build_ui_router(state, parse_body) -> APIRouter:
+def build_ui_router(state) -> APIRouter:
     router = APIRouter()
 
     @router.get("/ui", response_class=HTMLResponse, include_in_schema=False)
     async def page():
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
-    @router.post("/explain")
+    @router.post("/explain", openapi_extra=json_body(ExplainRequest))
     async def explain(request: Request):
         body = await parse_body(request, ExplainRequest)
         if not_text([body.prompt]) is not None:

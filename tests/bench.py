@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.conftest import EMBEDDED_MODEL, http_json, server_env, start_server, stop_server  # noqa: E402
 from tests.perf_tools import perf_analyzer_command, perf_analyzer_env  # noqa: E402
+from preprocess.progress import Heartbeat  # noqa: E402
 
 log = logging.getLogger("bench")
 QUESTIONS = ["What is a CUDA kernel?", "什么是共享内存？", "Explain warp divergence.", "GPU 的 SM 是什么？",
@@ -171,12 +172,11 @@ async def _product_paths(server, model_dir, n, max_tokens, concurrency_levels):
          lambda: in_chunks("llm", lambda chunk: build_inputs(chunk, None, overrides), questions["ensemble"][0])),
         ("shim /predict batch", shim_batch),
     ):
-        log.info("  %s", label)
         started = time.perf_counter()
-        await call()
+        with Heartbeat(log, f"  {label}"):
+            await call()
         seconds = time.perf_counter() - started
         rows.append(row(label, n * max_tokens, seconds, [seconds], baseline="offline"))
-        log.info("  %s: %.1f s", label, seconds)
 
     async def one_ensemble(question):
         started = time.perf_counter()
@@ -190,14 +190,16 @@ async def _product_paths(server, model_dir, n, max_tokens, concurrency_levels):
         return time.perf_counter() - started
 
     for path, one in (("ensemble", one_ensemble), ("shim", one_shim)):
-        log.info("  %s single requests", path)
-        latencies = [await one(q) for q in questions[f"{path}1"][0][:16]]
+        latencies = []
+        with Heartbeat(log, f"  {path} single requests", status=lambda: f"{len(latencies)}/16"):
+            for q in questions[f"{path}1"][0][:16]:
+                latencies.append(await one(q))
         rows.append(row(f"{path} single request (c=1)", len(latencies) * max_tokens, sum(latencies), latencies,
                         baseline="async c=1"))
     for concurrency in concurrency_levels[1:]:
-        log.info("  ensemble at concurrency %d", concurrency)
         batch = questions[f"ens{concurrency}"][0][:requests_at(concurrency, n)]
-        latencies, seconds = await at_concurrency(one_ensemble, batch, concurrency)
+        with Heartbeat(log, f"  ensemble at concurrency {concurrency}, {len(batch)} requests"):
+            latencies, seconds = await at_concurrency(one_ensemble, batch, concurrency)
         rows.append(row(f"ensemble, {concurrency} concurrent single requests", len(batch) * max_tokens, seconds,
                         latencies, baseline=f"async c={concurrency}"))
     await client.close()
@@ -249,15 +251,16 @@ def baseline_in_child(args, which):
 def run_bench(args):
     model_dir = Path(args.model_dir)
     levels = concurrency_levels(args.n)
-    log.info("[1/3] offline LLM.generate, %d prompts x %d tokens", args.n, args.max_tokens)
-    rows = baseline_in_child(args, "offline")
-    log.info("[2/3] in-process AsyncLLM at concurrency %s", levels)
-    rows += baseline_in_child(args, "async")
+    with Heartbeat(log, f"[1/3] offline LLM.generate, {args.n} prompts x {args.max_tokens} tokens"):
+        rows = baseline_in_child(args, "offline")
+    with Heartbeat(log, f"[2/3] in-process AsyncLLM at concurrency {levels}"):
+        rows += baseline_in_child(args, "async")
     log.info("[3/3] the product: tritonserver + shim")
     started = time.perf_counter()
-    server = start_server(server_env(model_dir, BATCH_MODE="1", WARMUP_NUM_SAMPLES="0",
-                                     VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")),
-                          "bench-server.log")
+    with Heartbeat(log, "  server start to ok"):
+        server = start_server(server_env(model_dir, BATCH_MODE="1", WARMUP_NUM_SAMPLES="0",
+                                         VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")),
+                              "bench-server.log")
     startup_s = time.perf_counter() - started
     try:
         rows += product_paths(server, model_dir, args.n, args.max_tokens, levels)

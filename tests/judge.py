@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.conftest import http_json  # noqa: E402
+from preprocess.progress import Heartbeat  # noqa: E402
 
 log = logging.getLogger("eval")
 HEALTH_BUDGET_S = 180
@@ -76,7 +77,8 @@ def predict(url: str, mode: str, questions: list[str]) -> tuple[list[str], list[
     deadline = time.monotonic() + PREDICT_BUDGET_S
     if mode == "batch":
         started = time.monotonic()
-        status, body = http_json("POST", url + "/predict", {"prompt": questions}, timeout=PREDICT_BUDGET_S)
+        with Heartbeat(log, f"batch request with {len(questions)} questions"):
+            status, body = http_json("POST", url + "/predict", {"prompt": questions}, timeout=PREDICT_BUDGET_S)
         if status != 200 or len(body.get("response", [])) != len(questions):
             raise SystemExit(f"eval: batch request failed: {status} {str(body)[:300]}")
         seconds = time.monotonic() - started
@@ -93,7 +95,7 @@ def predict(url: str, mode: str, questions: list[str]) -> tuple[list[str], list[
         status, body = http_json("POST", url + "/predict", {"prompt": question}, timeout=remaining)
         times.append(time.monotonic() - started)
         answers.append(body.get("response", "") if status == 200 else "")
-        if i % 10 == 0 or i == len(questions):
+        if i % 5 == 0 or i == len(questions):
             log.info("[%d/%d] answered", i, len(questions))
     return answers, times
 

@@ -73,3 +73,11 @@ def test_batch_mode_is_read_at_each_request(server):
         assert client.get("/").json() == {"status": "batch"}
         environ["BATCH_MODE"] = "off"
         assert client.get("/").json() == {"status": "ok"}
+
+
+def test_start_up_is_never_silent_for_long(server):
+    """Engine load and warm-up print progress lines (preprocess.progress.Heartbeat)."""
+    log_text = server.log_text()
+    assert "waiting for the model server:" in log_text
+    assert "warm-up (" in log_text and "done in" in log_text
+    assert "ready: warm-up took" in log_text

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import random
 import statistics
 import sys
@@ -26,6 +27,9 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from tests.conftest import EMBEDDED_MODEL, http_json, server_env, start_server, stop_server  # noqa: E402
+from preprocess.progress import Heartbeat  # noqa: E402
+
+log = logging.getLogger("soak")
 
 
 def process_rss(root_pid: int) -> dict[str, float]:
@@ -95,10 +99,12 @@ def run_soak(server, seconds: float, clients: int, max_requests: int = 100_000, 
 
     rss_start = process_rss(server.process.pid)
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(seconds + 600)
+    with Heartbeat(log, f"soak, {clients} clients, {seconds:.0f} s", every_s=10,
+                   status=lambda: f"{len(records)} requests, {sum(1 for r in records if r[2] != 200)} errors"):
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(seconds + 600)
     rss_end = process_rss(server.process.pid)
     windows = defaultdict(list)
     for t, _, _, latency in records:
@@ -118,6 +124,7 @@ def run_soak(server, seconds: float, clients: int, max_requests: int = 100_000, 
 
 
 def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[soak] %(message)s")
     parser = argparse.ArgumentParser(prog="./build.sh soak")
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=32)

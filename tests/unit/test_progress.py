@@ -1,0 +1,30 @@
+"""Heartbeat: long work logs a line every few seconds, and one at the end."""
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+
+from preprocess.progress import Heartbeat
+
+
+def test_heartbeat_logs_while_running_and_at_the_end(caplog):
+    caplog.set_level(logging.INFO)
+    counter = {"n": 0}
+    with Heartbeat(logging.getLogger("t"), "work", every_s=0.1, status=lambda: f"{counter['n']} done"):
+        for _ in range(5):
+            time.sleep(0.07)
+            counter["n"] += 1
+    lines = [r.getMessage() for r in caplog.records]
+    beats = [line for line in lines if "still running" in line]
+    assert len(beats) >= 2 and beats[0].startswith("work: still running")
+    assert lines[-1].startswith("work: done in") and lines[-1].endswith("5 done")
+
+
+def test_heartbeat_says_failed_and_lets_the_error_through(caplog):
+    caplog.set_level(logging.INFO)
+    with pytest.raises(ValueError):
+        with Heartbeat(logging.getLogger("t"), "work", every_s=10):
+            raise ValueError("boom")
+    assert caplog.records[-1].getMessage().startswith("work: failed after")
