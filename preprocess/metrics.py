@@ -8,7 +8,9 @@ can hold at the current average request length (blocks x block size / average to
 """
 from __future__ import annotations
 
+import queue
 import threading
+from collections import Counter
 from typing import Sequence
 
 from .generation import GenerationItem, GenerationResult
@@ -49,8 +51,18 @@ class KvCacheGauge:
 
 
 class GeneratorMetrics:
+    """`submitted` and `finished` only enqueue; the "metrics" thread applies the figures.
+
+    Every pb_utils metric call is a round trip to the Triton server process. Made on the
+    engine's event-loop thread (where results arrive), seven of them per request stalled
+    vLLM's output handling under concurrent load (py-spy, c=64). The thread also sums
+    counters over whatever has queued up, so a busy second costs a few calls, not thousands.
+    """
+
     def __init__(self, pb_utils, kv: KvCacheGauge | None = None):
         self._families = []  # a MetricFamily must outlive its Metric objects
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._apply_events, name="metrics", daemon=True)
 
         def family(name, kind, description):
             created = pb_utils.MetricFamily(name=name, description=description, kind=kind)
@@ -82,32 +94,60 @@ class GeneratorMetrics:
                                "Time to first token").Metric(labels={}, buckets=LATENCY_BUCKETS)
             self.e2e = family("llm_generator_e2e_latency_seconds", histogram,
                               "Prompt arrival to last token").Metric(labels={}, buckets=LATENCY_BUCKETS)
+        self._thread.start()
 
     def submitted(self, items: Sequence[GenerationItem], groups: int) -> None:
-        with self._lock:
-            if self.prompts is None:  # closed
-                return
-            self.prompts.increment(len(items))
-            self.submissions.increment(groups)
-            for item in items:
-                limit = item.sampling.max_tokens
-                if limit not in self._buckets:
-                    self._buckets[limit] = self._bucket_family.Metric(labels={"max_new_tokens": str(limit)})
-                self._buckets[limit].increment(1)
+        self._events.put(("submitted", [item.sampling.max_tokens for item in items], groups))
 
     def finished(self, results: Sequence[GenerationResult]) -> None:
-        with self._lock:
-            if self.prompts is None:  # closed
+        self._events.put(("finished", results, None))
+
+    def _apply_events(self) -> None:
+        while True:
+            events = [self._events.get()]
+            while True:  # take everything queued meanwhile: one call per figure
+                try:
+                    events.append(self._events.get_nowait())
+                except queue.Empty:
+                    break
+            with self._lock:
+                if self.prompts is None:  # closed
+                    return
+                self._apply(events)
+            if any(kind == "stop" for kind, _, _ in events):
                 return
-            for result in results:
-                self.prompt_tokens.increment(result.prompt_tokens)
-                self.generated_tokens.increment(result.completion_tokens)
-                self._tokens_seen += result.prompt_tokens + result.completion_tokens
+
+    def _apply(self, events: list) -> None:
+        prompts = submissions = prompt_tokens = generated_tokens = 0
+        buckets: Counter = Counter()
+        finished_any = False
+        for kind, payload, groups in events:
+            if kind == "stop":
+                continue
+            if kind == "submitted":
+                prompts += len(payload)
+                submissions += groups
+                buckets.update(payload)
+                continue
+            finished_any = True
+            for result in payload:
+                prompt_tokens += result.prompt_tokens
+                generated_tokens += result.completion_tokens
                 self._requests_seen += 1
                 if self.ttft is not None and result.ttft_s is not None:
                     self.ttft.observe(result.ttft_s)
                 if self.e2e is not None and result.e2e_s is not None:
                     self.e2e.observe(result.e2e_s)
+        self._tokens_seen += prompt_tokens + generated_tokens
+        for metric, amount in ((self.prompts, prompts), (self.submissions, submissions),
+                               (self.prompt_tokens, prompt_tokens), (self.generated_tokens, generated_tokens)):
+            if amount:
+                metric.increment(amount)
+        for limit, count in buckets.items():
+            if limit not in self._buckets:
+                self._buckets[limit] = self._bucket_family.Metric(labels={"max_new_tokens": str(limit)})
+            self._buckets[limit].increment(count)
+        if finished_any:
             self._update_kv()
 
     def _update_kv(self) -> None:
@@ -125,6 +165,8 @@ class GeneratorMetrics:
 
     def close(self) -> None:
         """Metrics first, families last: the stub crashes on a Metric outliving its family."""
+        self._events.put(("stop", None, None))  # wakes the thread; it applies what is queued
+        self._thread.join(5)
         with self._lock:
             for name in ("prompts", "submissions", "prompt_tokens", "generated_tokens", "kv_used", "kv_total",
                          "kv_concurrency", "engine_up", "ttft", "e2e"):
