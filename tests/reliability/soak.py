@@ -99,18 +99,33 @@ def run_soak(server, seconds: float, clients: int, max_requests: int = 100_000, 
 
     rss_start = process_rss(server.process.pid)
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    # RSS over time tells a leak (steady climb) from caches filling up (a plateau): vLLM's
+    # CPU KV cache and the allocator's pools are touched page by page as load spreads.
+    rss_series = [{"t_s": 0.0, "rss_mib": rss_start}]
+    sampling_done = threading.Event()
+
+    def sample_rss():
+        while not sampling_done.wait(window_s / 2):
+            rss_series.append({"t_s": round(time.monotonic() - started, 1), "rss_mib": process_rss(server.process.pid)})
+
+    sampler = threading.Thread(target=sample_rss, daemon=True)
     with Heartbeat(log, f"soak, {clients} clients, {seconds:.0f} s", every_s=10,
                    status=lambda: f"{len(records)} requests, {sum(1 for r in records if r[2] != 200)} errors"):
+        sampler.start()
         for t in threads:
             t.start()
         for t in threads:
             t.join(seconds + 600)
+        sampling_done.set()
     rss_end = process_rss(server.process.pid)
     windows = defaultdict(list)
     for t, _, _, latency in records:
         windows[int(t // window_s)].append(latency)
     errors = [r for r in records if str(r[2]).startswith("bad")]
     growth = {name: (rss_end.get(name, 0) - mib) / mib for name, mib in rss_start.items() if mib > 50}
+    # Growth over the second half alone: after the caches have been touched, a leak still climbs.
+    middle = rss_series[len(rss_series) // 2]["rss_mib"]
+    growth_second_half = {name: (rss_end.get(name, 0) - mib) / mib for name, mib in middle.items() if mib > 50}
     return {
         "seconds": seconds, "clients": clients, "requests": len(records),
         "by_kind": {k: sum(1 for r in records if r[1] == k) for k in ("single", "batch", "system_prompt", "chat")},
@@ -120,6 +135,8 @@ def run_soak(server, seconds: float, clients: int, max_requests: int = 100_000, 
                              "requests": len(v)} for w, v in sorted(windows.items())],
         "rss_start_mib": rss_start, "rss_end_mib": rss_end,
         "rss_growth_max": max(growth.values()) if growth else 0.0,
+        "rss_growth_second_half_max": max(growth_second_half.values()) if growth_second_half else 0.0,
+        "rss_series": rss_series,
     }
 
 
