@@ -8,12 +8,15 @@ can hold at the current average request length (blocks x block size / average to
 """
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections import Counter
 from typing import Sequence
 
 from .generation import GenerationItem, GenerationResult
+
+log = logging.getLogger("preprocess.metrics")
 
 LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
 
@@ -113,7 +116,10 @@ class GeneratorMetrics:
             with self._lock:
                 if self.prompts is None:  # closed
                     return
-                self._apply(events)
+                try:
+                    self._apply(events)
+                except Exception as exc:  # a failed update must not end the figures for good
+                    log.warning("could not update the metrics: %s", exc)
             if any(kind == "stop" for kind, _, _ in events):
                 return
 
