@@ -13,10 +13,10 @@ import uuid
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
-from .bodies import json_body, parse_body
+from .bodies import error, json_body, parse_body
 from .ensemble import Answer, EnsembleError
 
 MAX_CHOICES = 16
@@ -91,12 +91,12 @@ def build_router(state, model_name: str) -> APIRouter:
         body: ChatRequest = await parse_body(request, ChatRequest)
         users = [m.content for m in body.messages if m.role == "user"]
         if not users:
-            return JSONResponse(status_code=422, content={"error": "messages: no message with role 'user'"})
+            return error(422, "messages: no message with role 'user'")
         systems = [m.content for m in body.messages if m.role == "system"]
         try:
             answers = await generate([users[-1]], systems[-1] if systems else state.system_prompt, body)
         except EnsembleError as exc:
-            return JSONResponse(status_code=exc.status, content={"error": exc.message})
+            return error(exc.status, exc.message)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             head = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model_name}
@@ -117,7 +117,7 @@ def build_router(state, model_name: str) -> APIRouter:
         try:
             answers = await generate(prompts, state.system_prompt, body)
         except EnsembleError as exc:
-            return JSONResponse(status_code=exc.status, content={"error": exc.message})
+            return error(exc.status, exc.message)
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         choices = [{"index": i, "text": a.text, "finish_reason": a.finish_reason, "logprobs": None}
                    for i, a in enumerate(answers)]

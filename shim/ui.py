@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, StrictStr
 
-from .bodies import json_body, parse_body
+from .bodies import error, json_body, parse_body
 from .ensemble import EnsembleError, not_text
 
 PAGE = Path(__file__).resolve().parent / "static" / "ui.html"
@@ -37,11 +37,11 @@ def build_ui_router(state) -> APIRouter:
     async def explain(request: Request):
         body = await parse_body(request, ExplainRequest)
         if not_text([body.prompt]) is not None:
-            return JSONResponse(status_code=400, content={"error": "prompt is not valid UTF-8 text (a lone surrogate)"})
+            return error(400, "prompt is not valid UTF-8 text (a lone surrogate)")
         overrides = body.model_dump(exclude={"prompt"}, exclude_none=True)
         try:
             return await state.client.explain(body.prompt, state.system_prompt, overrides)
         except EnsembleError as exc:
-            return JSONResponse(status_code=exc.status, content={"error": exc.message})
+            return error(exc.status, exc.message)
 
     return router
