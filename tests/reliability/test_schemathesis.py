@@ -29,7 +29,8 @@ def test_generated_requests_get_no_server_error_and_no_hang(server):
                "--no-color", "--generation-database", "none", "--exclude-path", "/metrics",
                "--report", "junit", "--report-junit-path", str(report)]
     try:
-        run = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        # cwd: its caches (.schemathesis, .hypothesis) go with the other test artifacts
+        run = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ARTIFACTS)
     finally:
         server.post("/system_prompt", {"system_prompt": original})  # fuzzing changes it
     (ARTIFACTS / "schemathesis.log").write_text(run.stdout + run.stderr)
