@@ -71,6 +71,16 @@ def _text_input(name: str, texts: Sequence[str]):
     return tensor
 
 
+def fits(value: Any, numpy_type) -> bool:
+    """Whether `value` survives the cast to the tensor's type unchanged in meaning."""
+    if numpy_type is np.bool_:
+        return True
+    if np.issubdtype(numpy_type, np.integer):
+        bounds = np.iinfo(numpy_type)
+        return bounds.min <= int(value) <= bounds.max
+    return abs(float(value)) <= np.finfo(numpy_type).max  # beyond it the cast gives inf
+
+
 def build_inputs(prompts: Sequence[str], system_prompt: str | None, overrides: dict[str, Any]) -> list:
     inputs = [_text_input("prompt", prompts)]
     if system_prompt is not None:
@@ -79,6 +89,8 @@ def build_inputs(prompts: Sequence[str], system_prompt: str | None, overrides: d
         if value is None:
             continue
         triton_type, numpy_type = OVERRIDE_TYPES[name]
+        if not fits(value, numpy_type):  # NumPy would wrap it silently (2**32 - 1 -> top_k -1)
+            raise EnsembleError(400, f"{name}: {value!r} is out of range for {triton_type}")
         array = np.full((len(prompts), 1), value, dtype=numpy_type)
         tensor = triton_http.InferInput(name, list(array.shape), triton_type)
         tensor.set_data_from_numpy(array)

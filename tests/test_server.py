@@ -97,6 +97,8 @@ def test_perf_analyzer_runs_against_the_ensemble(server):
     ({"prompt": "x", "top_k": 0}, 400, "top_k"),
     ({"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
     ({"prompt": "x", "frequency_penalty": 9}, 400, "frequency_penalty"),
+    ({"prompt": "x", "top_k": 2**32 - 1}, 400, "top_k"),  # would wrap to -1 (no limit) in INT32
+    ({"prompt": "x", "temperature": 1e300}, 400, "temperature"),  # inf in FP32
 ])
 def test_bad_input_gets_a_4xx_naming_the_problem(server, body, status, needle):
     got_status, got = server.post("/predict", body)
