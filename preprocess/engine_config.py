@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, MutableMapping
 
 from .envparse import Env, SettingsError
@@ -104,7 +104,9 @@ class EngineSettings:
     compilation_config: dict[str, Any] | None = None
     speculative: SpeculativeSettings | None = None
     vllm_log_level: str = "WARNING"
-    extra: dict[str, Any] = field(default_factory=dict)
+    scheduler_defaults: str = "offline"  # whose batch-size defaults: offline LLM, vllm serve, bare engine
+    async_scheduling: bool | None = None
+    max_cudagraph_capture_size: int | None = None
 
 
 def _load_speculative(env: Env) -> SpeculativeSettings | None:
@@ -172,6 +174,9 @@ def load_engine(environ: Mapping[str, str], metax: bool | None = None, cpu_only:
         compilation_config=compilation_config,
         speculative=_load_speculative(env),
         vllm_log_level=env.choice("VLLM_LOG_LEVEL", "warning", ("debug", "info", "warning", "error", "critical")).upper(),
+        scheduler_defaults=env.choice("VLLM_SCHEDULER_DEFAULTS", "offline", ("offline", "serve", "engine")),
+        async_scheduling=env.optional_bool("VLLM_ASYNC_SCHEDULING"),
+        max_cudagraph_capture_size=env.optional_int("VLLM_MAX_CUDAGRAPH_CAPTURE_SIZE", 1),
     )
 
 
@@ -198,12 +203,13 @@ def engine_kwargs(settings: EngineSettings, model_dir: str) -> dict[str, Any]:
         "tokenizer_pool_type": settings.tokenizer_pool_type,
         "enable_chunked_prefill": settings.enable_chunked_prefill,
         "compilation_config": settings.compilation_config,
+        "async_scheduling": settings.async_scheduling,
+        "max_cudagraph_capture_size": settings.max_cudagraph_capture_size,
     }
     kwargs.update({k: v for k, v in optional.items() if v is not None})
     if settings.speculative is not None:
         kwargs["speculative_config"] = settings.speculative.as_config()
         kwargs["enable_chunked_prefill"] = False  # vLLM's speculative path and chunked prefill conflict
-    kwargs.update(settings.extra)
     return kwargs
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
@@ -76,42 +75,12 @@ def new_batch_id() -> str:
     return f"b{next(_batch_ids)}"
 
 
+def check_prompt_length(index: int, tokens: int, max_model_len: int | None) -> None:
+    """Refuse a prompt that leaves no room to generate (the engine would refuse it)."""
+    if max_model_len is not None and tokens >= max_model_len:
+        raise PromptTooLong(f"prompt {index} has {tokens} tokens; the model length is {max_model_len}")
+
+
 def check_prompt_lengths(items: Sequence[GenerationItem], max_model_len: int | None) -> None:
-    """Refuse the request when a prompt leaves no room to generate."""
-    if max_model_len is None:
-        return
     for index, item in enumerate(items):
-        if len(item.token_ids) >= max_model_len:
-            raise PromptTooLong(
-                f"prompt {index} has {len(item.token_ids)} tokens; the model length is {max_model_len}"
-            )
-
-
-class CancelMarkers:
-    """Cancellation requests dropped by the shim as empty files named after request ids.
-
-    Triton 2.51 cancels a request on a gRPC client's cancel but not on an HTTP client's
-    disconnect; the shim (same host, it supervises the server) marks what to abort here.
-    """
-
-    def __init__(self, folder: Path | None):
-        self.folder = folder
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-
-    @staticmethod
-    def valid(request_id: str) -> bool:
-        return bool(request_id) and len(request_id) <= 128 and request_id.replace("-", "").isalnum()
-
-    def mark(self, request_id: str) -> None:
-        if self.folder is not None and self.valid(request_id):
-            (self.folder / request_id).touch()
-
-    def take(self, request_id: str) -> bool:
-        if self.folder is None or not self.valid(request_id):
-            return False
-        try:
-            (self.folder / request_id).unlink()
-            return True
-        except FileNotFoundError:
-            return False
+        check_prompt_length(index, len(item.token_ids), max_model_len)

@@ -6,6 +6,7 @@ fast meanwhile, so the server recovers without a restart.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -15,9 +16,11 @@ from pathlib import Path
 from typing import Any, MutableMapping, Sequence
 
 from . import engine_config
+from .contract import InvalidRequest
 from .fallback import EngineStartError
 from .generation import BatchHandle, Completion, GenerationItem, PromptTooLong, check_prompt_lengths
 from .pipeline import load_tokenizer
+from .runtime import GeneratorState
 from .settings import load_sampling
 
 log = logging.getLogger("generator")
@@ -25,6 +28,24 @@ log = logging.getLogger("generator")
 
 class EngineUnavailable(RuntimeError):
     """The engine is down or restarting: the caller gets a 503 and may retry."""
+
+
+# vLLM's own exception classes, named rather than imported: vLLM may be absent (transformers).
+ENGINE_REFUSALS = ("VLLMValidationError",)  # the engine refused the request's values
+ENGINE_DEATHS = ("EngineDeadError",)  # the engine process is gone; the watchdog rebuilds it
+
+
+def classify_error(exc: BaseException, engine_healthy: bool = True) -> str:
+    """"invalid" (the request's fault: 4xx), "unavailable" (the engine is down or being
+    rebuilt, or the request was cancelled: 503, retry) or "internal" (a bug: 5xx, which the
+    shim counts toward restarting a dead server). A plain ValueError is internal: our own
+    code raising it is a bug, not bad input."""
+    if isinstance(exc, (InvalidRequest, PromptTooLong)) or type(exc).__name__ in ENGINE_REFUSALS:
+        return "invalid"
+    if (isinstance(exc, (EngineUnavailable, asyncio.CancelledError)) or type(exc).__name__ in ENGINE_DEATHS
+            or not engine_healthy):
+        return "unavailable"
+    return "internal"
 
 
 def stop_token_ids(tokenizer, stop_strings: Sequence[str]) -> list[int]:
@@ -59,10 +80,15 @@ def accelerator_available() -> bool:
 
 
 class GeneratorService:
-    def __init__(self, environ: MutableMapping[str, str], model_dir: str | Path, state_path: Path | None = None,
+    # Rebuild attempts back off from the first delay, doubling, to the last: a restart that
+    # keeps failing (FORCE_VLLM=1, out of memory) must not spin.
+    retry_first_s = 0.5
+    retry_max_s = 30.0
+
+    def __init__(self, environ: MutableMapping[str, str], model_dir: str | Path, runtime: Path | None = None,
                  metrics=None):
         self.model_dir = Path(model_dir)
-        self.state_path = state_path
+        self.state = GeneratorState(runtime)
         self.metrics = metrics  # preprocess.metrics.GeneratorMetrics, or None outside Triton
         self.accelerator = accelerator_available()
         self.engine = engine_config.load_engine(environ, cpu_only=not self.accelerator)
@@ -73,6 +99,7 @@ class GeneratorService:
         self.tokenizer = load_tokenizer(self.model_dir)
         self.stop_token_ids = stop_token_ids(self.tokenizer, self.sampling.stop_strings)
         self.restarts = 0
+        self.rebuild_delays: list[float] = []  # the back-off chosen after each failed rebuild
         self._restart_lock = threading.Lock()
         self._restarting = False
         self.runner = self._start_backend()
@@ -136,38 +163,41 @@ class GeneratorService:
         self.runner.cancel(handle)
 
     def _watch(self) -> None:
-        """Rebuild a dead engine (its process was killed) without a server restart."""
+        """Rebuild a dead engine (its process was killed) without a server restart. Until a
+        rebuild succeeds the state says not ready, and attempts back off exponentially."""
+        delay = self.retry_first_s
         while not self._stop.wait(0.5):
-            if self.runner.healthy or self._restarting:
+            if self.runner.healthy and not self._restarting:
                 continue
             with self._restart_lock:
-                self._restarting = True
-                log.error("the %s engine died; starting a new one", self.runner.backend)
-                self.publish_state()
+                if not self._restarting:
+                    self._restarting = True
+                    log.error("the %s engine died; starting a new one", self.runner.backend)
+                    self.publish_state()
+                    try:
+                        self.runner.shutdown(timeout_s=5)
+                    except Exception as exc:
+                        log.warning("shutdown of the dead engine: %s", exc)
                 started = time.monotonic()
                 try:
-                    self.runner.shutdown(timeout_s=5)
-                except Exception as exc:
-                    log.warning("shutdown of the dead engine: %s", exc)
-                try:
                     self.runner = self._start_backend()
-                    self.restarts += 1
-                    log.info("engine back after %.1f s", time.monotonic() - started)
                 except Exception as exc:
-                    log.error("engine restart failed: %s; retrying", exc)
-                finally:
-                    self._restarting = False
-                    self.publish_state()
+                    log.error("engine restart failed: %s; next attempt in %.1f s", exc, delay)
+                    self.rebuild_delays.append(delay)
+                    self._stop.wait(delay)
+                    delay = min(self.retry_max_s, delay * 2)
+                    continue
+                self.restarts += 1
+                self._restarting = False
+                delay = self.retry_first_s
+                log.info("engine back after %.1f s", time.monotonic() - started)
+                self.publish_state()
 
     def publish_state(self) -> None:
-        """Write info() where the shim reads it (GET /info, health); atomic replace."""
+        """Write info() where the shim reads it (GET /info, health)."""
         if self.metrics is not None:
             self.metrics.set_engine_up(self.ready)
-        if self.state_path is None:
-            return
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.info(), default=str))
-        tmp.replace(self.state_path)
+        self.state.publish(self.info())
 
     def info(self) -> dict[str, Any]:
         return {
@@ -176,6 +206,8 @@ class GeneratorService:
             "engine_mode": getattr(self.runner, "engine_class", type(self.runner)).__name__,
             "model_dir": str(self.model_dir),
             "engine_kwargs": getattr(self.runner, "engine_kwargs", {}),
+            "scheduler": getattr(self.runner, "scheduler", {}),
+            "max_model_len": getattr(self.runner, "max_model_len", None),
             "restarts": self.restarts,
             "pid": os.getpid(),
             "engine_pid": getattr(self.runner, "engine_pid", None),

@@ -50,7 +50,11 @@ class TransformersRunner:
         self.tokenizer = tokenizer
         self.stop_strings = [s for s in stop_strings if s]
         self.stop_token_ids = list(stop_token_ids)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_token_ids[0]
+        if tokenizer is None:
+            raise RuntimeError(f"the transformers backend needs the model's tokenizer, and {model_dir} has none")
+        self.pad_id = next((i for i in (tokenizer.pad_token_id, *self.stop_token_ids,
+                                        getattr(self.model.config, "pad_token_id", None),
+                                        getattr(self.model.config, "eos_token_id", None)) if isinstance(i, int)), 0)
         self.max_model_len = getattr(self.model.config, "max_position_embeddings", None)
         self.on_submit = None  # metrics hook: (items, number of sampling groups)
         self._work: queue.Queue = queue.Queue()
@@ -105,7 +109,7 @@ class TransformersRunner:
         kwargs = dict(
             max_new_tokens=sampling.max_tokens,
             repetition_penalty=sampling.repetition_penalty,
-            eos_token_id=None if sampling.ignore_eos else self.stop_token_ids,
+            eos_token_id=None if sampling.ignore_eos or not self.stop_token_ids else self.stop_token_ids,
             pad_token_id=self.pad_id,
         )
         if sampling.temperature > 0:

@@ -74,7 +74,7 @@ class GeneratorMetrics:
 
         counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
         self.kv = kv
-        self._lock = threading.Lock()  # metrics are updated from the engine thread and read by Triton
+        self._lock = threading.Lock()  # the metrics thread and the watchdog update; close() empties
         self._tokens_seen = 0
         self._requests_seen = 0
         self.prompts = family("llm_generator_prompts_total", counter, "Prompts received").Metric(labels={})
@@ -166,8 +166,10 @@ class GeneratorMetrics:
             self.kv_concurrency.set(self.kv.total_blocks * self.kv.block_size / max(average, 1.0))
 
     def set_engine_up(self, up: bool) -> None:
-        if self.engine_up is not None:
-            self.engine_up.set(1 if up else 0)
+        """Called from the watchdog thread: under the lock, as close() may be emptying the families."""
+        with self._lock:
+            if self.engine_up is not None:
+                self.engine_up.set(1 if up else 0)
 
     def close(self) -> None:
         """Metrics first, families last: the stub crashes on a Metric outliving its family."""

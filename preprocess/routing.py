@@ -12,7 +12,8 @@ from enum import Enum
 from typing import Iterable
 
 from .envparse import clip
-from .settings import MAX_NEW_TOKENS_LIMIT, RoutingSettings
+from .contract import MAX_NEW_TOKENS_LIMIT
+from .settings import RoutingSettings
 
 log = logging.getLogger("preprocess.routing")
 

@@ -1,21 +1,19 @@
 """Sampling settings of one request: defaults, overrides, validation, grouping.
 
-Invalid values are refused here, before they reach vLLM, so no request can take the
-engine down. Ranges follow vLLM's own SamplingParams checks.
+Every value is checked against `contract.SETTINGS` (vLLM's own ranges) here, before it
+reaches vLLM, so no request can make the engine refuse it.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Mapping
 
+from .contract import SAMPLING_NAMES, SETTINGS, InvalidRequest, OutOfRange
 from .settings import SamplingDefaults
 
-OVERRIDE_NAMES = ("temperature", "top_p", "top_k", "repetition_penalty", "frequency_penalty")
+OVERRIDE_NAMES = SAMPLING_NAMES
 
-
-class InvalidRequest(ValueError):
-    """The request itself is wrong: the caller gets a 4xx naming the problem."""
+__all__ = ["InvalidRequest", "SamplingSettings", "resolve", "OVERRIDE_NAMES"]
 
 
 @dataclass(frozen=True)
@@ -29,22 +27,12 @@ class SamplingSettings:
     ignore_eos: bool = False  # benchmarks: every path generates exactly max_tokens
 
     def validate(self) -> "SamplingSettings":
-        for name in ("temperature", "top_p", "repetition_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or math.isnan(value) or math.isinf(value):
-                raise InvalidRequest(f"{name} must be a finite number, got {value!r}")
-        if self.max_tokens < 1:
-            raise InvalidRequest(f"max_new_tokens must be at least 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise InvalidRequest(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k == 0 or self.top_k < -1:
-            raise InvalidRequest(f"top_k must be -1 (off) or at least 1, got {self.top_k}")
-        if self.repetition_penalty <= 0 or self.repetition_penalty > 2:
-            raise InvalidRequest(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
-        if not -2 <= self.frequency_penalty <= 2:
-            raise InvalidRequest(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        try:
+            SETTINGS["max_new_tokens"].check(self.max_tokens)
+            for name in SAMPLING_NAMES:
+                SETTINGS[name].check(getattr(self, name))
+        except OutOfRange as exc:
+            raise InvalidRequest(str(exc)) from None
         return self
 
 
@@ -61,9 +49,5 @@ def resolve(defaults: SamplingDefaults, max_tokens: int, overrides: Mapping[str,
         frequency_penalty=defaults.frequency_penalty,
     )
     given = {k: v for k, v in overrides.items() if k in OVERRIDE_NAMES and v is not None}
-    if "top_k" in given:
-        top_k = given["top_k"]
-        if isinstance(top_k, float) and (math.isnan(top_k) or top_k != int(top_k)):
-            raise InvalidRequest(f"top_k must be an integer, got {top_k!r}")
-        given["top_k"] = int(top_k)
-    return replace(base, **given).validate()
+    settings = replace(base, **given).validate()
+    return replace(settings, top_k=int(settings.top_k))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from .contract import MAX_NEW_TOKENS_LIMIT
 from .envparse import Env, SettingsError
 
 __all__ = [
@@ -22,7 +23,6 @@ __all__ = [
 
 EMBEDDED_MODEL_ID = "SmolLM2-135M-Instruct"
 SYSTEM_PROMPT_MAX_CHARS = 20_000
-MAX_NEW_TOKENS_LIMIT = 4096
 
 DEFAULT_SYSTEM_PROMPT = (
     "你是答题助手。只输出答案正文，不要推理过程，不要客套话。"
@@ -183,7 +183,11 @@ class ShimSettings:
     admin_token: str | None = field(default=None, repr=False)
     max_body_bytes: int = 8 * 1024 * 1024
     max_batch_prompts: int = 4096
+    max_request_tokens: int = 1_048_576  # prompts x choices x max tokens, per request
     request_timeout_s: float = 600.0
+    header_timeout_s: float = 10.0  # the whole request head must arrive within this
+    body_timeout_s: float = 30.0  # and the whole body within this
+    max_header_bytes: int = 64 * 1024
     triton_home: Path | None = None  # a tritonserver install (bin/, backends/); None: pytriton's
 
 
@@ -199,6 +203,10 @@ def load_shim(environ: Mapping[str, str]) -> ShimSettings:
         admin_token=env.raw("SHIM_ADMIN_TOKEN"),
         max_body_bytes=env.int("SHIM_MAX_BODY_BYTES", 8 * 1024 * 1024, 1024),
         max_batch_prompts=env.int("SHIM_MAX_BATCH_PROMPTS", 4096, 1),
+        max_request_tokens=env.int("SHIM_MAX_REQUEST_TOKENS", 1_048_576, 1),
+        header_timeout_s=env.float("SHIM_HEADER_TIMEOUT_S", 10.0, 0.1),
+        body_timeout_s=env.float("SHIM_BODY_TIMEOUT_S", 30.0, 0.1),
+        max_header_bytes=env.int("SHIM_MAX_HEADER_BYTES", 64 * 1024, 1024),
         request_timeout_s=env.float("SHIM_REQUEST_TIMEOUT_S", 600.0, 1.0),
         triton_home=Path(home) if (home := env.raw("TRITON_HOME")) else None,
     )
@@ -240,9 +248,11 @@ PUBLIC_VARIABLES = (
     "TENSOR_PARALLEL_SIZE", "VLLM_ENFORCE_EAGER", "ENABLE_CHUNKED_PREFILL", "VLLM_COMPILATION_CONFIG",
     "ENABLE_SPECULATIVE_DECODING", "SPEC_METHOD", "SPEC_NUM_SPECULATIVE_TOKENS", "SPEC_NGRAM_LOOKUP_MAX",
     "SPEC_NGRAM_LOOKUP_MIN", "SPEC_DRAFT_MODEL_DIR", "SPEC_DRAFT_MAX_MODEL_LEN", "SPEC_DISABLE_BY_BATCH_SIZE",
-    "VLLM_LOG_LEVEL", "VLLM_USE_V1", "VLLM_PLUGINS", "CUDA_VISIBLE_DEVICES", "VLLM_CPU_KVCACHE_SPACE",
+    "VLLM_LOG_LEVEL", "VLLM_SCHEDULER_DEFAULTS", "VLLM_ASYNC_SCHEDULING", "VLLM_MAX_CUDAGRAPH_CAPTURE_SIZE",
+    "VLLM_USE_V1", "VLLM_PLUGINS", "CUDA_VISIBLE_DEVICES", "VLLM_CPU_KVCACHE_SPACE",
     "PORT", "TRITON_HTTP_PORT", "TRITON_GRPC_PORT", "TRITON_METRICS_PORT", "SHIM_MAX_BODY_BYTES",
-    "SHIM_MAX_BATCH_PROMPTS", "SHIM_REQUEST_TIMEOUT_S", "TRITON_HOME",
+    "SHIM_MAX_BATCH_PROMPTS", "SHIM_MAX_REQUEST_TOKENS", "SHIM_REQUEST_TIMEOUT_S", "SHIM_HEADER_TIMEOUT_S",
+    "SHIM_BODY_TIMEOUT_S", "SHIM_MAX_HEADER_BYTES", "TRITON_HOME",
 )
 _SECRET_WORDS = frozenset({"TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS", "APIKEY"})
 

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-PAD_ID = -1  # never a token id: marks the padding of shorter prompts in PROMPT_IDS
+from .contract import NUMPY_TYPES as NUMPY, PAD_ID, InvalidRequest
 
 
 def decode_strings(array: np.ndarray, what: str) -> list[str]:
@@ -21,7 +21,7 @@ def decode_strings(array: np.ndarray, what: str) -> list[str]:
         try:
             texts.append(bytes(value).decode("utf-8"))
         except UnicodeDecodeError as exc:
-            raise ValueError(f"{what}[{row}] is not valid UTF-8 ({exc.reason})") from None
+            raise InvalidRequest(f"{what}[{row}] is not valid UTF-8 ({exc.reason})") from None
     return texts
 
 
@@ -37,7 +37,7 @@ def column(values: np.ndarray | Sequence | None, batch: int) -> list | None:
     if len(values) == 1 and batch > 1:
         values = values * batch
     if len(values) != batch:
-        raise ValueError(f"expected {batch} values, got {len(values)}")
+        raise InvalidRequest(f"expected {batch} values, got {len(values)}")
     return values
 
 

@@ -36,6 +36,41 @@ def release_memory() -> None:
         pass
 
 
+def usage_context(name: str):
+    """vLLM's usage context for `SCHEDULER_DEFAULTS`: its batch-size defaults follow it.
+
+    `offline` is what `LLM(...)` gets (on a GPU of 70 GiB or more: 1024 sequences, 16384
+    batched tokens; on CPU 256 and 4096), `serve` what `vllm serve` and Triton's
+    vllm_backend get (1024 and 8192), `engine` what a bare AsyncLLM gets (128 and 2048)."""
+    from vllm.usage.usage_lib import UsageContext
+
+    return {"offline": UsageContext.LLM_CLASS, "serve": UsageContext.OPENAI_API_SERVER,
+            "engine": UsageContext.ENGINE_CONTEXT}.get(name)
+
+
+def effective_scheduler(engine, defaults: str) -> dict[str, Any]:
+    """The scheduler settings the engine really runs with, and the concurrency its KV cache holds."""
+    config = getattr(engine, "vllm_config", None)
+    if config is None:
+        return {}
+    scheduler, cache, compilation = config.scheduler_config, config.cache_config, config.compilation_config
+    blocks = getattr(cache, "num_gpu_blocks", None)
+    block_size = getattr(cache, "block_size", None)
+    max_len = config.model_config.max_model_len
+    return {
+        "defaults": defaults,
+        "max_num_seqs": scheduler.max_num_seqs,
+        "max_num_batched_tokens": scheduler.max_num_batched_tokens,
+        "enable_chunked_prefill": getattr(scheduler, "enable_chunked_prefill", None),
+        "async_scheduling": getattr(scheduler, "async_scheduling", None),
+        "max_cudagraph_capture_size": getattr(compilation, "max_cudagraph_capture_size", None),
+        "kv_cache_blocks": blocks,
+        "block_size": block_size,
+        # vLLM's own "maximum concurrency": how many max-length requests the cache holds at once
+        "max_concurrency_at_max_len": round(blocks * block_size / max_len, 2) if blocks and block_size else None,
+    }
+
+
 class VllmRunner:
     backend = "vllm"
 
@@ -55,27 +90,33 @@ class VllmRunner:
         self.on_submit = None  # metrics hook: (items, number of sampling groups)
         self.engine_class = self._engine_class(settings.engine_mode)
 
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-loop", daemon=True)
-        self._thread.start()
-
         wanted = engine_kwargs(settings, model_dir)
         kwargs, dropped = accepted_kwargs(wanted, AsyncEngineArgs.__init__)
         if dropped:
             log.info("this vLLM does not take %s; not passing them", ", ".join(dropped))
-
         self._stat_loggers = [f for f in (stat_loggers or []) if f is not None]
+        self._usage_context = usage_context(settings.scheduler_defaults)
 
         def construct(attempt: dict[str, Any]):
-            log.info("starting %s with %s", self.engine_class.__name__, attempt)
+            log.info("starting %s with %s (scheduler defaults: %s)", self.engine_class.__name__, attempt,
+                     settings.scheduler_defaults)
             args = AsyncEngineArgs(**attempt)
             return self._call_on_loop(self._create(args), timeout=None)
 
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-loop", daemon=True)
+        self._thread.start()
         started = time.monotonic()
-        self.engine, self.engine_kwargs = build_with_fallbacks(
-            construct, kwargs, metax=settings.metax, release=release_memory, model_max_len=model_max_len)
+        try:
+            self.engine, self.engine_kwargs = build_with_fallbacks(
+                construct, kwargs, metax=settings.metax, release=release_memory, model_max_len=model_max_len)
+        except BaseException:
+            self._stop_loop(timeout_s=5)  # a failed start leaves no thread behind
+            raise
         self.max_model_len = int(self.engine.model_config.max_model_len)
-        log.info("vLLM engine up in %.1f s: max_model_len=%d", time.monotonic() - started, self.max_model_len)
+        self.scheduler = effective_scheduler(self.engine, settings.scheduler_defaults)
+        log.info("vLLM engine up in %.1f s: max_model_len=%d; scheduler %s", time.monotonic() - started,
+                 self.max_model_len, self.scheduler)
 
     @staticmethod
     def _engine_class(mode: str):
@@ -94,9 +135,18 @@ class VllmRunner:
 
     async def _create(self, args):
         # Built on the loop thread: AsyncLLM binds its output handler to the running loop.
+        extra: dict[str, Any] = {}
         if self._stat_loggers:
-            return self.engine_class.from_engine_args(args, stat_loggers=self._stat_loggers)
-        return self.engine_class.from_engine_args(args)
+            extra["stat_loggers"] = self._stat_loggers
+        if self._usage_context is not None:
+            extra["usage_context"] = self._usage_context
+        return self.engine_class.from_engine_args(args, **extra)
+
+    def _stop_loop(self, timeout_s: float) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout_s)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     def _call_on_loop(self, coroutine, timeout: float | None):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
@@ -197,5 +247,4 @@ class VllmRunner:
             self.engine.shutdown()
         except Exception as exc:
             log.warning("engine shutdown: %s", exc)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout_s)
+        self._stop_loop(timeout_s)

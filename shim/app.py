@@ -3,98 +3,81 @@
 It answers `GET /` from its first second (warming until the ensemble is ready and warmed
 up), sends the judge's list as a few batched tensors, and holds the run-time system
 prompt, which it sends with every request so each request sees exactly one prompt.
+Routes live in module-level routers (here, `openai_api`, `ui`) and reach the one
+`ShimState` through `shim_state(request)`.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import os
 import time
 from contextlib import asynccontextmanager
 from typing import Any, Mapping
 
-from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from fastapi import APIRouter, FastAPI, Request
 
 from preprocess import settings as cfg
-from preprocess.envparse import clip
+from preprocess.runtime import CancelMarkers
 from preprocess.progress import Heartbeat
-from preprocess.generation import CancelMarkers
 from preprocess.warmup import warmup_prompts
 
-from .bodies import BadRequest, error, json_body, parse_body
-from .ensemble import EnsembleClient, EnsembleError, not_text
+from .bodies import Limits, PredictRequest, SystemPromptRequest, json_body, parse_body
+from .ensemble import Answer, EnsembleClient, EnsembleError
+from .errors import ApiError, ClientGone, error, install_handlers
 from .guards import Guards, ShimMetrics
-from .openai_api import build_router
-from .ui import build_ui_router
+from preprocess.runtime import GeneratorState
 
 log = logging.getLogger("shim")
 
 WARMUP_MAX_TOKENS = 8
 
 
-class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    prompt: StrictStr | list[StrictStr]
-    max_new_tokens: int | None = None
-    temperature: float | None = Field(default=None, allow_inf_nan=False)
-    top_p: float | None = Field(default=None, allow_inf_nan=False)
-    top_k: int | None = None
-    repetition_penalty: float | None = Field(default=None, allow_inf_nan=False)
-    frequency_penalty: float | None = Field(default=None, allow_inf_nan=False)
-    ignore_eos: bool | None = None  # benchmarks: fixed-length generation
-
-    def overrides(self) -> dict[str, Any]:
-        values = self.model_dump(exclude={"prompt"}, exclude_none=True)
-        if "max_new_tokens" in values:  # clipped, as the reference service does
-            values["max_new_tokens"] = clip(values["max_new_tokens"], 1, cfg.MAX_NEW_TOKENS_LIMIT)
-        return values
-
-
-class SystemPromptRequest(BaseModel):
-    system_prompt: StrictStr
-
-
 class ShimState:
-    """Health, warm-up and the run-time system prompt."""
+    """Settings (parsed once), health, warm-up and the run-time system prompt."""
 
     def __init__(self, environ: Mapping[str, str], client: EnsembleClient, restart_server=None):
-        self.environ = environ
+        self.environ = environ  # kept for BATCH_MODE, which health reads live
+        self.shim = cfg.load_shim(environ)
+        self.routing = cfg.load_routing(environ)
+        self.sampling = cfg.load_sampling(environ)
+        self.warmup = cfg.load_warmup(environ)
+        self.model_dir = cfg.resolve_model_dir(environ)
+        self.system_prompt = cfg.load_chat(environ).system_prompt
+        self.limits = Limits(self.shim.max_batch_prompts, self.shim.max_request_tokens,
+                             max(self.routing.max_new_tokens, self.routing.max_new_tokens_code_soft,
+                                 self.routing.max_new_tokens_code, self.routing.max_new_tokens_code_hard))
         self.restart_server = restart_server  # the supervisor's restart, under ./build.sh serve
         self.client = client
-        self.system_prompt = cfg.load_chat(environ).system_prompt
-        self.warmup = cfg.load_warmup(environ)
-        runtime = cfg.runtime_dir(environ)
-        self.generator_state_path = runtime / "generator.json" if runtime else None
+        self.generator = GeneratorState(cfg.runtime_dir(environ))
         self.ready = False
         self.started = time.monotonic()
         self.ready_after_s: float | None = None
         self.last_wait_report_s = 0.0
 
-    def generator_state(self) -> dict[str, Any] | None:
-        if self.generator_state_path is None:
-            return None
-        try:
-            return json.loads(self.generator_state_path.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def generator_up(self) -> bool:
-        state = self.generator_state()
-        return state is None or bool(state.get("ready", True))
+    async def generate(self, request: Request, prompts: list[str], overrides: dict[str, Any],
+                       system_prompt: str | None = None) -> list[Answer]:
+        """The ensemble's answers; a client that disconnects first has its generation aborted."""
+        work = self.client.generate(prompts, self.system_prompt if system_prompt is None else system_prompt,
+                                    overrides)
+        return await run_until_disconnect(request, work)
 
     async def monitor(self) -> None:
-        """Follows the ensemble: warm up whenever it (re)appears, fall back to warming when it goes."""
+        """Follows the ensemble: warm up whenever it (re)appears, fall back to warming when it
+        goes, and restart tritonserver only when its models are dead (see EnsembleClient)."""
         while True:
+            generator_up = self.generator.up()
+            if not generator_up:
+                # The generator is rebuilding its engine by itself: its failures are not a dead server.
+                self.client.reset_failures()
             if self.restart_server is not None and self.client.persistently_failing():
                 log.error("every request fails although Triton says ready (%d in a row): restarting tritonserver",
                           self.client.failures_in_a_row)
                 self.ready = False
                 self.client.reset_failures()
                 await asyncio.to_thread(self.restart_server)
-            up = await self.client.ready() and self.generator_up()
+            up = generator_up and await self.client.ready()
             if not up and not self.ready:
                 self._report_waiting()
             if up and not self.ready:
@@ -109,9 +92,7 @@ class ShimState:
         waited = time.monotonic() - self.started
         if waited - self.last_wait_report_s >= 5.0:
             self.last_wait_report_s = waited
-            state = self.generator_state() or {}
-            log.info("waiting for the model server: %.0f s (generator: %s)", waited,
-                     "loading" if not state else ("ready" if state.get("ready") else "loading engine"))
+            log.info("waiting for the model server: %.0f s (generator: %s)", waited, self.generator.describe())
 
     async def _warm_up(self) -> None:
         prompts = warmup_prompts(self.warmup)
@@ -129,8 +110,87 @@ class ShimState:
                  time.monotonic() - self.started)
 
 
+def shim_state(request: Request) -> ShimState:
+    return request.app.state.shim
+
+
+router = APIRouter()
+
+
+@router.get("/")
+async def health(request: Request):
+    state = shim_state(request)
+    if not state.ready:
+        return {"status": "warming"}
+    return {"status": "batch" if cfg.batch_mode(state.environ) else "ok"}
+
+
+@router.post("/predict", openapi_extra=json_body(PredictRequest))
+async def predict(request: Request):
+    state = shim_state(request)
+    body = await parse_body(request, PredictRequest)
+    prompts = body.prompts()
+    overrides = state.limits.admit(prompts, body.overrides())
+    texts = [a.text for a in await state.generate(request, prompts, overrides)]
+    return {"response": texts if isinstance(body.prompt, list) else texts[0]}
+
+
+@router.get("/info")
+async def info(request: Request):
+    state = shim_state(request)
+    generator = state.generator.read() or {}
+    routing = state.routing
+    return {
+        "backend": generator.get("backend"),
+        "engine_mode": generator.get("engine_mode"),
+        "model_dir": generator.get("model_dir") or str(state.model_dir),
+        "engine_args": generator.get("engine_kwargs", {}),
+        "scheduler": generator.get("scheduler", {}),
+        "engine_restarts": generator.get("restarts", 0),
+        "ready": state.ready,
+        "batch_mode": cfg.batch_mode(state.environ),
+        "routing": {
+            "disabled": routing.disabled,
+            "max_new_tokens": routing.max_new_tokens,
+            "max_new_tokens_code_soft": routing.max_new_tokens_code_soft,
+            "max_new_tokens_code": routing.max_new_tokens_code,
+            "max_new_tokens_code_hard": routing.max_new_tokens_code_hard,
+        },
+        "sampling_defaults": dataclasses.asdict(state.sampling),
+        "limits": {
+            "max_batch_prompts": state.limits.max_batch_prompts,
+            "max_request_tokens": state.limits.max_request_tokens,
+            "max_body_bytes": state.shim.max_body_bytes,
+            "max_header_bytes": state.shim.max_header_bytes,
+            "header_timeout_s": state.shim.header_timeout_s,
+            "body_timeout_s": state.shim.body_timeout_s,
+        },
+        "system_prompt_chars": len(state.system_prompt),
+        "env": cfg.public_environment(state.environ),
+    }
+
+
+@router.get("/system_prompt")
+async def get_system_prompt(request: Request):
+    return {"system_prompt": shim_state(request).system_prompt}
+
+
+@router.post("/system_prompt", openapi_extra=json_body(SystemPromptRequest))
+async def set_system_prompt(request: Request):
+    state = shim_state(request)
+    body = await parse_body(request, SystemPromptRequest)
+    try:
+        state.system_prompt = cfg.validate_system_prompt(body.system_prompt)
+    except ValueError as exc:
+        raise ApiError(422, str(exc)) from None
+    return {"system_prompt": state.system_prompt}
+
+
 def create_app(environ: Mapping[str, str] | None = None, client: EnsembleClient | None = None,
                on_shutdown=None, restart_server=None) -> FastAPI:
+    from .openai_api import router as openai_router
+    from .ui import router as ui_router
+
     environ = os.environ if environ is None else environ
     shim = cfg.load_shim(environ)
     runtime = cfg.runtime_dir(environ)
@@ -147,90 +207,21 @@ def create_app(environ: Mapping[str, str] | None = None, client: EnsembleClient 
         if on_shutdown is not None:
             on_shutdown()
 
-    app = FastAPI(title="LLM service (Triton ensemble shim)", lifespan=lifespan)
+    # No slash redirects: a 307 to a Location built from the request's Host header helps nobody.
+    app = FastAPI(title="LLM service (Triton ensemble shim)", lifespan=lifespan, redirect_slashes=False)
     app.state.shim = state
     metrics = ShimMetrics()
-    app.add_middleware(Guards, max_body_bytes=shim.max_body_bytes, admin_token=shim.admin_token, metrics=metrics)
-
-    app.include_router(build_router(state, cfg.resolve_model_dir(environ).name))
-    app.include_router(build_ui_router(state))
+    app.add_middleware(Guards, max_body_bytes=shim.max_body_bytes, body_timeout_s=shim.body_timeout_s,
+                       admin_token=shim.admin_token, metrics=metrics, routes=app.router.routes)
+    install_handlers(app)
+    for part in (router, openai_router, ui_router):
+        app.include_router(part)
 
     @app.get("/metrics")
     async def prometheus_metrics():
         return metrics.render()
 
-    @app.exception_handler(BadRequest)
-    async def bad_request(request: Request, exc: BadRequest):
-        return error(exc.status, exc.message)
-
-    @app.get("/")
-    async def health():
-        if not state.ready:
-            return {"status": "warming"}
-        return {"status": "batch" if cfg.batch_mode(environ) else "ok"}
-
-    @app.post("/predict", openapi_extra=json_body(PredictRequest))
-    async def predict(request: Request):
-        body = await parse_body(request, PredictRequest)
-        prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
-        broken = not_text(prompts)
-        if broken is not None:
-            where = f"prompt[{broken}]" if isinstance(body.prompt, list) else "prompt"
-            return error(400, f"{where} is not valid UTF-8 text (a lone surrogate)")
-        if len(prompts) > shim.max_batch_prompts:
-            return error(413, f"prompt list has {len(prompts)} items; the limit is {shim.max_batch_prompts}")
-        try:
-            answers = await run_until_disconnect(
-                request, client.generate(prompts, state.system_prompt, body.overrides()))
-        except EnsembleError as exc:
-            return error(exc.status, exc.message)
-        except ClientGone:
-            return error(499, "client disconnected; generation aborted")
-        texts = [a.text for a in answers]
-        return {"response": texts if isinstance(body.prompt, list) else texts[0]}
-
-    @app.get("/info")
-    async def info():
-        generator = state.generator_state() or {}
-        routing = cfg.load_routing(environ)
-        return {
-            "backend": generator.get("backend"),
-            "engine_mode": generator.get("engine_mode"),
-            "model_dir": generator.get("model_dir") or str(cfg.resolve_model_dir(environ)),
-            "engine_args": generator.get("engine_kwargs", {}),
-            "engine_restarts": generator.get("restarts", 0),
-            "ready": state.ready,
-            "batch_mode": cfg.batch_mode(environ),
-            "routing": {
-                "disabled": routing.disabled,
-                "max_new_tokens": routing.max_new_tokens,
-                "max_new_tokens_code_soft": routing.max_new_tokens_code_soft,
-                "max_new_tokens_code": routing.max_new_tokens_code,
-                "max_new_tokens_code_hard": routing.max_new_tokens_code_hard,
-            },
-            "sampling_defaults": dataclasses.asdict(cfg.load_sampling(environ)),
-            "system_prompt_chars": len(state.system_prompt),
-            "env": cfg.public_environment(environ),
-        }
-
-    @app.get("/system_prompt")
-    async def get_system_prompt():
-        return {"system_prompt": state.system_prompt}
-
-    @app.post("/system_prompt", openapi_extra=json_body(SystemPromptRequest))
-    async def set_system_prompt(request: Request):
-        body = await parse_body(request, SystemPromptRequest)
-        try:
-            state.system_prompt = cfg.validate_system_prompt(body.system_prompt)
-        except ValueError as exc:
-            return error(422, str(exc))
-        return {"system_prompt": state.system_prompt}
-
     return app
-
-
-class ClientGone(Exception):
-    pass
 
 
 async def run_until_disconnect(request: Request, work):
@@ -246,3 +237,5 @@ async def run_until_disconnect(request: Request, work):
             await asyncio.gather(task, return_exceptions=True)
             raise ClientGone()
 
+
+__all__ = ["create_app", "ShimState", "error"]

@@ -1,48 +1,190 @@
-"""Request bodies the routes parse themselves (to answer 400/422 naming the field at fault,
-whatever the content-type), and their schema in the OpenAPI document, which FastAPI cannot
-infer from a handler that reads `Request` (schemathesis and clients read it)."""
+"""Every request body the shim accepts, how it is read, and the limits it must meet.
+
+Reading (`parse_body`): only `application/json` (415 otherwise: a browser can send
+text/plain or a form cross-site without a preflight, never JSON), at most
+`JSON_MAX_DEPTH` levels deep (400), then the model with strict types (422: `"4"` is not
+an integer, `"yes"` is not a boolean). Then `Limits.admit` checks the per-request settings
+against `preprocess.contract` (400 naming the field and its range) and the work a request
+asks for (413). The schemas also go into the OpenAPI document (`json_body`), which
+FastAPI cannot infer from a handler that reads `Request` itself.
+"""
 from __future__ import annotations
 
 import json
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from starlette.requests import ClientDisconnect
+
+from preprocess.contract import MAX_CHOICES, MAX_NEW_TOKENS_LIMIT, OutOfRange, check_settings
+from preprocess.envparse import clip
+
+from .errors import ApiError, ClientGone
+
+JSON_MAX_DEPTH = 32
+Number = StrictFloat | StrictInt
 
 
-def error(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": message, **extra})
+class SamplingFields(BaseModel):
+    """Per-request generation settings; ranges are checked against the contract table."""
+    model_config = ConfigDict(extra="ignore")
+    temperature: Number | None = None
+    top_p: Number | None = None
+    top_k: StrictInt | None = None
+    repetition_penalty: Number | None = None
+    frequency_penalty: Number | None = None
+
+    def sampling(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in SamplingFields.model_fields if getattr(self, name) is not None}
 
 
-class BadRequest(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
+class PredictRequest(SamplingFields):
+    prompt: StrictStr | list[StrictStr]
+    max_new_tokens: StrictInt | None = None
+    ignore_eos: StrictBool | None = None  # benchmarks: fixed-length generation
+
+    def prompts(self) -> list[str]:
+        return self.prompt if isinstance(self.prompt, list) else [self.prompt]
+
+    def overrides(self) -> dict[str, Any]:
+        return {**self.sampling(), "max_new_tokens": self.max_new_tokens, "ignore_eos": self.ignore_eos}
+
+
+class ExplainRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    prompt: StrictStr
+    max_new_tokens: StrictInt | None = None
+    raw: StrictBool | None = None
+
+    def overrides(self) -> dict[str, Any]:
+        return {"max_new_tokens": self.max_new_tokens, "raw": self.raw}
+
+
+class SystemPromptRequest(BaseModel):
+    system_prompt: StrictStr
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr
+
+
+class OpenAIParams(SamplingFields):
+    model: StrictStr | None = None
+    n: StrictInt = Field(default=1, ge=1, le=MAX_CHOICES)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    stream: StrictBool = False
+    raw: StrictBool = False  # skip routing and clean-up
+
+    def overrides(self) -> dict[str, Any]:
+        return {**self.sampling(), "max_new_tokens": self.max_completion_tokens or self.max_tokens,
+                "raw": self.raw or None}
+
+
+class ChatRequest(OpenAIParams):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionRequest(OpenAIParams):
+    prompt: StrictStr | list[StrictStr]
+
+
+def depth_over(data: Any, limit: int) -> bool:
+    """Whether JSON data nests deeper than `limit` (iterative: no recursion to exhaust)."""
+    stack = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (list, dict)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return False
 
 
 async def parse_body(request: Request, model: type[BaseModel]):
-    """The JSON body as `model`, whatever the content-type; errors name the field at fault."""
-    raw = await request.body()
+    """The JSON body as `model`; errors name the field at fault."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise ApiError(415, f"the body must be application/json, got {media_type or 'no content-type'!r}")
+    try:
+        raw = await request.body()
+    except ClientDisconnect:
+        raise ClientGone() from None
     try:
         data = json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, f"invalid JSON: nested more than {JSON_MAX_DEPTH} levels deep") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(400, f"invalid JSON: {exc}") from None
+        raise ApiError(400, f"invalid JSON: {exc}") from None
+    if depth_over(data, JSON_MAX_DEPTH):
+        raise ApiError(400, f"invalid JSON: nested more than {JSON_MAX_DEPTH} levels deep")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise BadRequest(422, describe_validation(exc.errors())) from None
+        raise ApiError(422, describe_validation(exc.errors())) from None
 
 
 def describe_validation(errors: list[dict]) -> str:
     """One line naming the field (and list index) at fault."""
     problems = []
     for item in errors:
-        location = [str(p) for p in item.get("loc", ()) if p not in ("body", "str", "list[str]")]
+        location = [str(p) for p in item.get("loc", ()) if p not in ("body", "str", "list[str]", "int", "float")]
         where = location[0] + "".join(f"[{p}]" for p in location[1:]) if location else "body"
         problems.append(f"{where}: {item.get('msg')}")
     return "; ".join(dict.fromkeys(problems)) or "invalid request"
+
+
+def first_non_text(texts) -> int | None:
+    """Index of the first string that cannot be UTF-8 (JSON allows lone surrogates)."""
+    for index, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return index
+    return None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for (SHIM_MAX_BATCH_PROMPTS, SHIM_MAX_REQUEST_TOKENS).
+
+    The work budget counts prompts x choices x the token limit, where a request with no
+    limit of its own is counted at the largest routing limit: a request over it would hold
+    the engine for minutes while every other client waits.
+    """
+    max_batch_prompts: int
+    max_request_tokens: int
+    default_max_tokens: int
+
+    def admit(self, prompts: list[str], overrides: dict[str, Any], choices: int = 1,
+              field: str = "prompt") -> dict[str, Any]:
+        """The overrides as the ensemble gets them (max_new_tokens clipped to 1..4096, as
+        the replaced service did), or ApiError naming what is out of range or over a limit."""
+        broken = first_non_text(prompts)
+        if broken is not None:
+            where = f"{field}[{broken}]" if len(prompts) > 1 or field != "prompt" else field
+            raise ApiError(400, f"{where} is not valid UTF-8 text (a lone surrogate)")
+        values = {k: v for k, v in overrides.items() if v is not None}
+        if "max_new_tokens" in values:
+            values["max_new_tokens"] = clip(values["max_new_tokens"], 1, MAX_NEW_TOKENS_LIMIT)
+        try:
+            check_settings(values)
+        except OutOfRange as exc:
+            raise ApiError(400, str(exc)) from None
+        rows = len(prompts) * choices
+        if rows > self.max_batch_prompts:
+            raise ApiError(413, f"the request has {rows} prompts (x choices); the limit is "
+                                f"{self.max_batch_prompts} (SHIM_MAX_BATCH_PROMPTS)")
+        tokens = rows * values.get("max_new_tokens", self.default_max_tokens)
+        if tokens > self.max_request_tokens:
+            raise ApiError(413, f"the request asks for up to {tokens} new tokens ({rows} prompts x choices x "
+                                f"{values.get('max_new_tokens', self.default_max_tokens)}); the limit is "
+                                f"{self.max_request_tokens} (SHIM_MAX_REQUEST_TOKENS)")
+        return values
 
 
 def json_body(model: type[BaseModel]) -> dict[str, Any]:

@@ -17,33 +17,16 @@ import numpy as np
 import tritonclient.http.aio as triton_http
 from tritonclient.utils import InferenceServerException
 
-from preprocess.generation import CancelMarkers
+from preprocess.contract import ENSEMBLE, EXPLAIN_OUTPUTS, OUTPUTS, PAD_ID, PREPROCESS, SETTINGS
+from preprocess.runtime import CancelMarkers
+
+from .errors import ApiError
 
 log = logging.getLogger("shim.ensemble")
 
-ENSEMBLE = "llm"
-PREPROCESS = "preprocess"  # asked alone by /explain: the exact routing and prompt the ensemble uses
-OUTPUTS = ("answer", "prompt_tokens", "completion_tokens", "finish_reason")
-EXPLAIN_OUTPUTS = ("ROUTE", "MAX_TOKENS", "IS_CODE", "PROMPT_TEXT", "PROMPT_IDS")
-OVERRIDE_TYPES = {
-    "max_new_tokens": ("INT32", np.int32),
-    "temperature": ("FP32", np.float32),
-    "top_p": ("FP32", np.float32),
-    "top_k": ("INT32", np.int32),
-    "repetition_penalty": ("FP32", np.float32),
-    "frequency_penalty": ("FP32", np.float32),
-    "ignore_eos": ("BOOL", np.bool_),
-    "raw": ("BOOL", np.bool_),
-}
 
-
-class EnsembleError(Exception):
-    """A failed call, with the HTTP status the shim should answer."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
+class EnsembleError(ApiError):
+    """A failed call to Triton, with the HTTP status the shim should answer."""
 
 
 @dataclass(frozen=True)
@@ -52,16 +35,6 @@ class Answer:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
-
-
-def not_text(texts) -> int | None:
-    """Index of the first string that cannot be UTF-8 (JSON allows lone surrogates)."""
-    for index, text in enumerate(texts):
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            return index
-    return None
 
 
 def _text_input(name: str, texts: Sequence[str]):
@@ -88,7 +61,7 @@ def build_inputs(prompts: Sequence[str], system_prompt: str | None, overrides: d
     for name, value in overrides.items():
         if value is None:
             continue
-        triton_type, numpy_type = OVERRIDE_TYPES[name]
+        triton_type, numpy_type = SETTINGS[name].triton_type, SETTINGS[name].numpy_type
         if not fits(value, numpy_type):  # NumPy would wrap it silently (2**32 - 1 -> top_k -1)
             raise EnsembleError(400, f"{name}: {value!r} is out of range for {triton_type}")
         array = np.full((len(prompts), 1), value, dtype=numpy_type)
@@ -155,7 +128,7 @@ class EnsembleClient:
             "max_new_tokens": int(result.as_numpy("MAX_TOKENS").reshape(-1)[0]),
             "is_code": bool(result.as_numpy("IS_CODE").reshape(-1)[0]),
             "prompt": result.as_numpy("PROMPT_TEXT").reshape(-1)[0].decode("utf-8", "replace"),
-            "prompt_tokens": int((ids >= 0).sum()),  # PROMPT_IDS is padded with -1
+            "prompt_tokens": int((ids != PAD_ID).sum()),
         }
 
     async def _call(self, prompts: Sequence[str], system_prompt: str | None, overrides: dict[str, Any]) -> list[Answer]:

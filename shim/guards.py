@@ -1,12 +1,26 @@
-"""Cross-cutting HTTP concerns of the shim: body-size limit, admin token, request metrics."""
+"""Cross-cutting HTTP concerns of the shim, as pure ASGI middleware (BaseHTTPMiddleware
+hides client disconnects from the routes, and the shim aborts generations on disconnect):
+the body-size limit and read deadline, the admin token, and request metrics.
+
+Every response is counted in `llm_shim_requests_total`, labelled with the route template
+(never the raw path) even when the guard itself refuses the request, and 5xx included: an
+exception that escapes a route is answered here as a JSON 500 and counted.
+"""
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
 import time
 
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.routing import Match
+
+from .errors import error
+
+log = logging.getLogger("shim.guards")
 
 ADMIN_ROUTES = {("POST", "/system_prompt")}
 
@@ -26,71 +40,105 @@ class ShimMetrics:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def json_reply(status: int, message: str) -> Response:
-    return JSONResponse(status_code=status, content={"error": message})
+def route_template(routes, scope) -> str:
+    """The path template of the route `scope` would reach ("unmatched" if none)."""
+    for route in routes:
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
+            return getattr(route, "path", "unmatched")
+    return "unmatched"
+
+
+class BodyRefused(Exception):
+    def __init__(self, status: int, message: str | None):
+        self.status, self.message = status, message
 
 
 class Guards:
-    """Pure ASGI middleware (BaseHTTPMiddleware hides client disconnects from the routes,
-    and the shim aborts generations on disconnect): size limit, admin token, metrics."""
-
-    def __init__(self, app, max_body_bytes: int, admin_token: str | None, metrics: ShimMetrics):
+    def __init__(self, app, max_body_bytes: int, body_timeout_s: float, admin_token: str | None,
+                 metrics: ShimMetrics, routes):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self.admin_token = admin_token
         self.metrics = metrics
+        self.routes = routes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
-        status_holder = {"status": 500}
+        route = route_template(self.routes, scope)
+        status = {"code": None}
 
         async def send_and_record(message):
             if message["type"] == "http.response.start":
-                status_holder["status"] = message["status"]
+                status["code"] = message["status"]
             await send(message)
 
-        refusal, receive = await self._check(scope, receive)
-        if refusal is not None:
-            await refusal(scope, receive, send_and_record)
-        else:
-            await self.app(scope, receive, send_and_record)
-        route = getattr(scope.get("route"), "path", "unmatched")  # the template, never the raw path
-        self.metrics.requests.labels(scope["method"], route, str(status_holder["status"])).inc()
-        self.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - started)
+        try:
+            refusal, receive = await self._check(scope, receive)
+            if refusal is not None:
+                await refusal(scope, receive, send_and_record)
+            else:
+                await self.app(scope, receive, send_and_record)
+        except BodyRefused as exc:
+            if exc.message is None:  # the client went away mid-body: nobody to answer
+                status["code"] = 499
+            else:
+                await error(exc.status, exc.message)(scope, receive, send_and_record)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope["method"], route)
+            if status["code"] is None:
+                await error(500, "internal error in the shim")(scope, receive, send_and_record)
+            status["code"] = status["code"] or 500
+        finally:
+            code = str(status["code"] or 499)  # no response started: the client left first
+            self.metrics.requests.labels(scope["method"], route, code).inc()
+            self.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - started)
 
     async def _check(self, scope, receive):
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            return json_reply(413, f"request body of {length} bytes is over the limit of "
-                                   f"{self.max_body_bytes} (SHIM_MAX_BODY_BYTES)"), receive
+            return error(413, f"request body of {length} bytes is over the limit of "
+                              f"{self.max_body_bytes} (SHIM_MAX_BODY_BYTES)"), receive
         if self.admin_token and (scope["method"], scope["path"]) in ADMIN_ROUTES:
             given = headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.admin_token}".encode()):
-                return json_reply(401, "this route needs Authorization: Bearer <SHIM_ADMIN_TOKEN>"), receive
-        if scope["method"] == "POST" and length is None:
-            # A chunked body has no length up front: read it here, bounded, then replay it.
-            body = b""
-            while True:
-                message = await receive()
-                if message["type"] != "http.request":
-                    break
-                body += message.get("body", b"")
-                if len(body) > self.max_body_bytes:
-                    return json_reply(413, f"request body is over the limit of {self.max_body_bytes} bytes "
-                                           "(SHIM_MAX_BODY_BYTES)"), receive
-                if not message.get("more_body"):
-                    break
-            replayed = False
+                return error(401, "this route needs Authorization: Bearer <SHIM_ADMIN_TOKEN>"), receive
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return None, receive
+        body = await self._read_body(receive)
+        replayed = False
 
-            async def replay():
-                nonlocal replayed
-                if not replayed:
-                    replayed = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()  # later: the disconnect, as the route expects
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # later: the disconnect, which the route watches for
 
-            return None, replay
-        return None, receive
+        return None, replay
+
+    async def _read_body(self, receive) -> bytes:
+        """The whole body, bounded in size and in time (a client that sends less than its
+        Content-Length must not hold a connection open), before any route sees it."""
+        chunks, size = [], 0
+        deadline = time.monotonic() + self.body_timeout_s
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise BodyRefused(408, f"the request body did not arrive within {self.body_timeout_s:g} s "
+                                       "(SHIM_BODY_TIMEOUT_S)") from None
+            if message["type"] == "http.disconnect":
+                raise BodyRefused(499, None)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise BodyRefused(413, f"request body is over the limit of {self.max_body_bytes} bytes "
+                                       "(SHIM_MAX_BODY_BYTES)")
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)

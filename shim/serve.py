@@ -23,6 +23,7 @@ import uvicorn
 from preprocess import settings as cfg
 
 from .app import create_app
+from .door import hardened_protocol
 
 log = logging.getLogger("serve")
 
@@ -152,7 +153,8 @@ def main() -> int:
     app.state.supervisor = supervisor
     supervisor.start()
     try:
-        uvicorn.run(app, host=shim.host, port=shim.port, log_level="warning", timeout_graceful_shutdown=5)
+        uvicorn.run(app, host=shim.host, port=shim.port, log_level="warning", timeout_graceful_shutdown=5,
+                    http=hardened_protocol(shim.header_timeout_s), h11_max_incomplete_event_size=shim.max_header_bytes)
     finally:
         supervisor.stop()
     return 0

@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "tests" / ".artifacts"
 EMBEDDED_MODEL = REPO / "model" / "SmolLM2-135M-Instruct"
 TINY_MODEL = ARTIFACTS / "tiny-llama"
-LEAK_CANARY = "canary-secret-4b1d"  # set as HF_TOKEN etc.; must never be echoed
+LEAK_CANARY = "canary-secret-4b1d"
+SESSION_TOKEN_BUDGET = 16_000  # set as HF_TOKEN etc.; must never be echoed
 
 
 def free_port() -> int:
@@ -128,6 +129,9 @@ def server_env(model_dir: Path, **extra: str) -> dict:
         "VLLM_CPU_KVCACHE_SPACE": "1", "WARMUP_NUM_SAMPLES": "0",
         "LLM_RUNTIME_DIR": tempfile.mkdtemp(prefix="llm-test-runtime-"),
         "MAX_NEW_TOKENS": "8", "MAX_NEW_TOKENS_CODE_SOFT": "8", "MAX_NEW_TOKENS_CODE": "8",
+        # Bounds the work any one request (schemathesis's included) can ask of 2 cores:
+        # 16 prompts x 1000 tokens, a few seconds with the tiny model.
+        "SHIM_MAX_REQUEST_TOKENS": str(SESSION_TOKEN_BUDGET),
     })
     env.update(extra)
     return env

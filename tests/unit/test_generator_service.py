@@ -1,4 +1,9 @@
-"""Backend choice of the generator: vLLM, the fallback to transformers, FORCE_VLLM."""
+"""Backend choice of the generator: vLLM, the fallback to transformers, FORCE_VLLM; engine rebuilds."""
+import dataclasses
+import threading
+import time
+
+import psutil
 import pytest
 
 import preprocess.vllm_runner as vllm_runner
@@ -72,3 +77,54 @@ def test_real_vllm_rejects_a_load_format_and_the_chain_recovers(tiny_model, capl
         assert "load_format='awq' rejected" in caplog.text
     finally:
         s.shutdown(10)
+
+
+def test_failed_engine_starts_leak_no_thread(tiny_model, monkeypatch):
+    """VllmRunner starts its loop thread before the engine; a failed start must stop it."""
+    def failing(*args, **kwargs):
+        raise EngineStartError("ValueError: No available memory for the cache blocks.")
+
+    monkeypatch.setattr(vllm_runner, "build_with_fallbacks", failing)
+    settings = engine_config.load_engine({"VLLM_CPU_KVCACHE_SPACE": "1"}, cpu_only=True)
+    before = threading.active_count()
+    for _ in range(5):
+        with pytest.raises(EngineStartError):
+            vllm_runner.VllmRunner(settings, str(tiny_model), [], [])
+    assert threading.active_count() == before
+    assert not [t for t in threading.enumerate() if t.name == "vllm-loop"]
+
+
+class DeadRunner:
+    """Fault injection: the engine process is gone (what vLLM's `errored` reports)."""
+    backend = "vllm"
+    healthy = False
+
+    def shutdown(self, timeout_s):
+        pass
+
+
+def test_a_rebuild_that_keeps_failing_backs_off_with_flat_threads_and_memory(tiny_model, monkeypatch):
+    def failing(*args, **kwargs):
+        raise EngineStartError("ValueError: No available memory for the cache blocks.")
+
+    monkeypatch.setattr(vllm_runner, "build_with_fallbacks", failing)
+    monkeypatch.setattr(GeneratorService, "retry_first_s", 0.05)
+    monkeypatch.setattr(GeneratorService, "retry_max_s", 0.4)
+    s = service(tiny_model, USE_VLLM="false")
+    try:
+        s.engine = dataclasses.replace(s.engine, use_vllm="true", force_vllm=True)  # every rebuild fails
+        s.runner = DeadRunner()
+        process = psutil.Process()
+        threads, rss = [], []
+        deadline = time.monotonic() + 120
+        while len(s.rebuild_delays) < 8 and time.monotonic() < deadline:
+            threads.append(threading.active_count())
+            rss.append(process.memory_info().rss)
+            time.sleep(0.3)
+        assert len(s.rebuild_delays) >= 8, s.rebuild_delays
+        assert s.rebuild_delays[:5] == [0.05, 0.1, 0.2, 0.4, 0.4]  # doubles, then capped
+        assert not s.ready and s.info()["ready"] is False
+        assert max(threads[len(threads) // 2:]) <= threads[0]
+        assert rss[-1] - rss[len(rss) // 2] < 30 * 2**20
+    finally:
+        s._stop.set()

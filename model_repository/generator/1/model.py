@@ -20,40 +20,40 @@ from preprocess.stub import prepare_stub_process
 log = prepare_stub_process("generator")
 
 from preprocess import triton_io as io  # noqa: E402
-from preprocess.generation import CancelMarkers, GenerationItem, PromptTooLong  # noqa: E402
-from preprocess.generator_service import EngineUnavailable, GeneratorService  # noqa: E402
+from preprocess.contract import GENERATOR_SCALARS, InvalidRequest  # noqa: E402
+from preprocess.generation import GenerationItem  # noqa: E402
+from preprocess.generator_service import GeneratorService, classify_error  # noqa: E402
 from preprocess.metrics import GeneratorMetrics, KvCacheGauge  # noqa: E402
-from preprocess.sampling import InvalidRequest, SamplingSettings  # noqa: E402
+from preprocess.runtime import CancelMarkers  # noqa: E402
+from preprocess.sampling import SamplingSettings  # noqa: E402
 from preprocess.settings import resolve_model_dir, runtime_dir  # noqa: E402
 
-SCALARS = ("MAX_TOKENS", "TEMPERATURE", "TOP_P", "TOP_K", "REPETITION_PENALTY", "FREQUENCY_PENALTY", "IGNORE_EOS")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
-def error_response(exc):
-    if isinstance(exc, (InvalidRequest, PromptTooLong, ValueError)):
-        code = pb_utils.TritonError.INVALID_ARG
-    elif isinstance(exc, EngineUnavailable):
-        code = pb_utils.TritonError.UNAVAILABLE
+def error_response(exc, engine_healthy=True):
+    """Bad input keeps its message; an internal error is logged here and the client gets no
+    class names or internals."""
+    kind = classify_error(exc, engine_healthy)
+    if kind == "internal":
+        log.error("internal error answering a request: %s: %s", type(exc).__name__, exc)
+        message = "internal error in the generator (see the server log)"
+    elif kind == "unavailable":
+        message = f"the generator engine is unavailable or restarting; retry shortly ({exc})"
     else:
-        code = pb_utils.TritonError.INTERNAL
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}", code))
+        message = str(exc)
+    code = {"invalid": pb_utils.TritonError.INVALID_ARG, "unavailable": pb_utils.TritonError.UNAVAILABLE,
+            "internal": pb_utils.TritonError.INTERNAL}[kind]  # TritonError exists only once the stub runs
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
 
 def read_items(request):
     prompts = io.unpad_token_ids(pb_utils.get_input_tensor_by_name(request, "PROMPT_IDS").as_numpy())
-    values = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy().reshape(-1).tolist() for name in SCALARS}
+    values = {field: pb_utils.get_input_tensor_by_name(request, name).as_numpy().reshape(-1).tolist()
+              for name, _, field in GENERATOR_SCALARS}
     items = []
     for row, ids in enumerate(prompts):
-        sampling = SamplingSettings(
-            max_tokens=int(values["MAX_TOKENS"][row]),
-            temperature=float(values["TEMPERATURE"][row]),
-            top_p=float(values["TOP_P"][row]),
-            top_k=int(values["TOP_K"][row]),
-            repetition_penalty=float(values["REPETITION_PENALTY"][row]),
-            frequency_penalty=float(values["FREQUENCY_PENALTY"][row]),
-            ignore_eos=bool(values["IGNORE_EOS"][row]),
-        )
+        sampling = SamplingSettings(**{field: column[row] for field, column in values.items()})
         try:
             items.append(GenerationItem(ids, sampling.validate()))
         except InvalidRequest as exc:
@@ -65,9 +65,8 @@ class TritonPythonModel:
     def initialize(self, args):
         model_dir = resolve_model_dir(os.environ)
         runtime = runtime_dir(os.environ)  # set by `./build.sh serve`; the shim reads the state there
-        state_path = runtime / "generator.json" if runtime else None
         self.metrics = GeneratorMetrics(pb_utils, KvCacheGauge())
-        self.service = GeneratorService(os.environ, model_dir, state_path, self.metrics)
+        self.service = GeneratorService(os.environ, model_dir, runtime, self.metrics)
         self.responses = queue.Queue()
         self.sender = threading.Thread(target=self._send_responses, name="response-sender", daemon=True)
         self.sender.start()
@@ -85,7 +84,7 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 items = read_items(request)
-            except Exception as exc:
+            except Exception as exc:  # this request only; the others of the batch go on
                 sender.send(error_response(exc), flags=FINAL)
                 continue
             key = object()
@@ -112,7 +111,11 @@ class TritonPythonModel:
         disconnect, so the shim drops a marker named after the request id instead.
         is_cancelled() is asked under the lock: an entry still in the map has not been
         answered, and asking about an answered request crashes tritonserver (measured)."""
+        sweeps = 0
         while not self.stopping.wait(0.5):
+            sweeps += 1
+            if sweeps % 20 == 0:  # every 10 s: markers of requests answered before the mark
+                self.cancel_markers.sweep()
             now = time.monotonic()
             to_cancel = []
             with self.in_flight_lock:
@@ -132,7 +135,7 @@ class TritonPythonModel:
                 return
             try:
                 if isinstance(outcome, BaseException):
-                    sender.send(error_response(outcome), flags=FINAL)
+                    sender.send(error_response(outcome, self.service.runner.healthy), flags=FINAL)
                     continue
                 tensors = [
                     pb_utils.Tensor("TEXT", io.encode_strings([r.text for r in outcome])),

@@ -1,0 +1,131 @@
+"""The request contract, written once: every per-request setting, its ensemble tensor and
+dtype, and the range the engine accepts.
+
+The shim checks a request against this table before anything reaches Triton, the
+preprocess stage checks the same table again (clients may call Triton directly), and the
+Triton models and `config.pbtxt` files use the same names and dtypes
+(`tests/unit/test_contract.py` reads the configs). The ranges are vLLM's own
+`SamplingParams` checks, narrowed where the replaced service was narrower, so the engine
+never sees a value it would refuse: an engine refusal used to surface as a 5xx.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+MAX_NEW_TOKENS_LIMIT = 4096  # the replaced service clipped max_new_tokens to 1..4096
+PAD_ID = -1  # never a token id: pads the shorter prompts of PROMPT_IDS
+ENSEMBLE = "llm"
+PREPROCESS = "preprocess"
+
+
+NUMPY_TYPES = {"INT32": np.int32, "FP32": np.float32, "BOOL": np.bool_}
+
+
+class InvalidRequest(ValueError):
+    """The request itself is wrong: the caller gets a 4xx naming the problem."""
+
+
+class OutOfRange(InvalidRequest):
+    """A setting outside the engine's range; the message names the field and the range."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One per-request setting: ensemble input `name`, its Triton dtype, and its range."""
+    name: str
+    triton_type: str  # "INT32", "FP32", "BOOL"
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # (low, ...] instead of [low, ...]
+    also: tuple[int, ...] = ()  # single values allowed outside the range (top_k -1 = off)
+
+    @property
+    def numpy_type(self):
+        return NUMPY_TYPES[self.triton_type]
+
+    @property
+    def range_text(self) -> str:
+        if self.triton_type == "BOOL":
+            return "true or false"
+        text = f"{'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}]"
+        return " or ".join([*(str(v) for v in self.also), text]) if self.also else text
+
+    def problem(self, value: Any) -> str | None:
+        """Why `value` is refused, or None when the engine accepts it."""
+        if self.triton_type == "BOOL":
+            return None if isinstance(value, (bool, np.bool_)) else f"{self.name} must be true or false"
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            return f"{self.name} must be a number, got {value!r}"
+        number = float(value)
+        if not math.isfinite(number):
+            return f"{self.name} must be a finite number, got {value!r}"
+        if self.triton_type == "INT32" and number != int(number):
+            return f"{self.name} must be an integer, got {value!r}"
+        if number in self.also:
+            return None
+        below = number <= self.low if self.low_open else number < self.low
+        if below or number > self.high:
+            return f"{self.name} must be in {self.range_text}, got {_num(value)}"
+        return None
+
+    def check(self, value: Any) -> None:
+        problem = self.problem(value)
+        if problem is not None:
+            raise OutOfRange(problem)
+
+
+def _num(value) -> str:
+    number = float(value)
+    return str(int(number)) if number.is_integer() and abs(number) < 2**53 else repr(number)
+
+
+INT32_MAX = 2**31 - 1
+
+# Sampling settings, in the order of the ensemble's inputs. The ranges are vLLM's
+# (temperature [0, 2], top_p (0, 1], penalties [-2, 2]) except repetition_penalty, which
+# vLLM leaves open above and the replaced service capped at 2, and top_k 0, which vLLM
+# takes as "off" but the replaced service refused.
+SAMPLING = (
+    Setting("max_new_tokens", "INT32", 1, MAX_NEW_TOKENS_LIMIT),
+    Setting("temperature", "FP32", 0.0, 2.0),
+    Setting("top_p", "FP32", 0.0, 1.0, low_open=True),
+    Setting("top_k", "INT32", 1, INT32_MAX, also=(-1,)),
+    Setting("repetition_penalty", "FP32", 0.0, 2.0, low_open=True),
+    Setting("frequency_penalty", "FP32", -2.0, 2.0),
+)
+FLAGS = (
+    Setting("ignore_eos", "BOOL"),  # benchmarks: generate exactly max_new_tokens
+    Setting("raw", "BOOL"),  # skip routing and clean-up
+)
+SETTINGS = {s.name: s for s in SAMPLING + FLAGS}
+SAMPLING_NAMES = tuple(s.name for s in SAMPLING if s.name != "max_new_tokens")
+
+# Ensemble inputs that carry text, and the ensemble's outputs.
+TEXT_INPUTS = ("prompt", "system_prompt")
+OUTPUTS = ("answer", "prompt_tokens", "completion_tokens", "finish_reason")
+EXPLAIN_OUTPUTS = ("ROUTE", "MAX_TOKENS", "IS_CODE", "PROMPT_TEXT", "PROMPT_IDS")
+
+# What preprocess hands the generator: (tensor name, dtype) per sampling value.
+GENERATOR_SCALARS = (
+    ("MAX_TOKENS", "INT32", "max_tokens"),
+    ("TEMPERATURE", "FP32", "temperature"),
+    ("TOP_P", "FP32", "top_p"),
+    ("TOP_K", "INT32", "top_k"),
+    ("REPETITION_PENALTY", "FP32", "repetition_penalty"),
+    ("FREQUENCY_PENALTY", "FP32", "frequency_penalty"),
+    ("IGNORE_EOS", "BOOL", "ignore_eos"),
+)
+
+# OpenAI-door limits (request fields that are not ensemble inputs).
+MAX_CHOICES = 16  # n
+
+
+def check_settings(values: dict[str, Any]) -> None:
+    """Every given setting within its range, or OutOfRange naming the first one that is not."""
+    for name, value in values.items():
+        if value is not None and name in SETTINGS:
+            SETTINGS[name].check(value)
