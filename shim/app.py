@@ -50,6 +50,7 @@ class ShimState:
                                  self.routing.max_new_tokens_code, self.routing.max_new_tokens_code_hard))
         self.restart_server = restart_server  # the supervisor's restart, under ./build.sh serve
         self.client = client
+        self.on_restart = None  # a metric
         self.generator = GeneratorState(cfg.runtime_dir(environ))
         self.ready = False
         self.started = time.monotonic()
@@ -76,6 +77,8 @@ class ShimState:
                           self.client.failures_in_a_row)
                 self.ready = False
                 self.client.reset_failures()
+                if self.on_restart is not None:
+                    self.on_restart()
                 await asyncio.to_thread(self.restart_server)
             up = generator_up and await self.client.ready()
             if not up and not self.ready:
@@ -95,6 +98,7 @@ class ShimState:
             log.info("waiting for the model server: %.0f s (generator: %s)", waited, self.generator.describe())
 
     async def _warm_up(self) -> None:
+        await self.client.read_max_batch_size()
         prompts = warmup_prompts(self.warmup)
         started = time.monotonic()
         try:
@@ -197,6 +201,9 @@ def create_app(environ: Mapping[str, str] | None = None, client: EnsembleClient 
     client = client or EnsembleClient(f"{shim.triton_host}:{shim.triton_http_port}", timeout_s=shim.request_timeout_s,
                                       cancel_markers=CancelMarkers(runtime / "cancelled" if runtime else None))
     state = ShimState(environ, client, restart_server)
+    metrics = ShimMetrics()
+    client.on_failure = metrics.model_failures.inc
+    state.on_restart = metrics.server_restarts.inc
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -210,7 +217,6 @@ def create_app(environ: Mapping[str, str] | None = None, client: EnsembleClient 
     # No slash redirects: a 307 to a Location built from the request's Host header helps nobody.
     app = FastAPI(title="LLM service (Triton ensemble shim)", lifespan=lifespan, redirect_slashes=False)
     app.state.shim = state
-    metrics = ShimMetrics()
     app.add_middleware(Guards, max_body_bytes=shim.max_body_bytes, body_timeout_s=shim.body_timeout_s,
                        admin_token=shim.admin_token, metrics=metrics, routes=app.router.routes)
     install_handlers(app)

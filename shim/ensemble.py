@@ -93,6 +93,7 @@ class EnsembleClient:
         # "ready" while every request fails, which only a restart repairs (see ShimState).
         self.failures_in_a_row = 0
         self.first_failure_at: float | None = None
+        self.on_failure = None  # called for each failure counted toward a restart (a metric)
         self.max_batch_size = max_batch_size
         self.timeout_s = timeout_s
         self._client: triton_http.InferenceServerClient | None = None
@@ -101,6 +102,14 @@ class EnsembleClient:
         if self._client is None:
             self._client = triton_http.InferenceServerClient(self.url, conn_limit=256, conn_timeout=self.timeout_s)
         return self._client
+
+    async def read_max_batch_size(self) -> None:
+        """Chunk lists by the ensemble's own max_batch_size, as Triton reports it."""
+        try:
+            config = await self._connection().get_model_config(ENSEMBLE)
+            self.max_batch_size = int(config.get("max_batch_size") or self.max_batch_size)
+        except Exception as exc:  # keep the current size; the next warm-up asks again
+            log.warning("could not read the ensemble's max_batch_size: %s", exc)
 
     async def ready(self) -> bool:
         try:
@@ -163,6 +172,8 @@ class EnsembleClient:
         self.failures_in_a_row, self.first_failure_at = 0, None
 
     def _failed(self) -> None:
+        if self.on_failure is not None:
+            self.on_failure()
         self.failures_in_a_row += 1
         if self.first_failure_at is None:
             self.first_failure_at = time.monotonic()

@@ -35,6 +35,12 @@ class ShimMetrics:
         self.latency = Histogram("llm_shim_request_seconds", "HTTP request latency by route", ["method", "route"],
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 360),
                                  registry=self.registry)
+        self.model_failures = Counter("llm_shim_model_failures_total",
+                                      "Failed model calls counted toward restarting a dead tritonserver",
+                                      registry=self.registry)
+        self.server_restarts = Counter("llm_shim_server_restarts_total",
+                                       "tritonserver restarts asked by the shim (every request failing)",
+                                       registry=self.registry)
 
     def render(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)

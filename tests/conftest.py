@@ -132,6 +132,8 @@ def server_env(model_dir: Path, **extra: str) -> dict:
         # Bounds the work any one request (schemathesis's included) can ask of 2 cores:
         # 16 prompts x 1000 tokens, a few seconds with the tiny model.
         "SHIM_MAX_REQUEST_TOKENS": str(SESSION_TOKEN_BUDGET),
+        # Short door timeouts, so the tests that hold a request open finish quickly.
+        "SHIM_HEADER_TIMEOUT_S": "3", "SHIM_BODY_TIMEOUT_S": "5",
     })
     env.update(extra)
     return env

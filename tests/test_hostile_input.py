@@ -1,0 +1,225 @@
+"""Hostile input against the real server: nothing an anonymous client sends restarts it,
+every error is clean JSON and counted, and the door closes what is never finished."""
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.request
+
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import SESSION_TOKEN_BUDGET
+
+pytestmark = pytest.mark.server
+
+# Values vLLM itself refuses (its SamplingParams checks), per field.
+ENGINE_REFUSED = [("temperature", 2.5), ("temperature", -0.1), ("top_p", 0), ("top_p", 1.5), ("top_k", -2),
+                  ("repetition_penalty", 0), ("frequency_penalty", 2.5), ("frequency_penalty", -3)]
+
+
+def shim_metrics(server) -> dict:
+    text = urllib.request.urlopen(server.url + "/metrics", timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def count(samples, route, status, method="POST") -> float:
+    return samples.get(("llm_shim_requests_total", (("method", method), ("route", route), ("status", str(status)))), 0)
+
+
+def failures(samples) -> float:
+    return samples.get(("llm_shim_model_failures_total", ()), 0)
+
+
+def tritonserver_pid(server) -> int:
+    return next(c.pid for c in psutil.Process(server.process.pid).children(recursive=True) if c.name() == "tritonserver")
+
+
+def routes_with(field, value):
+    """The same setting on every route that takes it."""
+    openai_name = field
+    return [
+        ("/predict", {"prompt": "hi", field: value}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], openai_name: value}),
+        ("/v1/completions", {"prompt": "hi", openai_name: value}),
+    ]
+
+
+@pytest.mark.parametrize("field, value", ENGINE_REFUSED)
+def test_every_engine_refused_value_is_a_400_on_every_route_and_never_a_failure(server, field, value):
+    before = shim_metrics(server)
+    for route, body in routes_with(field, value):
+        status, reply = server.post(route, body)
+        assert status == 400, (route, reply)
+        assert reply["error"].startswith(f"{field} must be in "), reply
+    assert failures(shim_metrics(server)) == failures(before)
+
+
+def test_ten_engine_refused_requests_over_15_s_restart_nothing(server):
+    """The report's case: three 502s 3 s apart restarted tritonserver. Spaced past the
+    restart rule's 5-second window, on an idle server."""
+    pid, before = tritonserver_pid(server), shim_metrics(server)
+    for i in range(10):
+        status, _ = server.post("/predict", {"prompt": "hi", "temperature": 2.5})
+        assert status == 400
+        assert server.get("/")[1]["status"] == "ok"
+        time.sleep(1.6)
+    after = shim_metrics(server)
+    assert failures(after) == failures(before)
+    assert after.get(("llm_shim_server_restarts_total", ()), 0) == before.get(("llm_shim_server_restarts_total", ()), 0)
+    assert tritonserver_pid(server) == pid
+    assert server.post("/predict", {"prompt": "still here"})[0] == 200
+
+
+@pytest.mark.parametrize("route", ["/predict", "/v1/chat/completions", "/explain"])
+def test_deeply_nested_json_is_a_400_without_a_traceback(server, route):
+    before = shim_metrics(server)
+    log_before = len(server.log_text())
+    for depth in (40, 1000, 100_000):
+        status, body = server.post(route, ('{"prompt": ' + "[" * depth + "]" * depth + "}").encode())
+        assert status == 400 and "nested" in body["error"], body
+    assert count(shim_metrics(server), route, 400) - count(before, route, 400) == 3
+    assert "Traceback" not in server.log_text()[log_before:]
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
+                                          None])
+def test_only_json_bodies_are_accepted(server, content_type):
+    """A cross-site page can POST text/plain or a form without a preflight; never JSON."""
+    headers = {"content-type": content_type} if content_type else {}
+    request = urllib.request.Request(server.url + "/predict", data=json.dumps({"prompt": "x"}).encode(),
+                                     method="POST", headers=headers)
+    if content_type is None:
+        request.remove_header("Content-type")
+        request.unredirected_hdrs.pop("Content-type", None)
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=30)
+    assert caught.value.code == 415 and "application/json" in json.loads(caught.value.read())["error"]
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prompt": "x", "max_new_tokens": "4"}, "max_new_tokens"),
+    ({"prompt": "x", "max_new_tokens": True}, "max_new_tokens"),
+    ({"prompt": "x", "max_new_tokens": 4.5}, "max_new_tokens"),
+    ({"prompt": "x", "ignore_eos": "yes"}, "ignore_eos"),
+    ({"prompt": "x", "temperature": "0.5"}, "temperature"),
+    ({"prompt": "x", "top_k": True}, "top_k"),
+])
+def test_strict_types_are_a_422_naming_the_field(server, body, field):
+    status, reply = server.post("/predict", body)
+    assert status == 422 and reply["error"].startswith(field), reply
+
+
+def test_every_status_is_counted_with_its_route(server):
+    before = shim_metrics(server)
+    server.post("/predict", b'{"prompt": ')  # 400
+    server.post("/predict", {"prompt": 5})  # 422
+    server.post("/predict", {"prompt": "x", "temperature": 9})  # 400
+    server.post("/predict", {"prompt": ["x"] * 5000})  # 413
+    server.post("/system_prompt/", {"system_prompt": "x"})  # 404, unmatched
+    after = shim_metrics(server)
+    assert count(after, "/predict", 400) - count(before, "/predict", 400) == 2
+    assert count(after, "/predict", 422) - count(before, "/predict", 422) == 1
+    assert count(after, "/predict", 413) - count(before, "/predict", 413) == 1
+    assert count(after, "unmatched", 404) - count(before, "unmatched", 404) == 1
+
+
+def test_no_redirect_built_from_the_host_header(server):
+    request = urllib.request.Request(server.url + "/system_prompt/", data=b'{"system_prompt": "x"}', method="POST",
+                                     headers={"content-type": "application/json", "host": "evil.example"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=30)
+    assert caught.value.code == 404 and caught.value.headers.get("location") is None
+    assert json.loads(caught.value.read())["error"]
+
+
+def test_work_budget_refuses_oversized_requests_on_every_route(server):
+    over = SESSION_TOKEN_BUDGET // 100 + 1  # prompts x 100 tokens, just over the budget
+    cases = [
+        ("/predict", {"prompt": ["q"] * over, "max_new_tokens": 100}),
+        ("/v1/completions", {"prompt": "q", "n": 16, "max_tokens": SESSION_TOKEN_BUDGET // 16 + 1}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "q"}], "n": 4,
+                                  "max_tokens": SESSION_TOKEN_BUDGET // 4 + 1}),
+    ]
+    for route, body in cases:
+        status, reply = server.post(route, body)
+        assert status == 413 and "SHIM_MAX_REQUEST_TOKENS" in reply["error"], (route, reply)
+    # Just inside the budget is served.
+    status, reply = server.post("/predict", {"prompt": ["q"] * (over - 1), "max_new_tokens": 1})
+    assert status == 200 and len(reply["response"]) == over - 1
+
+
+def test_openai_rows_count_prompts_times_n_against_the_prompt_limit(server):
+    status, reply = server.post("/v1/completions", {"prompt": ["q"] * 300, "n": 16, "max_tokens": 1})
+    assert status == 413 and "SHIM_MAX_BATCH_PROMPTS" in reply["error"]
+
+
+def test_explain_refuses_a_prompt_longer_than_the_model(server):
+    too_long = "word " * 3000  # the tiny model's length is 1024 tokens
+    status, body = server.post("/explain", {"prompt": too_long})
+    assert status == 400 and "model length" in body["error"]
+    assert server.post("/predict", {"prompt": too_long})[0] == 400
+
+
+def connect(server):
+    host, port = server.url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=60)
+
+
+def read_all(sock) -> bytes:
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_a_half_sent_head_is_answered_408_and_closed(server):
+    sock = connect(server)
+    sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: appl")
+    reply = read_all(sock)  # returns once the server closes the connection
+    assert reply.startswith(b"HTTP/1.1 408") and b"SHIM_HEADER_TIMEOUT_S" in reply
+
+
+def test_a_body_shorter_than_its_length_is_answered_408_and_closed(server):
+    sock = connect(server)
+    sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+    reply = read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 408") and b"SHIM_BODY_TIMEOUT_S" in reply
+
+
+def test_a_huge_header_is_refused(server):
+    """Over SHIM_MAX_HEADER_BYTES (64 KiB): a 431, or a reset when the server closes while
+    the client is still sending; never an answer to the request."""
+    sock = connect(server)
+    reply = b""
+    try:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (2 * 2**20) + b"\r\n\r\n")
+        reply = read_all(sock)
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    assert reply == b"" or reply.startswith(b"HTTP/1.1 431"), reply[:200]
+    sock = connect(server)  # a head just under the limit is served
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: " + b"a" * 60_000 + b"\r\n\r\n")
+    assert read_all(sock).startswith(b"HTTP/1.1 200")
+
+
+def test_a_client_gone_mid_body_leaves_no_traceback(server):
+    log_before = len(server.log_text())
+    before = shim_metrics(server)
+    sock = connect(server)
+    sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 1000\r\n\r\n{\"prompt\": ")
+    time.sleep(0.5)
+    sock.close()
+    deadline = time.monotonic() + 30
+    while count(shim_metrics(server), "/predict", 499) == count(before, "/predict", 499) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert count(shim_metrics(server), "/predict", 499) - count(before, "/predict", 499) == 1
+    text = server.log_text()[log_before:]
+    assert "Traceback" not in text and "ClientDisconnect" not in text
