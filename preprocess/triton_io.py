@@ -56,3 +56,18 @@ def pad_token_ids(rows: Sequence[Sequence[int]]) -> np.ndarray:
 def unpad_token_ids(array: np.ndarray) -> list[list[int]]:
     # Vectorised: a per-element loop here was a visible share of the generator's time (py-spy).
     return [row[row != PAD_ID].tolist() for row in np.atleast_2d(array)]
+
+
+def answer_each(requests: Sequence, answer, invalid, internal) -> list:
+    """One response per request of a dynamic batch: a request that fails gets its own error
+    response (`invalid(exc)` for bad input, `internal(exc)` for anything else) and the
+    other requests of the batch are answered as usual."""
+    responses = []
+    for request in requests:
+        try:
+            responses.append(answer(request))
+        except InvalidRequest as exc:
+            responses.append(invalid(exc))
+        except Exception as exc:
+            responses.append(internal(request, exc))
+    return responses

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -83,6 +84,38 @@ def http_json(method: str, url: str, body=None, headers=None, timeout=120):
             return exc.code, json.loads(raw)
         except ValueError:
             return exc.code, raw.decode(errors="replace")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one request got: a status and body, or the connection error or timeout it met."""
+    status: int | None
+    body: object
+    seconds: float
+    error: str | None = None
+
+
+def request_outcome(method: str, url: str, body=None, timeout=120) -> Outcome:
+    """Like http_json, but never raises: a timeout, reset or refused connection is an outcome
+    too, so a concurrent test can assert over every request after joining its threads."""
+    started = time.monotonic()
+    try:
+        status, reply = http_json(method, url, body, timeout=timeout)
+        return Outcome(status, reply, time.monotonic() - started)
+    except Exception as exc:  # noqa: BLE001 - recorded, judged by the caller
+        return Outcome(None, None, time.monotonic() - started, f"{type(exc).__name__}: {exc}")
+
+
+def run_threads(targets, join_timeout_s: float) -> None:
+    """Start one thread per target, join them all, and fail if any is still running."""
+    threads = [threading.Thread(target=t, daemon=True) for t in targets]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + join_timeout_s
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    alive = [t.name for t in threads if t.is_alive()]
+    assert not alive, f"client threads still running after {join_timeout_s:.0f} s: {alive}"
 
 
 @dataclass

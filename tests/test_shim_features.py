@@ -81,3 +81,23 @@ def test_start_up_is_never_silent_for_long(server):
     assert "waiting for the model server:" in log_text
     assert "warm-up (" in log_text and "done in" in log_text
     assert "ready: warm-up took" in log_text
+
+
+def test_info_shows_the_effective_scheduler_from_the_device_defaults(server):
+    """No VLLM_MAX_NUM_* set: the engine runs with vLLM's offline (`LLM`) defaults for this
+    device, read from vLLM itself, not copied here."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    batched, seqs = AsyncEngineArgs.get_batch_defaults(world_size=1)
+    scheduler = server.get("/info")[1]["scheduler"]
+    assert scheduler["defaults"] == "offline"
+    assert scheduler["max_num_seqs"] == seqs[UsageContext.LLM_CLASS]
+    assert scheduler["max_num_batched_tokens"] == batched[UsageContext.LLM_CLASS]
+    assert scheduler["kv_cache_blocks"] > 0 and scheduler["max_concurrency_at_max_len"] > 0
+
+
+def test_info_lists_the_limits_a_client_meets(server):
+    limits = server.get("/info")[1]["limits"]
+    assert limits["max_request_tokens"] == int(server.env["SHIM_MAX_REQUEST_TOKENS"])
+    assert limits["header_timeout_s"] == float(server.env["SHIM_HEADER_TIMEOUT_S"])

@@ -26,7 +26,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import EMBEDDED_MODEL, http_json, server_env, start_server, stop_server  # noqa: E402
+from tests.conftest import EMBEDDED_MODEL, http_json, request_outcome, server_env, start_server, stop_server  # noqa: E402
 from preprocess.progress import Heartbeat  # noqa: E402
 
 log = logging.getLogger("soak")
@@ -54,6 +54,7 @@ def percentile(values, q):
 def run_soak(server, seconds: float, clients: int, max_requests: int = 100_000, window_s: float = 60.0) -> dict:
     url = server.url
     records = []  # (t, kind, status, latency)
+    per_client = defaultdict(int)
     crossed = []
     lock = threading.Lock()
     stop_at = time.monotonic() + seconds
@@ -66,28 +67,31 @@ def run_soak(server, seconds: float, clients: int, max_requests: int = 100_000, 
         while time.monotonic() < stop_at and len(records) < max_requests:
             kind = rng.choices(["single", "batch", "system_prompt", "chat"], weights=[4, 2, 1, 3])[0]
             begin = time.monotonic()
+            # request_outcome never raises: a timeout or reset is recorded as an error, not a dead thread.
             if kind == "single":
-                status, body = http_json("POST", url + "/predict", {"prompt": f"client {index} question", "max_new_tokens": 8})
-                ok = status == 200 and isinstance(body.get("response"), str)
+                got = request_outcome("POST", url + "/predict", {"prompt": f"client {index} question", "max_new_tokens": 8})
+                ok = got.status == 200 and isinstance(got.body.get("response"), str)
             elif kind == "batch":
                 count = rng.randint(16, 64)
-                status, body = http_json("POST", url + "/predict",
-                                         {"prompt": [f"c{index} q{i}" for i in range(count)], "max_new_tokens": 4})
-                ok = status == 200 and len(body.get("response", [])) == count
+                got = request_outcome("POST", url + "/predict",
+                                      {"prompt": [f"c{index} q{i}" for i in range(count)], "max_new_tokens": 4})
+                ok = got.status == 200 and len(got.body.get("response", [])) == count
             elif kind == "system_prompt":
-                status, body = http_json("POST", url + "/system_prompt", {"system_prompt": f"简短回答。{rng.random()}"})
-                ok = status == 200
+                got = request_outcome("POST", url + "/system_prompt", {"system_prompt": f"简短回答。{rng.random()}"})
+                ok = got.status == 200
             else:
                 k = rng.randint(1, 40)
-                status, body = http_json("POST", url + "/v1/chat/completions",
-                                         {"messages": [{"role": "system", "content": "fixed"},
-                                                       {"role": "user", "content": chat_prompt(k)}], "max_tokens": 4})
-                ok = status == 200
-                if ok and body["usage"]["prompt_tokens"] != expected_with_fixed_system[k]:
+                got = request_outcome("POST", url + "/v1/chat/completions",
+                                      {"messages": [{"role": "system", "content": "fixed"},
+                                                    {"role": "user", "content": chat_prompt(k)}], "max_tokens": 4})
+                ok = got.status == 200
+                if ok and got.body["usage"]["prompt_tokens"] != expected_with_fixed_system[k]:
                     with lock:
-                        crossed.append((k, body["usage"]["prompt_tokens"]))
+                        crossed.append((k, got.body["usage"]["prompt_tokens"]))
+            status = got.status if got.error is None else got.error
             with lock:
                 records.append((begin - started, kind, status if ok else f"bad-{status}", time.monotonic() - begin))
+                per_client[index] += 1
 
     # Each k measured alone, before the load; under load the usage must match.
     expected_with_fixed_system = {}
@@ -117,6 +121,7 @@ def run_soak(server, seconds: float, clients: int, max_requests: int = 100_000, 
         for t in threads:
             t.join(seconds + 600)
         sampling_done.set()
+    unfinished = sum(t.is_alive() for t in threads)
     rss_end = process_rss(server.process.pid)
     windows = defaultdict(list)
     for t, _, _, latency in records:
@@ -129,7 +134,8 @@ def run_soak(server, seconds: float, clients: int, max_requests: int = 100_000, 
     return {
         "seconds": seconds, "clients": clients, "requests": len(records),
         "by_kind": {k: sum(1 for r in records if r[1] == k) for k in ("single", "batch", "system_prompt", "chat")},
-        "errors": len(errors), "error_samples": [str(e) for e in errors[:5]],
+        "errors": len(errors), "error_samples": [str(e) for e in errors[:5]], "unfinished_clients": unfinished,
+        "requests_per_client_min": min(per_client.values()) if per_client else 0,
         "crossed_answers": len(crossed),
         "latency_windows": [{"window": w, "p50_ms": 1000 * statistics.median(v), "p99_ms": 1000 * percentile(v, 99),
                              "requests": len(v)} for w, v in sorted(windows.items())],
@@ -156,7 +162,7 @@ def main(argv=None) -> int:
     out = REPO / "tests" / ".artifacts" / "soak.json"
     out.write_text(json.dumps(report, indent=1, ensure_ascii=False))
     print(f"written to {out}")
-    return 0 if report["errors"] == 0 and report["crossed_answers"] == 0 else 1
+    return 0 if report["errors"] == 0 and report["crossed_answers"] == 0 and report["unfinished_clients"] == 0 else 1
 
 
 if __name__ == "__main__":

@@ -70,9 +70,11 @@ def test_use_vllm_auto_needs_an_accelerator():
 def test_real_vllm_rejects_a_load_format_and_the_chain_recovers(tiny_model, caplog):
     """Real vLLM, real error: `awq` weights do not exist for this model; the retry without it serves."""
     with caplog.at_level("WARNING"):
-        s = service(tiny_model, VLLM_LOAD_FORMAT="awq")
+        s = service(tiny_model, VLLM_LOAD_FORMAT="awq", VLLM_MAX_NUM_SEQS="24")
     try:
         assert s.runner.backend == "vllm"
+        # The environment's scheduler setting wins over the device defaults, and /info shows it.
+        assert s.runner.scheduler["max_num_seqs"] == 24 and s.info()["scheduler"]["max_num_seqs"] == 24
         assert "load_format" not in s.runner.engine_kwargs
         assert "load_format='awq' rejected" in caplog.text
     finally:

@@ -88,3 +88,22 @@ def test_prompt_longer_than_the_model_is_refused(runner):
     with pytest.raises(PromptTooLong, match="prompt 1 has 2000 tokens; the model length is 1024"):
         check_prompt_lengths([GenerationItem([5] * 10, sampling(2)), GenerationItem([5] * 2000, sampling(2))],
                              runner.max_model_len)
+
+
+def test_no_tokenizer_is_a_clear_start_error(tiny_model):
+    from preprocess.hf_runner import TransformersRunner
+
+    with pytest.raises(RuntimeError, match="needs the model's tokenizer"):
+        TransformersRunner(str(tiny_model), None, [], [])
+
+
+def test_no_stop_ids_still_generates_to_the_limit(tiny_model, tokenizer):
+    from preprocess.hf_runner import TransformersRunner
+
+    r = TransformersRunner(str(tiny_model), tokenizer, [], [])
+    try:
+        ids = tokenizer("hello there", add_special_tokens=False).input_ids
+        result = run(r, [GenerationItem(ids, sampling(5, ignore_eos=True))])[0]
+        assert result.completion_tokens == 5 and result.finish_reason == "length"
+    finally:
+        r.shutdown(5)

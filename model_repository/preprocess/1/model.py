@@ -9,7 +9,7 @@ from preprocess.stub import prepare_stub_process
 log = prepare_stub_process("preprocess")
 
 from preprocess import triton_io as io  # noqa: E402
-from preprocess.contract import GENERATOR_SCALARS, SAMPLING, InvalidRequest  # noqa: E402
+from preprocess.contract import GENERATOR_SCALARS, SAMPLING  # noqa: E402
 from preprocess.pipeline import PreprocessStage, load_tokenizer  # noqa: E402
 from preprocess.settings import resolve_model_dir  # noqa: E402
 
@@ -30,17 +30,16 @@ class TritonPythonModel:
         log.info("ready: model %s, fast chat template %s", model_dir, self.stage.formatter.fast)
 
     def execute(self, requests):
-        # One response per request, whatever happens to another request of the same batch.
-        return [self._answer(request) for request in requests]
+        return io.answer_each(requests, self._one, self._invalid, self._internal)
 
-    def _answer(self, request):
-        try:
-            return self._one(request)
-        except InvalidRequest as exc:
-            return error_response(str(exc), pb_utils.TritonError.INVALID_ARG)
-        except Exception:
-            log.exception("preprocess failed on request %s", request.request_id())
-            return error_response("internal error in preprocess (see the server log)", pb_utils.TritonError.INTERNAL)
+    @staticmethod
+    def _invalid(exc):
+        return error_response(str(exc), pb_utils.TritonError.INVALID_ARG)
+
+    @staticmethod
+    def _internal(request, exc):
+        log.error("preprocess failed on request %s: %s: %s", request.request_id(), type(exc).__name__, exc)
+        return error_response("internal error in preprocess (see the server log)", pb_utils.TritonError.INTERNAL)
 
     def _one(self, request):
         questions = io.decode_strings(optional(request, "prompt"), "prompt")
