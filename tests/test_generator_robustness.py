@@ -107,37 +107,22 @@ def test_a_single_request_finishes_before_a_maximal_one_started_earlier(server):
     assert finished == [("single", 200), ("maximal", 200)]
 
 
-def test_client_disconnect_aborts_the_generation(server):
-    import json
-
-    server.wait_ok()
-    import socket
-
-    # The largest request the session's work budget allows: 16 prompts x 1000 tokens.
-    body = json.dumps({"prompt": [f"write forever {i}" for i in range(16)], "max_new_tokens": 1000,
-                       "ignore_eos": True}).encode()
-    host, port = server.url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)))
-    sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-    time.sleep(1.5)
-    sock.close()
-    assert wait_for(lambda: "cancelled by the client; aborting" in server.log_text(), 15), \
-        server.log_text()[-2000:]
-    assert server.post("/predict", {"prompt": "next one"})[0] == 200
-
-
-def test_openai_client_disconnect_aborts_the_generation(server):
+@pytest.mark.parametrize("route, body", [
+    # The largest requests the session's work budget allows: 16 rows x 1000 tokens.
+    ("/predict", {"prompt": [f"write forever {i}" for i in range(16)], "max_new_tokens": 1000, "ignore_eos": True}),
+    ("/v1/completions", {"prompt": "write forever", "n": 16, "max_tokens": 1000}),
+])
+def test_client_disconnect_aborts_the_generation(server, route, body):
     import json
     import socket
 
     server.wait_ok()
     marks = server.log_text().count("cancelled by the client; aborting")
-    body = json.dumps({"prompt": "write forever", "n": 16, "max_tokens": 1000}).encode()
+    raw = json.dumps(body).encode()
     host, port = server.url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)))
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    sock.sendall(f"POST {route} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+                 + f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
     time.sleep(1.5)
     sock.close()
     assert wait_for(lambda: server.log_text().count("cancelled by the client; aborting") > marks, 15), \
