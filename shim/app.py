@@ -134,7 +134,7 @@ async def predict(request: Request):
     state = shim_state(request)
     body = await parse_body(request, PredictRequest)
     prompts = body.prompts()
-    overrides = state.limits.admit(prompts, body.overrides())
+    overrides = state.limits.admit(prompts, body.overrides(), indexed=isinstance(body.prompt, list))
     texts = [a.text for a in await state.generate(request, prompts, overrides)]
     return {"response": texts if isinstance(body.prompt, list) else texts[0]}
 

@@ -161,12 +161,12 @@ class Limits:
     default_max_tokens: int
 
     def admit(self, prompts: list[str], overrides: dict[str, Any], choices: int = 1,
-              field: str = "prompt") -> dict[str, Any]:
+              field: str = "prompt", indexed: bool = True) -> dict[str, Any]:
         """The overrides as the ensemble gets them (max_new_tokens clipped to 1..4096, as
         the replaced service did), or ApiError naming what is out of range or over a limit."""
         broken = first_non_text(prompts)
         if broken is not None:
-            where = f"{field}[{broken}]" if len(prompts) > 1 or field != "prompt" else field
+            where = f"{field}[{broken}]" if indexed else field
             raise ApiError(400, f"{where} is not valid UTF-8 text (a lone surrogate)")
         values = {k: v for k, v in overrides.items() if v is not None}
         if "max_new_tokens" in values:

@@ -40,10 +40,10 @@ def sse(chunks: list[dict]) -> StreamingResponse:
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-async def generate(request: Request, prompts: list[str], params: OpenAIParams,
-                   system_prompt: str | None = None, field: str = "prompt") -> list[Answer]:
+async def generate(request: Request, prompts: list[str], params: OpenAIParams, system_prompt: str | None = None,
+                   field: str = "prompt", indexed: bool = True) -> list[Answer]:
     state = shim_state(request)
-    overrides = state.limits.admit(prompts, params.overrides(), choices=params.n, field=field)
+    overrides = state.limits.admit(prompts, params.overrides(), choices=params.n, field=field, indexed=indexed)
     rows = [p for p in prompts for _ in range(params.n)]
     return await state.generate(request, rows, overrides, system_prompt)
 
@@ -62,7 +62,8 @@ async def chat(request: Request):
     if not users:
         raise ApiError(422, "messages: no message with role 'user'")
     systems = [m.content for m in body.messages if m.role == "system"]
-    answers = await generate(request, [users[-1]], body, systems[-1] if systems else None, field="messages")
+    answers = await generate(request, [users[-1]], body, systems[-1] if systems else None,
+                             field="messages: the last user message", indexed=False)
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         head = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model_name}
@@ -82,7 +83,7 @@ async def completions(request: Request):
     body: CompletionRequest = await parse_body(request, CompletionRequest)
     model_name = shim_state(request).model_dir.name
     prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
-    answers = await generate(request, prompts, body)
+    answers = await generate(request, prompts, body, indexed=isinstance(body.prompt, list))
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     choices = [{"index": i, "text": a.text, "finish_reason": a.finish_reason, "logprobs": None}
                for i, a in enumerate(answers)]
