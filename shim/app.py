@@ -37,9 +37,10 @@ WARMUP_MAX_TOKENS = 8
 class ShimState:
     """Settings (parsed once), health, warm-up and the run-time system prompt."""
 
-    def __init__(self, environ: Mapping[str, str], client: EnsembleClient, restart_server=None):
+    def __init__(self, environ: Mapping[str, str], client: EnsembleClient | None = None, restart_server=None):
         self.environ = environ  # kept for BATCH_MODE, which health reads live
         self.shim = cfg.load_shim(environ)
+        runtime = cfg.runtime_dir(environ)
         self.routing = cfg.load_routing(environ)
         self.sampling = cfg.load_sampling(environ)
         self.warmup = cfg.load_warmup(environ)
@@ -49,9 +50,11 @@ class ShimState:
                              max(self.routing.max_new_tokens, self.routing.max_new_tokens_code_soft,
                                  self.routing.max_new_tokens_code, self.routing.max_new_tokens_code_hard))
         self.restart_server = restart_server  # the supervisor's restart, under ./build.sh serve
-        self.client = client
+        self.client = client or EnsembleClient(
+            f"{self.shim.triton_host}:{self.shim.triton_http_port}", timeout_s=self.shim.request_timeout_s,
+            cancel_markers=CancelMarkers(runtime / "cancelled" if runtime else None))
         self.on_restart = None  # a metric
-        self.generator = GeneratorState(cfg.runtime_dir(environ))
+        self.generator = GeneratorState(runtime)
         self.ready = False
         self.started = time.monotonic()
         self.ready_after_s: float | None = None
@@ -196,11 +199,8 @@ def create_app(environ: Mapping[str, str] | None = None, client: EnsembleClient 
     from .ui import router as ui_router
 
     environ = os.environ if environ is None else environ
-    shim = cfg.load_shim(environ)
-    runtime = cfg.runtime_dir(environ)
-    client = client or EnsembleClient(f"{shim.triton_host}:{shim.triton_http_port}", timeout_s=shim.request_timeout_s,
-                                      cancel_markers=CancelMarkers(runtime / "cancelled" if runtime else None))
     state = ShimState(environ, client, restart_server)
+    client, shim = state.client, state.shim
     metrics = ShimMetrics()
     client.on_failure = metrics.model_failures.inc
     state.on_restart = metrics.server_restarts.inc
