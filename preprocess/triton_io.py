@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .contract import NUMPY_TYPES as NUMPY, PAD_ID, InvalidRequest
+from .contract import PAD_ID, InvalidRequest
 
 
 def decode_strings(array: np.ndarray, what: str) -> list[str]:

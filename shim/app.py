@@ -25,7 +25,7 @@ from preprocess.warmup import warmup_prompts
 
 from .bodies import Limits, PredictRequest, SystemPromptRequest, json_body, parse_body
 from .ensemble import Answer, EnsembleClient, EnsembleError
-from .errors import ApiError, ClientGone, error, install_handlers
+from .errors import ApiError, ClientGone, install_handlers
 from .guards import Guards, ShimMetrics
 from preprocess.runtime import GeneratorState
 
@@ -242,6 +242,3 @@ async def run_until_disconnect(request: Request, work):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             raise ClientGone()
-
-
-__all__ = ["create_app", "ShimState", "error"]

@@ -42,13 +42,17 @@ def row(path, tokens, seconds, latencies, baseline=None):
             "baseline": baseline}
 
 
+def tagged_questions(n: int, tag: str) -> list[str]:
+    return [f"[{tag}-{i}] {QUESTIONS[i % len(QUESTIONS)]}" for i in range(n)]
+
+
 def prompts_and_ids(model_dir: Path, n: int, tag: str):
     """N questions and their token ids. Each path gets its own `tag` at the start of the
     question, so no path finds another's prompts in vLLM's prefix cache (the shared system
     prompt is cached for all, as in production)."""
     from preprocess.pipeline import PreprocessStage, load_tokenizer
 
-    questions = [f"[{tag}-{i}] {QUESTIONS[i % len(QUESTIONS)]}" for i in range(n)]
+    questions = tagged_questions(n, tag)
     rows = PreprocessStage(os.environ, load_tokenizer(model_dir)).run(questions)
     return questions, [r.token_ids for r in rows]
 

@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.bench import QUESTIONS, device_name, prompts_and_ids  # noqa: E402
+from tests.bench import device_name, prompts_and_ids, tagged_questions  # noqa: E402
 from tests.conftest import http_json, server_env, start_server, stop_server  # noqa: E402
 
 log = logging.getLogger("bench_batch")
@@ -74,7 +74,7 @@ class Offline:
 
 
 def shim_batch(server, model_dir: Path, n: int, tokens: int, tag: str) -> dict:
-    questions = [f"[{tag}-{i}] {QUESTIONS[i % len(QUESTIONS)]}" for i in range(n)]
+    questions = tagged_questions(n, tag)
     body = {"prompt": questions, "max_new_tokens": tokens, "ignore_eos": True, "repetition_penalty": 1.0,
             "frequency_penalty": 0.0}
     started = time.perf_counter()

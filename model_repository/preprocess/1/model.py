@@ -9,7 +9,7 @@ from preprocess.stub import prepare_stub_process
 log = prepare_stub_process("preprocess")
 
 from preprocess import triton_io as io  # noqa: E402
-from preprocess.contract import GENERATOR_SCALARS, SAMPLING  # noqa: E402
+from preprocess.contract import GENERATOR_SCALARS, NUMPY_TYPES, SAMPLING  # noqa: E402
 from preprocess.pipeline import PreprocessStage, load_tokenizer  # noqa: E402
 from preprocess.settings import resolve_model_dir  # noqa: E402
 
@@ -53,7 +53,7 @@ class TritonPythonModel:
             raw=io.column(optional(request, "raw"), count),
         )
         s = [row.sampling for row in rows]
-        outputs = {name: io.scalars([getattr(x, field) for x in s], io.NUMPY[dtype])
+        outputs = {name: io.scalars([getattr(x, field) for x in s], NUMPY_TYPES[dtype])
                    for name, dtype, field in GENERATOR_SCALARS}
         outputs.update({
             "PROMPT_IDS": io.pad_token_ids([row.token_ids for row in rows]),
