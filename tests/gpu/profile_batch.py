@@ -18,8 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tests.bench_batch import shim_batch  # noqa: E402
-from tests.conftest import server_env, start_server, stop_server  # noqa: E402
+from tests.bench_engine import Product  # noqa: E402
 
 MODELS = ("llm", "preprocess", "generator", "postprocess")
 
@@ -42,14 +41,13 @@ def delta(after, before) -> dict:
 def main():
     model_dir, n, tokens, out = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
     started = time.perf_counter()
-    server = start_server(server_env(model_dir, BATCH_MODE="1", WARMUP_NUM_SAMPLES="0", DTYPE="bfloat16",
-                                     SHIM_MAX_REQUEST_TOKENS=str(10**8), SHIM_REQUEST_TIMEOUT_S="3600"),
-                          "profile-server.log")
-    startup_s = time.perf_counter() - started
+    product = Product(model_dir, {"BATCH_MODE": "1", "WARMUP_NUM_SAMPLES": "0", "DTYPE": "bfloat16",
+                                  "SHIM_MAX_REQUEST_TOKENS": str(10**8), "SHIM_REQUEST_TIMEOUT_S": "3600"})
+    server, startup_s = product.server, time.perf_counter() - started
     runs = []
     try:
         generator_pid = server.generator_state()["pid"]
-        shim_batch(server, model_dir, 64, 8, "warm")
+        product.batch(64, 8, "warm")
         for i in range(4):
             before = stats(server)
             spy = None
@@ -57,17 +55,16 @@ def main():
                 spy = subprocess.Popen(["py-spy", "record", "-p", str(generator_pid), "-d", "30", "--threads",
                                         "--format", "raw", "-o", str(out / "generator.raw"), "--nonblocking"])
                 time.sleep(1)
-            got = shim_batch(server, model_dir, n, tokens, f"p{i}")
+            got = product.batch(n, tokens, f"p{i}")
             if spy is not None:
-                spy.terminate()
-                spy.wait(30)
+                spy.wait(60)
             d = delta(stats(server), before)
             runs.append({"seconds": got["seconds"], "tok_s": got["tokens"] / got["seconds"],
                          "models_ms": {m: {k: (v / 1e6 if k != "count" and k != "executions" else v)
                                            for k, v in d[m].items()} for m in d}})
             print(json.dumps(runs[-1]), flush=True)
     finally:
-        stop_server(server)
+        product.close()
     (out / "profile.json").write_text(json.dumps({"startup_s": startup_s, "n": n, "tokens": tokens,
                                                    "runs": runs}, indent=1))
     print(f"start to ok {startup_s:.1f} s")

@@ -1,0 +1,316 @@
+"""The engine at its limit: the product against vLLM's own anchors, interleaved, on one GPU.
+
+Every engine stays resident for the whole run, side by side, each with --memory of the
+GPU, so one round measures every path within seconds of the others (A B C A B C ...) and
+no engine start sits between them. Ratios are taken per round, then summarised.
+
+    python -m tests.bench_engine --plan batch  --model-dir DIR --out FILE
+    python -m tests.bench_engine --plan online --model-dir DIR --out FILE
+
+Each plan fits one 10-minute device call (tests/gpu/run_engine.sh runs both):
+
+- `batch`: baseline 1 (offline `LLM`, vLLM defaults), baseline 2 (offline `LLM`, the product's
+  engine arguments) and shim `/predict`, each size N x T with ignore_eos; then the
+  judge-shaped row with long-answer routing limits (shim against baseline 1 running the
+  product's routing, template and clean-up in process).
+- `online`: baseline 3 (`AsyncLLM` with the `vllm serve` usage context) against the ensemble
+  over tritonclient at c=1/16/64/256; then the judge-shaped row with the routing limits
+  as shipped.
+
+Memory per engine is below what one engine alone would get, so the KV cache is smaller than
+in production; every path runs under the same limit.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.bench import QUESTIONS, at_concurrency, device_name, percentile, tagged_questions  # noqa: E402
+from tests.bench_workers import Worker  # noqa: E402
+from tests.conftest import http_json, server_env, start_server, stop_server  # noqa: E402
+
+log = logging.getLogger("bench_engine")
+SHIPPED_ROUTING = {"MAX_NEW_TOKENS": "32", "MAX_NEW_TOKENS_CODE_SOFT": "64", "MAX_NEW_TOKENS_CODE": "192"}
+LONG_ROUTING = {"MAX_NEW_TOKENS": "128", "MAX_NEW_TOKENS_CODE_SOFT": "256", "MAX_NEW_TOKENS_CODE": "512"}
+CODE_QUESTIONS = ["请写一个 CUDA kernel 实现向量加法。", "Write a C++ function for matrix multiplication.",
+                  "用 Python 实现快速排序的代码。", "Write a CUDA kernel that does a parallel reduction."]
+EXACT = {"ignore_eos": True, "temperature": 0.0, "repetition_penalty": 1.0, "frequency_penalty": 0.0}
+
+
+def judge_questions(n: int, tag: str) -> list[str]:
+    """N questions like the judge's: its Chinese set, English ones and code ones, mixed routes."""
+    lines = (REPO / "tests" / "data" / "judge_questions.jsonl").read_text(encoding="utf-8").splitlines()
+    pool = [json.loads(line)["question"] for line in lines if line.strip()] + QUESTIONS + CODE_QUESTIONS
+    return [f"[{tag}-{i}] {pool[i % len(pool)]}" for i in range(n)]
+
+
+class Product:
+    """The product behind its shim, and its ensemble reached over tritonclient."""
+
+    def __init__(self, model_dir: Path, env: dict):
+        started = time.perf_counter()
+        self.server = start_server(server_env(model_dir, **env), "bench-engine-server.log")
+        self.startup_s = time.perf_counter() - started
+        self.info = self.server.get("/info")[1]
+
+    def predict(self, questions: list[str], overrides: dict) -> tuple[list[str], float]:
+        started = time.perf_counter()
+        status, reply = http_json("POST", self.server.url + "/predict", {"prompt": questions, **overrides},
+                                  timeout=3600)
+        seconds = time.perf_counter() - started
+        if status != 200 or len(reply["response"]) != len(questions):
+            raise RuntimeError(f"/predict answered {status}: {str(reply)[:300]}")
+        return reply["response"], seconds
+
+    def batch(self, n: int, tokens: int, tag: str) -> dict:
+        _, seconds = self.predict(tagged_questions(n, tag), {"max_new_tokens": tokens, **EXACT})
+        return {"tokens": n * tokens, "seconds": seconds}
+
+    def judge(self, questions: list[str]) -> dict:
+        answers, seconds = self.predict(questions, {})
+        return {"chars": sum(len(a) for a in answers), "seconds": seconds}
+
+    def online(self, concurrency: int, requests: int, tokens: int, tag: str) -> dict:
+        return asyncio.run(self._online(concurrency, tagged_questions(requests, tag), tokens))
+
+    async def _online(self, concurrency: int, questions: list[str], tokens: int) -> dict:
+        import tritonclient.http.aio as triton_aio
+
+        from shim.ensemble import build_inputs
+
+        client = triton_aio.InferenceServerClient(self.server.triton_url, conn_limit=1024, conn_timeout=3600)
+        overrides = {"max_new_tokens": tokens, **EXACT}
+
+        async def one(question):
+            started = time.perf_counter()
+            await client.infer("llm", build_inputs([question], None, overrides))
+            return time.perf_counter() - started
+
+        try:
+            latencies, seconds = await at_concurrency(one, questions, concurrency)
+        finally:
+            await client.close()
+        return {"tokens": len(questions) * tokens, "seconds": seconds,
+                "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99)}
+
+    def close(self) -> None:
+        stop_server(self.server)
+
+
+class GpuSampler:
+    """nvidia-smi every second: memory, utilisation, SM clock, temperature."""
+
+    def __init__(self):
+        self.samples, self._stop = [], threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        query = ["nvidia-smi", "--query-gpu=memory.used,utilization.gpu,clocks.sm,temperature.gpu",
+                 "--format=csv,noheader,nounits"]
+        while not self._stop.wait(1.0):
+            try:
+                out = subprocess.run(query, capture_output=True, text=True, timeout=5).stdout.strip().split(",")
+                self.samples.append({"t": time.time(), "mem_mib": float(out[0]), "util": float(out[1]),
+                                     "sm_mhz": float(out[2]), "temp_c": float(out[3])})
+            except Exception:  # a missed sample is only a gap in the record
+                continue
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(5)
+
+
+def gpu_processes() -> str:
+    """Which processes hold the GPU: shows that no engine outlives its phase."""
+    try:
+        return subprocess.run(["nvidia-smi", "--query-compute-apps=pid,process_name,used_memory", "--format=csv"],
+                              capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"nvidia-smi failed: {exc}"
+
+
+def summary(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+class Record:
+    """Every measurement as it lands, written to disk each time (a cut-off run keeps its rounds)."""
+
+    def __init__(self, out: Path, header: dict):
+        self.out, self.header, self.measurements = out, header, []
+
+    def add(self, case: str, path: str, round_: int, result: dict, rate_key: str) -> None:
+        rate = result[rate_key] / result["seconds"]
+        self.measurements.append({"case": case, "path": path, "round": round_, "rate": rate, **result})
+        extra = f", p50 {result['p50_ms']:.1f} ms" if "p50_ms" in result else ""
+        log.info("round %d %-14s %-16s %9.0f %s/s (%.1f s%s)", round_ + 1, case, path, rate,
+                 rate_key.removesuffix("s"), result["seconds"], extra)
+        self.write()
+
+    def table(self) -> dict:
+        cases: dict[str, dict[str, dict[int, dict]]] = {}
+        for m in self.measurements:
+            cases.setdefault(m["case"], {}).setdefault(m["path"], {})[m["round"]] = m
+        table = {}
+        for case, paths in cases.items():
+            rows = {path: {"rate": summary([m["rate"] for m in rounds.values()])} for path, rounds in paths.items()}
+            for path, rounds in paths.items():
+                if "p50_ms" in next(iter(rounds.values())):
+                    rows[path]["p50_ms"] = summary([m["p50_ms"] for m in rounds.values()])
+                for base, base_rounds in paths.items():
+                    if base == path or not base.startswith("baseline"):
+                        continue
+                    common = sorted(set(rounds) & set(base_rounds))
+                    if common:
+                        rows[path][f"ratio_to_{base}"] = summary(
+                            [rounds[r]["rate"] / base_rounds[r]["rate"] for r in common])
+                        if "p50_ms" in rounds[common[0]] and "p50_ms" in base_rounds[common[0]]:
+                            rows[path][f"p50_ms_over_{base}"] = summary(
+                                [rounds[r]["p50_ms"] - base_rounds[r]["p50_ms"] for r in common])
+            table[case] = rows
+        return table
+
+    def write(self, **more) -> None:
+        self.header.update(more)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps({**self.header, "table": self.table(), "measurements": self.measurements},
+                                       indent=1, ensure_ascii=False))
+
+
+def print_table(table: dict) -> None:
+    for case, rows in table.items():
+        for path, row in rows.items():
+            rate = row["rate"]
+            ratios = "  ".join(f"{k.removeprefix('ratio_to_')} {v['median']:.3f} ({v['min']:.3f}-{v['max']:.3f})"
+                               for k, v in row.items() if k.startswith("ratio_to_"))
+            latency = f"  p50 {row['p50_ms']['median']:.1f} ms" if "p50_ms" in row else ""
+            print(f"{case:14} {path:18} {rate['median']:9.0f} ({rate['min']:.0f}-{rate['max']:.0f}){latency}  {ratios}")
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="[bench_engine] %(message)s")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--plan", choices=("batch", "online"), required=True)
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--sizes", nargs="+", default=["650x128", "1536x256"])
+    parser.add_argument("--tokens", type=int, default=128, help="tokens per online request")
+    parser.add_argument("--online", nargs="+", default=["1:8", "16:128", "64:512", "256:1024"],
+                        help="CONCURRENCY:REQUESTS windows of the online plan")
+    parser.add_argument("--judge-n", type=int, default=650)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--memory", type=float, default=0.28, help="GPU memory share of each engine")
+    parser.add_argument("--product-env", nargs="*", default=[], help="NAME=VALUE for the product and baseline 2")
+    parser.add_argument("--py-spy", help="folder for a py-spy profile of the generator stub (batch plan)")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    model_dir = Path(args.model_dir)
+    routing = LONG_ROUTING if args.plan == "batch" else SHIPPED_ROUTING
+    product_env = {"BATCH_MODE": "1", "WARMUP_NUM_SAMPLES": "0", "GPU_MEMORY_UTILIZATION": str(args.memory),
+                   "DTYPE": "bfloat16", "SHIM_MAX_REQUEST_TOKENS": str(10**8), "SHIM_REQUEST_TIMEOUT_S": "3600",
+                   **routing, **dict(item.split("=", 1) for item in args.product_env)}
+    # The baselines read the same routing and engine variables the product does.
+    worker_env = {**os.environ, **product_env}
+    kinds = (("baseline1-offline", "offline-vllm"), ("baseline2-product", "offline-product")) \
+        if args.plan == "batch" else (("baseline3-serve", "async-serve"), ("baseline1-offline", "offline-vllm"))
+    record = Record(Path(args.out), {"device": device_name(), "plan": args.plan, "model_dir": str(model_dir),
+                                     "memory_each": args.memory, "product_env": product_env,
+                                     "gpu_before": gpu_processes()})
+    workers, product = {}, None
+    try:
+        for name, kind in kinds:
+            started = time.perf_counter()
+            workers[name] = Worker(kind, str(model_dir), args.memory, env=worker_env)
+            log.info("%s up in %.1f s: %s", name, time.perf_counter() - started, workers[name].scheduler)
+        product = Product(model_dir, product_env)
+        log.info("product up in %.1f s: %s", product.startup_s, product.info.get("scheduler"))
+        record.write(schedulers={name: w.scheduler for name, w in workers.items()},
+                     product_scheduler=product.info.get("scheduler"), product_engine_args=product.info.get("engine_args"),
+                     product_startup_s=product.startup_s, gpu_with_all=gpu_processes())
+        with GpuSampler() as sampler:
+            if args.plan == "batch":
+                run_batch_plan(args, workers, product, record)
+            else:
+                run_online_plan(args, workers, product, record)
+    finally:
+        if product is not None:
+            product.close()
+        for worker in workers.values():
+            worker.close()
+    record.write(gpu_samples=sampler.samples, gpu_after=gpu_processes())
+    print_table(record.table())
+    print(f"written to {args.out}")
+
+
+def run_batch_plan(args, workers, product, record) -> None:
+    sizes = [tuple(int(x) for x in size.split("x")) for size in args.sizes]
+    b1, b2 = workers["baseline1-offline"], workers["baseline2-product"]
+    for n, _ in sizes:  # warm each path once per size (compile, graphs, caches); not measured
+        for path in (b1, b2):
+            path.run(op="batch", n=min(n, 64), tokens=8, tag=f"warm{n}")
+        product.batch(min(n, 64), 8, f"warm{n}")
+    for round_ in range(args.rounds):
+        for n, tokens in sizes:
+            case = f"batch {n}x{tokens}"
+            record.add(case, "baseline1-offline", round_, b1.run(op="batch", n=n, tokens=tokens, tag=f"r{round_}b1"),
+                       "tokens")
+            record.add(case, "baseline2-product", round_, b2.run(op="batch", n=n, tokens=tokens, tag=f"r{round_}b2"),
+                       "tokens")
+            spy = profiler(args, product, record, case) if round_ == 1 and (n, tokens) == sizes[-1] else None
+            record.add(case, "shim /predict", round_, product.batch(n, tokens, f"r{round_}shim"), "tokens")
+            if spy is not None:
+                spy.wait(120)  # py-spy stops on its own after -d seconds and writes its file then
+        judge_round(args, b1, product, record, round_, "judge long")
+
+
+def profiler(args, product, record, case: str):
+    """py-spy on the generator stub for one product batch (its length taken from round 1)."""
+    if not args.py_spy:
+        return None
+    seconds = next(m["seconds"] for m in record.measurements if m["case"] == case and m["path"] == "shim /predict")
+    pid = product.server.generator_state()["pid"]
+    out = Path(args.py_spy) / f"generator-{case.replace(' ', '-')}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(["py-spy", "record", "-p", str(pid), "-d", str(int(seconds) + 1), "--threads",
+                             "--nonblocking", "--format", "raw", "-o", str(out)])
+
+
+def run_online_plan(args, workers, product, record) -> None:
+    b3, b1 = workers["baseline3-serve"], workers["baseline1-offline"]
+    b3.run(op="online", c=16, requests=32, tokens=8, tag="warm")
+    product.online(16, 32, 8, "warm")
+    for round_ in range(args.rounds):
+        for concurrency, requests in (tuple(int(x) for x in w.split(":")) for w in args.online):
+            case = f"online c={concurrency}"
+            record.add(case, "baseline3-serve", round_,
+                       b3.run(op="online", c=concurrency, requests=requests, tokens=args.tokens,
+                              tag=f"r{round_}c{concurrency}b3"), "tokens")
+            record.add(case, "ensemble", round_,
+                       product.online(concurrency, requests, args.tokens, f"r{round_}c{concurrency}ens"), "tokens")
+        judge_round(args, b1, product, record, round_, "judge shipped")
+
+
+def judge_round(args, replica, product, record, round_: int, case: str) -> None:
+    """The judge's batch: the product's shim against the replaced service's batch path in process."""
+    record.add(case, "baseline1-offline", round_,
+               replica.run(op="judge", questions=judge_questions(args.judge_n, f"r{round_}j1")), "chars")
+    record.add(case, "shim /predict", round_, product.judge(judge_questions(args.judge_n, f"r{round_}js")), "chars")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The baselines of `tests/bench_engine.py`, each a resident engine in its own child process.
+
+A worker builds its engine once, prints `READY {scheduler settings}`, then answers one JSON
+command per stdin line with `RESULT {...}`. Kinds:
+
+- `offline-vllm`: `LLM(model)` with vLLM's own defaults, what the replaced service runs in
+  batch mode (baseline 1);
+- `offline-product`: `LLM(**the product's engine arguments)`, read from the same environment
+  the generator reads (baseline 2);
+- `async-serve`: `AsyncLLM` built with the `vllm serve` usage context, what `vllm serve` and
+  Triton's vllm_backend run (baseline 3).
+
+Commands: `batch` (N prompts x T tokens, ignore_eos), `online` (requests at a concurrency),
+`judge` (questions through the product's own routing, template and clean-up: the replaced
+service's batch path, in process).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.bench import at_concurrency, percentile, prompts_and_ids  # noqa: E402
+
+KINDS = ("offline-vllm", "offline-product", "async-serve")
+
+
+def product_engine_args(model_dir: str) -> dict:
+    """The engine arguments the generator would pass, from this process's environment."""
+    from preprocess.engine_config import engine_kwargs, load_engine
+
+    return engine_kwargs(load_engine(os.environ, cpu_only=False), model_dir)
+
+
+def scheduler_of(vllm_config) -> dict:
+    s, c = vllm_config.scheduler_config, vllm_config.compilation_config
+    return {"max_num_seqs": s.max_num_seqs, "max_num_batched_tokens": s.max_num_batched_tokens,
+            "async_scheduling": getattr(s, "async_scheduling", None),
+            "max_cudagraph_capture_size": getattr(c, "max_cudagraph_capture_size", None),
+            "kv_cache_blocks": getattr(vllm_config.cache_config, "num_gpu_blocks", None)}
+
+
+def judge_rows(model_dir: str, questions: list[str]):
+    """Token ids and per-prompt sampling exactly as the product's preprocess stage makes them."""
+    from preprocess.pipeline import PreprocessStage, load_tokenizer
+
+    return PreprocessStage(os.environ, load_tokenizer(model_dir)).run(questions)
+
+
+def judge_params(rows):
+    from vllm import SamplingParams
+
+    return [SamplingParams(max_tokens=r.sampling.max_tokens, temperature=r.sampling.temperature,
+                           top_p=r.sampling.top_p, top_k=r.sampling.top_k,
+                           repetition_penalty=r.sampling.repetition_penalty,
+                           frequency_penalty=r.sampling.frequency_penalty) for r in rows]
+
+
+def cleaned_chars(rows, texts: list[str]) -> int:
+    from preprocess.pipeline import PostprocessStage
+
+    answers = PostprocessStage(os.environ).run(texts, [r.decision.route.value for r in rows],
+                                               [r.decision.is_code for r in rows])
+    return sum(len(a) for a in answers)
+
+
+def reply(payload: dict) -> None:
+    print("RESULT " + json.dumps(payload), flush=True)
+
+
+def offline_worker(kind: str, model_dir: str, memory: float) -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    if kind == "offline-vllm":
+        llm = LLM(model_dir, gpu_memory_utilization=memory, dtype="bfloat16")
+    else:
+        llm = LLM(**{**product_engine_args(model_dir), "gpu_memory_utilization": memory})
+    print("READY " + json.dumps(scheduler_of(llm.llm_engine.vllm_config)), flush=True)
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command["op"] == "batch":
+            ids = prompts_and_ids(Path(model_dir), command["n"], command["tag"])[1]
+            params = SamplingParams(max_tokens=command["tokens"], ignore_eos=True, temperature=0)
+            started = time.perf_counter()
+            outputs = llm.generate([TokensPrompt(prompt_token_ids=i) for i in ids], params, use_tqdm=False)
+            seconds = time.perf_counter() - started
+            reply({"tokens": sum(len(o.outputs[0].token_ids) for o in outputs), "seconds": seconds})
+        elif command["op"] == "judge":
+            rows = judge_rows(model_dir, command["questions"])
+            started = time.perf_counter()
+            outputs = llm.generate([TokensPrompt(prompt_token_ids=r.token_ids) for r in rows], judge_params(rows),
+                                   use_tqdm=False)
+            texts = [o.outputs[0].text for o in outputs]
+            chars = cleaned_chars(rows, texts)
+            seconds = time.perf_counter() - started
+            reply({"chars": chars, "seconds": seconds, "tokens": sum(len(o.outputs[0].token_ids) for o in outputs)})
+        else:
+            reply({"error": f"{kind} does not run {command['op']}"})
+
+
+async def async_serve_worker(model_dir: str, memory: float) -> None:
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model_dir, gpu_memory_utilization=memory,
+                                                       dtype="bfloat16", disable_log_stats=False),
+                                       usage_context=UsageContext.OPENAI_API_SERVER)
+    print("READY " + json.dumps(scheduler_of(engine.vllm_config)), flush=True)
+    counter = iter(range(10**9))
+
+    async def one(token_ids, params):
+        started = time.perf_counter()
+        async for out in engine.generate(TokensPrompt(prompt_token_ids=token_ids), params, f"r{next(counter)}"):
+            final = out
+        return len(final.outputs[0].token_ids), time.perf_counter() - started
+
+    while True:
+        line = await asyncio.to_thread(sys.stdin.readline)
+        if not line:
+            break
+        command = json.loads(line)
+        params = SamplingParams(max_tokens=command.get("tokens", 1), ignore_eos=True, temperature=0,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
+        if command["op"] == "online":
+            ids = prompts_and_ids(Path(model_dir), command["requests"], command["tag"])[1]
+            done, seconds = await at_concurrency(lambda i: one(i, params), ids, command["c"])
+            latencies = [s for _, s in done]
+            reply({"tokens": sum(t for t, _ in done), "seconds": seconds,
+                   "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99)})
+        elif command["op"] == "batch":
+            ids = prompts_and_ids(Path(model_dir), command["n"], command["tag"])[1]
+            started = time.perf_counter()
+            done = await asyncio.gather(*(one(i, params) for i in ids))
+            reply({"tokens": sum(t for t, _ in done), "seconds": time.perf_counter() - started})
+        else:
+            reply({"error": f"async-serve does not run {command['op']}"})
+    engine.shutdown()
+
+
+class Worker:
+    """The parent's handle on one resident baseline engine."""
+
+    def __init__(self, kind: str, model_dir: str, memory: float, env: dict | None = None):
+        self.kind = kind
+        self.process = subprocess.Popen([sys.executable, "-m", "tests.bench_workers", kind, model_dir, str(memory)],
+                                        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                        env=env)
+        self.scheduler = json.loads(self._expect("READY "))
+
+    def _expect(self, prefix: str) -> str:
+        for line in self.process.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix):]
+        raise RuntimeError(f"the {self.kind} worker exited with {self.process.wait()}")
+
+    def run(self, **command) -> dict:
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+        result = json.loads(self._expect("RESULT "))
+        if "error" in result:
+            raise RuntimeError(result["error"])
+        return result
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        try:
+            self.process.wait(90)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def main() -> None:
+    kind, model_dir, memory = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    if kind not in KINDS:
+        raise SystemExit(f"unknown worker kind {kind}; one of {KINDS}")
+    if kind == "async-serve":
+        asyncio.run(async_serve_worker(model_dir, memory))
+    else:
+        offline_worker(kind, model_dir, memory)
+
+
+if __name__ == "__main__":
+    main()
