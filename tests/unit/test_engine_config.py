@@ -10,9 +10,21 @@ def test_reference_defaults_on_gpu():
     kw = engine_kwargs(s, "/m")
     assert kw["gpu_memory_utilization"] == 0.85 and kw["dtype"] == "float16"
     assert kw["enable_prefix_caching"] is True and kw["tensor_parallel_size"] == 1 and kw["enforce_eager"] is False
+    assert kw["max_cudagraph_capture_size"] == 1024
     for unset in ("max_model_len", "quantization", "load_format", "kv_cache_dtype", "max_num_seqs",
                   "max_num_batched_tokens", "enable_chunked_prefill", "compilation_config", "speculative_config"):
         assert unset not in kw
+
+
+def test_cuda_graphs_cover_every_decode_batch_by_default():
+    """On a GPU the graphs reach the scheduler's batch (1024, or VLLM_MAX_NUM_SEQS); the
+    environment wins; no graphs, no setting."""
+    assert load_engine({}, metax=False).max_cudagraph_capture_size == 1024
+    assert load_engine({"VLLM_MAX_NUM_SEQS": "300"}, metax=False).max_cudagraph_capture_size == 300
+    assert load_engine({"VLLM_MAX_CUDAGRAPH_CAPTURE_SIZE": "256"}, metax=False).max_cudagraph_capture_size == 256
+    for no_graphs in (load_engine({}, cpu_only=True), load_engine({"VLLM_ENFORCE_EAGER": "1"}, metax=False),
+                      load_engine({}, metax=True)):
+        assert no_graphs.max_cudagraph_capture_size is None
 
 
 def test_metax_defaults():
