@@ -42,6 +42,26 @@ def row(path, tokens, seconds, latencies, baseline=None):
             "baseline": baseline}
 
 
+def generated_tokens(metrics_url: str) -> float:
+    """The generator's own count of generated tokens (Triton's metrics port)."""
+    import urllib.request
+
+    for line in urllib.request.urlopen(metrics_url, timeout=30).read().decode().splitlines():
+        if line.startswith("llm_generator_generation_tokens_total"):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def check_generated(metrics_url: str, before: float, expected: int, label: str) -> None:
+    """A path is credited only with tokens the engine says it generated (applied just after
+    the answer, from the generator's metrics thread, hence the short wait)."""
+    deadline = time.monotonic() + 30
+    while (got := generated_tokens(metrics_url) - before) < expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if got != expected:
+        raise RuntimeError(f"{label}: the engine generated {got:.0f} tokens, {expected} expected")
+
+
 def tagged_questions(n: int, tag: str) -> list[str]:
     return [f"[{tag}-{i}] {QUESTIONS[i % len(QUESTIONS)]}" for i in range(n)]
 
@@ -177,10 +197,12 @@ async def _product_paths(server, model_dir, n, max_tokens, concurrency_levels):
          lambda: in_chunks("llm", lambda chunk: build_inputs(chunk, None, overrides), questions["ensemble"][0])),
         ("shim /predict batch", shim_batch),
     ):
+        before = generated_tokens(server.metrics_url)
         started = time.perf_counter()
         with Heartbeat(log, f"  {label}"):
             await call()
         seconds = time.perf_counter() - started
+        await asyncio.to_thread(check_generated, server.metrics_url, before, n * max_tokens, label)
         rows.append(row(label, n * max_tokens, seconds, [seconds], baseline="offline"))
 
     async def one_ensemble(question):
@@ -313,6 +335,9 @@ def run_perf_analyzer(url: str, out: str | None):
         results.append({"concurrency": concurrency, "returncode": run.returncode, "stdout": run.stdout[-3000:]})
     if out:
         Path(out).write_text(json.dumps(results, indent=1))
+    failed = [r["concurrency"] for r in results if r["returncode"] != 0]
+    if failed:
+        raise SystemExit(f"perf_analyzer failed at concurrency {failed} (its output is above)")
 
 
 def main(argv=None):

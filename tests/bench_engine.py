@@ -37,7 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.bench import QUESTIONS, at_concurrency, device_name, percentile, tagged_questions  # noqa: E402
+from tests.bench import (QUESTIONS, at_concurrency, check_generated, device_name, generated_tokens,  # noqa: E402
+                         percentile, tagged_questions)
 from tests.bench_workers import Worker  # noqa: E402
 from tests.conftest import http_json, server_env, start_server, stop_server  # noqa: E402
 
@@ -75,7 +76,9 @@ class Product:
         return reply["response"], seconds
 
     def batch(self, n: int, tokens: int, tag: str) -> dict:
+        before = generated_tokens(self.server.metrics_url)
         _, seconds = self.predict(tagged_questions(n, tag), {"max_new_tokens": tokens, **EXACT})
+        check_generated(self.server.metrics_url, before, n * tokens, f"shim batch {n}x{tokens}")
         return {"tokens": n * tokens, "seconds": seconds}
 
     def judge(self, questions: list[str]) -> dict:

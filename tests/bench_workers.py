@@ -55,12 +55,16 @@ def judge_rows(model_dir: str, questions: list[str]):
 
 
 def judge_params(rows):
+    """Per-prompt SamplingParams as the replaced service built them, with its stop strings."""
     from vllm import SamplingParams
 
+    from preprocess.settings import load_sampling
+
+    stops = list(load_sampling(os.environ).stop_strings)
     return [SamplingParams(max_tokens=r.sampling.max_tokens, temperature=r.sampling.temperature,
                            top_p=r.sampling.top_p, top_k=r.sampling.top_k,
                            repetition_penalty=r.sampling.repetition_penalty,
-                           frequency_penalty=r.sampling.frequency_penalty) for r in rows]
+                           frequency_penalty=r.sampling.frequency_penalty, stop=stops) for r in rows]
 
 
 def cleaned_chars(rows, texts: list[str]) -> int:

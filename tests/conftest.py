@@ -23,7 +23,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "tests" / ".artifacts"
 EMBEDDED_MODEL = REPO / "model" / "SmolLM2-135M-Instruct"
-TINY_MODEL = ARTIFACTS / "tiny-llama"
+TINY_MODEL = ARTIFACTS / "tiny-llama-answers-gpu"
+TINY_ANSWER = " GPU"  # what the tiny model says, greedily, to any prompt: once per generated token
 LEAK_CANARY = "canary-secret-4b1d"
 SESSION_TOKEN_BUDGET = 16_000  # set as HF_TOKEN etc.; must never be echoed
 
@@ -35,7 +36,11 @@ def free_port() -> int:
 
 
 def build_tiny_model(dest: Path) -> Path:
-    """Llama architecture, SmolLM2's real tokenizer and chat template, random weights."""
+    """Llama architecture, SmolLM2's real tokenizer and chat template, random weights, and
+    one planted direction: every token embedding carries a large constant in dimension 0,
+    and only the LM-head row of TINY_ANSWER reads it. Greedy decoding then says " GPU" at
+    every step, whatever the prompt, so an answer check cannot pass on empty output (random
+    weights alone said "\n" at every step, which clean-up turns into "")."""
     if (dest / "config.json").is_file():
         return dest
     import torch
@@ -46,10 +51,15 @@ def build_tiny_model(dest: Path) -> Path:
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=1024,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = LlamaForCausalLM(config)
+    (answer_id,) = tokenizer.encode(TINY_ANSWER, add_special_tokens=False)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 8.0
+        model.lm_head.weight[answer_id, 0] = 8.0
+    model = model.to(torch.bfloat16)
     tmp = dest.with_name(dest.name + ".partial")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

@@ -44,15 +44,30 @@ def test_a_batch_of_n_prompts_reaches_vllm_as_one_grouped_submission(server):
 
 
 def test_generator_figures_after_real_requests(server):
-    before = scrape(server.metrics_url).get("llm_generator_e2e_latency_seconds_count", 0)
-    server.post("/predict", {"prompt": ["hello", "你好"], "max_new_tokens": 3})
-    m = scrape_until(server.metrics_url, lambda m: m["llm_generator_e2e_latency_seconds_count"] >= before + 2)
-    assert m["llm_generator_prompt_tokens_total"] > 0 and m["llm_generator_generation_tokens_total"] > 0
-    assert m["llm_generator_e2e_latency_seconds_count"] >= before + 2
-    assert m["llm_generator_time_to_first_token_seconds_count"] >= 1
-    assert m["llm_generator_kv_cache_blocks_total"] > 0
-    assert 0 <= m["llm_generator_kv_cache_blocks_used"] <= m["llm_generator_kv_cache_blocks_total"]
-    assert m["llm_generator_kv_cache_concurrency"] > 0
+    """Exact deltas from this test's own two prompts (ignore_eos: 3 tokens each)."""
+    prompts = ["hello", "你好"]
+    prompt_tokens = sum(server.post("/explain", {"prompt": p})[1]["prompt_tokens"] for p in prompts)
+    before = scrape(server.metrics_url)
+    status, body = server.post("/predict", {"prompt": prompts, "max_new_tokens": 3, "ignore_eos": True})
+    assert status == 200 and len(body["response"]) == 2
+    m = scrape_until(server.metrics_url, lambda m: m["llm_generator_e2e_latency_seconds_count"] >=
+                     before["llm_generator_e2e_latency_seconds_count"] + 2)
+
+    def delta(name):
+        return m[name] - before.get(name, 0)
+
+    assert delta("llm_generator_prompt_tokens_total") == prompt_tokens
+    assert delta("llm_generator_generation_tokens_total") == 6
+    assert delta("llm_generator_e2e_latency_seconds_count") == 2
+    assert delta("llm_generator_time_to_first_token_seconds_count") == 2
     assert m["llm_generator_engine_up"] == 1
+    # The concurrency the KV cache holds: its tokens over the mean tokens per request so far.
+    scheduler = server.get("/info")[1]["scheduler"]
+    assert m["llm_generator_kv_cache_blocks_total"] == scheduler["kv_cache_blocks"]
+    assert 0 <= m["llm_generator_kv_cache_blocks_used"] <= m["llm_generator_kv_cache_blocks_total"]
+    mean = (m["llm_generator_prompt_tokens_total"] + m["llm_generator_generation_tokens_total"]) / \
+        m["llm_generator_e2e_latency_seconds_count"]
+    expected = scheduler["kv_cache_blocks"] * scheduler["block_size"] / mean
+    assert m["llm_generator_kv_cache_concurrency"] == pytest.approx(expected, rel=0.01)
     # Triton's own figures are there too
     assert any(k.startswith("nv_inference_request_success") for k in m)

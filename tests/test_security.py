@@ -49,33 +49,60 @@ def test_list_over_the_configured_maximum_is_refused(server):
     assert status == 413 and "4096" in body["error"]
 
 
+def loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback  # gRPC shows ::ffff:127.0.0.1
+
+
 def test_triton_ports_listen_on_loopback_only(server):
     ports = {int(server.env[k]) for k in ("TRITON_HTTP_PORT", "TRITON_GRPC_PORT", "TRITON_METRICS_PORT")}
     listening = [c for c in psutil.net_connections(kind="tcp") if c.status == "LISTEN" and c.laddr.port in ports]
     assert {c.laddr.port for c in listening} == ports
-    def loopback(ip: str) -> bool:
-        address = ipaddress.ip_address(ip)
-        return (getattr(address, "ipv4_mapped", None) or address).is_loopback  # gRPC shows ::ffff:127.0.0.1
-
     assert all(loopback(c.laddr.ip) for c in listening), listening
 
 
-def test_shim_metrics_count_routes_and_statuses(server):
-    server.post("/predict", {"prompt": "counted"})
-    server.post("/predict", {"prompt": 1})
-    status, _ = http_json("GET", server.url + "/")
+def test_only_the_shim_may_listen_beyond_loopback(server):
+    """Every listening socket of the whole process tree (shim, tritonserver, stubs, vLLM's
+    engine): loopback only, except the shim's own port."""
+    root = psutil.Process(server.process.pid)
+    listening = []
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            listening += [(process.name(), c) for c in process.net_connections(kind="inet") if c.status == "LISTEN"]
+        except psutil.NoSuchProcess:
+            continue
+    ports = {c.laddr.port for _, c in listening}
+    assert int(server.env["PORT"]) in ports and int(server.env["TRITON_HTTP_PORT"]) in ports
+    exposed = [(name, c.laddr) for name, c in listening
+               if not loopback(c.laddr.ip) and c.laddr.port != int(server.env["PORT"])]
+    assert exposed == []
+
+
+def shim_samples(server) -> dict:
     import urllib.request
 
     text = urllib.request.urlopen(server.url + "/metrics").read().decode()
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for f in text_string_to_metric_families(text) for s in f.samples}
-    ok = samples[("llm_shim_requests_total", (("method", "POST"), ("route", "/predict"), ("status", "200")))]
-    bad = samples[("llm_shim_requests_total", (("method", "POST"), ("route", "/predict"), ("status", "422")))]
-    assert ok >= 1 and bad >= 1
-    assert samples[("llm_shim_request_seconds_count", (("method", "POST"), ("route", "/predict")))] >= 2
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
 
 
-def test_admin_token_guards_system_prompt_updates_only(server):
+def test_shim_metrics_count_routes_and_statuses(server):
+    """The exact counts this test's own requests add (pytest runs tests one at a time)."""
+    ok = ("llm_shim_requests_total", (("method", "POST"), ("route", "/predict"), ("status", "200")))
+    bad = ("llm_shim_requests_total", (("method", "POST"), ("route", "/predict"), ("status", "422")))
+    seconds = ("llm_shim_request_seconds_count", (("method", "POST"), ("route", "/predict")))
+    before = shim_samples(server)
+    assert server.post("/predict", {"prompt": "counted"})[0] == 200
+    assert server.post("/predict", {"prompt": 1})[0] == 422
+    assert http_json("GET", server.url + "/")[0] == 200
+    after = shim_samples(server)
+    assert after[ok] - before.get(ok, 0) == 1
+    assert after[bad] - before.get(bad, 0) == 1
+    assert after[seconds] - before.get(seconds, 0) == 2
+
+
+def test_admin_token_guards_system_prompt_updates_only(server, caplog):
+    caplog.set_level("DEBUG")
     environ = {"TRITON_HTTP_PORT": server.env["TRITON_HTTP_PORT"], "WARMUP_NUM_SAMPLES": "0",
                "MODEL_DIR": server.env["MODEL_DIR"], "SHIM_ADMIN_TOKEN": "s3cret-admin"}
     with TestClient(create_app(environ)) as client:
@@ -92,6 +119,7 @@ def test_admin_token_guards_system_prompt_updates_only(server):
         assert client.get("/system_prompt").status_code == 200  # reading stays open
         assert client.post("/predict", json={"prompt": "open"}).status_code == 200  # judge routes stay open
         assert "s3cret" not in client.get("/info").text
+    assert "s3cret" not in caplog.text and "Bearer nope" not in caplog.text  # nor in the shim's log
 
 
 def test_control_characters_pass_and_bad_unicode_is_a_4xx(server):

@@ -9,7 +9,7 @@ import pytest
 
 from shim.ensemble import build_inputs
 
-from .conftest import REPO
+from .conftest import REPO, TINY_ANSWER
 from .perf_tools import perf_analyzer_command, perf_analyzer_env
 
 pytestmark = pytest.mark.server
@@ -48,7 +48,23 @@ def test_list_of_64_comes_back_in_order(server, triton):
     status, body = server.post("/predict", {"prompt": prompts})
     assert status == 200 and len(body["response"]) == 64
     expected = [a.decode() for a in direct.as_numpy("answer").reshape(-1)]
-    assert body["response"] == expected
+    assert body["response"] == expected and all(TINY_ANSWER.strip() in a for a in expected)
+
+
+def test_a_list_in_several_chunks_is_reassembled_in_order(server):
+    """The shim's own client, cutting 10 prompts into chunks of 4 (3 concurrent requests):
+    prompt lengths grow with the index, so the token counts show the order."""
+    import asyncio
+
+    from shim.ensemble import EnsembleClient
+
+    prompts = [f"question {i}: " + "why " * i for i in range(10)]
+    client = EnsembleClient(server.triton_url, max_batch_size=4)
+    answers = asyncio.run(client.generate(prompts, None, {"max_new_tokens": 2, "ignore_eos": True}))
+    lengths = [a.prompt_tokens for a in answers]
+    assert len(answers) == 10 and lengths == sorted(lengths) and len(set(lengths)) == 10
+    assert [a.completion_tokens for a in answers] == [2] * 10
+    assert [a.text for a in answers] == [(TINY_ANSWER * 2).strip()] * 10
 
 
 def test_max_new_tokens_override_gives_one_token(server, triton, tokenizer):
@@ -56,7 +72,8 @@ def test_max_new_tokens_override_gives_one_token(server, triton, tokenizer):
     assert result.as_numpy("completion_tokens").reshape(-1).tolist() == [1]
     status, body = server.post("/predict", {"prompt": "Tell me a long story", "max_new_tokens": 1})
     assert status == 200
-    assert len(tokenizer(body["response"], add_special_tokens=False).input_ids) <= 1
+    assert tokenizer(body["response"], add_special_tokens=False).input_ids == tokenizer(
+        TINY_ANSWER.strip(), add_special_tokens=False).input_ids
 
 
 def test_chinese_and_emoji_pass_through_byte_exact(server, triton, tokenizer):
@@ -71,11 +88,18 @@ def test_chinese_and_emoji_pass_through_byte_exact(server, triton, tokenizer):
 
 
 def test_system_prompt_round_trip_changes_the_prompt(server, triton):
-    status, body = server.post("/system_prompt", {"system_prompt": "  只回答要点。  "})
-    assert status == 200 and body["system_prompt"] == "只回答要点。"
-    assert server.get("/system_prompt") == (200, {"system_prompt": "只回答要点。"})
-    status, body = server.post("/predict", {"prompt": "hello"})
-    assert status == 200
+    original = server.get("/system_prompt")[1]["system_prompt"]
+    before = server.post("/explain", {"prompt": "hello"})[1]["prompt"]
+    try:
+        status, body = server.post("/system_prompt", {"system_prompt": "  只回答要点。  "})
+        assert status == 200 and body["system_prompt"] == "只回答要点。"
+        assert server.get("/system_prompt") == (200, {"system_prompt": "只回答要点。"})
+        after = server.post("/explain", {"prompt": "hello"})[1]["prompt"]
+        assert "只回答要点。" in after and "只回答要点。" not in before and original in before
+        assert server.post("/predict", {"prompt": "hello"})[0] == 200
+    finally:
+        assert server.post("/system_prompt", {"system_prompt": original})[0] == 200
+    assert server.post("/explain", {"prompt": "hello"})[1]["prompt"] == before
 
 
 def test_perf_analyzer_runs_against_the_ensemble(server):

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from .conftest import ARTIFACTS
+from .conftest import ARTIFACTS, TINY_ANSWER
 
 pytestmark = pytest.mark.server
 
@@ -47,6 +47,7 @@ def test_chat_answer_uses_the_controls(page, server):
     # Greedy decoding: the page's answer is the one /predict gives for the same settings.
     status, direct = server.post("/predict", {"prompt": QUESTION, "max_new_tokens": 4, "temperature": 0, "top_k": 1})
     assert status == 200 and shown is not None and shown == direct["response"]
+    assert shown == (TINY_ANSWER * 4).strip()  # the tiny model's known answer: never empty
 
 
 def test_system_prompt_applied_and_seen_in_the_explainer(page, server):

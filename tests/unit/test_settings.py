@@ -162,3 +162,17 @@ def test_public_environment_never_shows_secrets():
            "SHIM_ADMIN_TOKEN": "t", "DB_PASSWORD": "p"}
     shown = cfg.public_environment(env)
     assert shown == {"MAX_NEW_TOKENS": "32"}
+
+
+@pytest.mark.parametrize("name, secret", [
+    ("HF_TOKEN", True), ("openai_api_key", True), ("DB_PASSWORD", True), ("AWS_CREDENTIALS", True),
+    ("MAX_NEW_TOKENS", False), ("SHIM_MAX_REQUEST_TOKENS", False), ("KEYWORDS", False), ("TOKENIZER", False),
+])
+def test_looks_secret_matches_words_not_substrings(name, secret):
+    assert cfg.looks_secret(name) is secret
+
+
+def test_a_listed_variable_that_looks_secret_is_still_hidden(monkeypatch):
+    """The allow-list and the name check both apply: listing HF_TOKEN by mistake shows nothing."""
+    monkeypatch.setattr(cfg, "PUBLIC_VARIABLES", (*cfg.PUBLIC_VARIABLES, "HF_TOKEN"))
+    assert cfg.public_environment({"HF_TOKEN": "hf_x", "MAX_NEW_TOKENS": "32"}) == {"MAX_NEW_TOKENS": "32"}

@@ -107,3 +107,17 @@ def test_no_stop_ids_still_generates_to_the_limit(tiny_model, tokenizer):
         assert result.completion_tokens == 5 and result.finish_reason == "length"
     finally:
         r.shutdown(5)
+
+
+def test_stop_string_is_honoured(tiny_model, tokenizer):
+    """The tiny model says " GPU" at every step, so "U G" first appears with the second token:
+    generation stops there and the text is cut before the stop string."""
+    from preprocess.hf_runner import TransformersRunner
+
+    r = TransformersRunner(str(tiny_model), tokenizer, ["U G"], stop_token_ids(tokenizer, []))
+    try:
+        ids = tokenizer("hello there", add_special_tokens=False).input_ids
+        result = run(r, [GenerationItem(ids, sampling(8))])[0]
+        assert (result.text, result.completion_tokens, result.finish_reason) == (" GP", 2, "stop")
+    finally:
+        r.shutdown(5)
