@@ -51,8 +51,8 @@ setup_venv() {
   log "creating $VENV (about 2 minutes on a fresh machine)"
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   local pip=("$VENV/bin/python" -m pip install --disable-pip-version-check)
-  # pip's resolver warns that opencv/vllm want NumPy 2 and torchvision (both unused here,
-  # see STACK.md); drop those lines, but never a failure.
+  # pip's resolver warns that opencv/vllm want NumPy 2 and torchvision (neither is imported
+  # here; the Triton stub needs NumPy 1.x); drop those lines, but never a failure.
   quiet_pip() {
     local out
     if ! out=$("${pip[@]}" -q "$@" 2>&1); then printf '%s\n' "$out" >&2; return 1; fi

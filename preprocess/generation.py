@@ -29,7 +29,10 @@ Completion = Callable[[list[GenerationResult] | BaseException], None]
 
 
 class Runner(Protocol):
-    backend: str
+    """What GeneratorService relies on in a backend (VllmRunner, TransformersRunner)."""
+    backend: str  # "vllm" or "transformers", shown in /info and the metrics
+    max_model_len: int  # prompts longer than this are refused before submission
+    on_submit: Callable[[Sequence[GenerationItem], int], None] | None  # metrics hook: items, sampling groups
 
     def submit(self, items: Sequence[GenerationItem], on_done: Completion) -> "BatchHandle": ...
 
@@ -67,7 +70,7 @@ def group_by_sampling(items: Sequence[GenerationItem]) -> dict[SamplingSettings,
 
 
 # next() on itertools.count is atomic in CPython, so ids stay unique across threads
-# without a lock (the official vllm_backend uses a bare `+= 1` here).
+# without a lock.
 _batch_ids = itertools.count()
 
 

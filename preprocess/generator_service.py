@@ -18,7 +18,7 @@ from typing import Any, MutableMapping, Sequence
 from . import engine_config
 from .contract import InvalidRequest
 from .fallback import EngineStartError
-from .generation import BatchHandle, Completion, GenerationItem, PromptTooLong, check_prompt_lengths
+from .generation import BatchHandle, Completion, GenerationItem, PromptTooLong, Runner, check_prompt_lengths
 from .pipeline import load_tokenizer
 from .runtime import GeneratorState
 from .settings import load_sampling
@@ -102,13 +102,13 @@ class GeneratorService:
         self.rebuild_delays: list[float] = []  # the back-off chosen after each failed rebuild
         self._restart_lock = threading.Lock()
         self._restarting = False
-        self.runner = self._start_backend()
+        self.runner: Runner = self._start_backend()
         self.publish_state()
         self._stop = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, name="engine-watchdog", daemon=True)
         self._watchdog.start()
 
-    def _start_backend(self):
+    def _start_backend(self) -> Runner:
         try:
             import vllm  # noqa: F401
 
@@ -139,7 +139,7 @@ class GeneratorService:
         return self._hooked(TransformersRunner(str(self.model_dir), self.tokenizer, self.sampling.stop_strings,
                                                self.stop_token_ids))
 
-    def _hooked(self, runner):
+    def _hooked(self, runner: Runner) -> Runner:
         if self.metrics is not None:
             runner.on_submit = self.metrics.submitted
         return runner

@@ -174,8 +174,10 @@ class VllmRunner:
                 top_k=sampling.top_k,
                 repetition_penalty=sampling.repetition_penalty,
                 frequency_penalty=sampling.frequency_penalty,
-                stop=self._stop_strings,
-                stop_token_ids=self._stop_token_ids,
+                # ignore_eos means exactly max_tokens (benchmarks): vLLM would still stop at
+                # stop strings and stop ids, as the transformers backend does not.
+                stop=None if sampling.ignore_eos else self._stop_strings,
+                stop_token_ids=None if sampling.ignore_eos else self._stop_token_ids,
                 output_kind=self._final_only,  # no per-token Python work: one output per request
                 ignore_eos=sampling.ignore_eos,
             )

@@ -77,8 +77,23 @@ def test_real_vllm_rejects_a_load_format_and_the_chain_recovers(tiny_model, capl
         assert s.runner.scheduler["max_num_seqs"] == 24 and s.info()["scheduler"]["max_num_seqs"] == 24
         assert "load_format" not in s.runner.engine_kwargs
         assert "load_format='awq' rejected" in caplog.text
+        check_sampling_params(s.runner)
     finally:
         s.shutdown(10)
+
+
+def check_sampling_params(runner):
+    """Stops apply unless ignore_eos (exactly max_tokens, as the benchmarks count); equal
+    settings share one cached SamplingParams."""
+    from preprocess.sampling import SamplingSettings
+
+    settings = SamplingSettings(max_tokens=4, temperature=0.0, top_p=1.0, top_k=-1, repetition_penalty=1.0,
+                                frequency_penalty=0.0)
+    params = runner.sampling_params(settings)
+    assert params.stop == ["<|im_end|>", "<|endoftext|>"] and params.stop_token_ids
+    assert runner.sampling_params(dataclasses.replace(settings)) is params
+    forced = runner.sampling_params(dataclasses.replace(settings, ignore_eos=True))
+    assert forced.ignore_eos and not forced.stop and not forced.stop_token_ids and forced.max_tokens == 4
 
 
 def test_failed_engine_starts_leak_no_thread(tiny_model, monkeypatch):
