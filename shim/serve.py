@@ -63,6 +63,11 @@ def triton_environment(base: dict[str, str], model_dir: Path, runtime: Path) -> 
     return env
 
 
+def restart_delay(base_s: float, failures_in_a_row: int) -> float:
+    """Back off when the server keeps failing (a model that cannot load): base, doubling, up to 30 s."""
+    return min(30.0, base_s * 2 ** min(failures_in_a_row - 1, 5))
+
+
 class TritonSupervisor:
     """Keeps one tritonserver running; restarts it when it exits unexpectedly."""
 
@@ -90,8 +95,7 @@ class TritonSupervisor:
             self._kill_group(self.process)  # stubs and engines of the dead server
             self.restarts += 1
             failures_in_a_row = 1 if time.monotonic() - started > 120 else failures_in_a_row + 1
-            # Back off when it keeps failing (a model that cannot load), up to 30 s.
-            delay = min(30.0, self.restart_delay_s * 2 ** min(failures_in_a_row - 1, 5))
+            delay = restart_delay(self.restart_delay_s, failures_in_a_row)
             log.error("tritonserver exited with %s; restarting in %.0f s (restart %d)", code, delay, self.restarts)
             self._stopping.wait(delay)
 

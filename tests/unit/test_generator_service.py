@@ -78,8 +78,29 @@ def test_real_vllm_rejects_a_load_format_and_the_chain_recovers(tiny_model, capl
         assert "load_format" not in s.runner.engine_kwargs
         assert "load_format='awq' rejected" in caplog.text
         check_sampling_params(s.runner)
+        check_a_failing_prompt_cancels_its_siblings(s.runner)
     finally:
         s.shutdown(10)
+
+
+def check_a_failing_prompt_cancels_its_siblings(runner):
+    """A prompt the engine refuses (a token id outside the vocabulary) fails its request
+    once, and its sibling, 500 tokens long, is aborted in vLLM rather than left running."""
+    from preprocess.generation import GenerationItem
+    from preprocess.sampling import SamplingSettings
+
+    long = SamplingSettings(max_tokens=500, temperature=0.0, top_p=1.0, top_k=-1, repetition_penalty=1.0,
+                            frequency_penalty=0.0, ignore_eos=True)
+    outcomes, done = [], threading.Event()
+
+    def on_done(outcome):
+        outcomes.append(outcome)
+        done.set()
+
+    runner.submit([GenerationItem([1, 2, 3], long), GenerationItem([10**7], long)], on_done)
+    assert done.wait(120)
+    assert len(outcomes) == 1 and isinstance(outcomes[0], Exception)
+    assert runner.engine.output_processor.get_num_unfinished_requests() == 0
 
 
 def check_sampling_params(runner):

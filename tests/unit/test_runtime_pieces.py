@@ -1,0 +1,70 @@
+"""Cancel markers, the tritonserver supervisor's back-off, and the pipeline stages per row."""
+import threading
+import time
+
+import pytest
+
+from preprocess.pipeline import PostprocessStage, PreprocessStage
+from preprocess.runtime import CancelMarkers
+from preprocess.sampling import InvalidRequest
+from shim.serve import TritonSupervisor, restart_delay
+
+
+def test_cancel_markers_mark_take_once_and_sweep(tmp_path):
+    markers = CancelMarkers(tmp_path / "cancel")
+    markers.mark("abc-123")
+    assert markers.take("abc-123") is True
+    assert markers.take("abc-123") is False  # taken once
+    markers.mark("old")
+    assert markers.sweep(now=time.time() + CancelMarkers.max_age_s - 1) == 0
+    assert markers.sweep(now=time.time() + CancelMarkers.max_age_s + 1) == 1
+    assert not list((tmp_path / "cancel").iterdir())
+
+
+@pytest.mark.parametrize("request_id", ["../escape", "a/b", "", "x" * 129, "..", "a b", "id\\x00"])
+def test_a_marker_name_never_leaves_its_folder(tmp_path, request_id):
+    markers = CancelMarkers(tmp_path / "cancel")
+    markers.mark(request_id)
+    assert markers.take(request_id) is False
+    assert not list(tmp_path.rglob("*escape*")) and not list((tmp_path / "cancel").iterdir())
+
+
+def test_restart_delay_doubles_to_30_s():
+    assert [restart_delay(1.0, n) for n in range(1, 9)] == [1, 2, 4, 8, 16, 30, 30, 30]
+    assert restart_delay(0.5, 1) == 0.5
+
+
+def test_the_supervisor_restarts_a_server_that_keeps_exiting_and_stops(caplog):
+    """A real process that exits at once: restarted with growing delays, then stopped."""
+    supervisor = TritonSupervisor(["sh", "-c", "exit 3"], {"PATH": "/usr/bin:/bin"}, restart_delay_s=0.01)
+    with caplog.at_level("ERROR"):
+        supervisor.start()
+        deadline = time.monotonic() + 60
+        while supervisor.restarts < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        supervisor.stop(5)
+    assert supervisor.restarts >= 3
+    assert "tritonserver exited with 3; restarting in 0 s (restart 1)" in caplog.text
+    count = supervisor.restarts
+    time.sleep(0.2)
+    assert supervisor.restarts == count and not any(t.name == "triton-supervisor" for t in threading.enumerate())
+
+
+def test_preprocess_uses_each_rows_system_prompt_and_names_the_bad_row(tokenizer):
+    stage = PreprocessStage({}, tokenizer)
+    rows = stage.run(["q one", "q two"], system_prompts=["Be brief.", "用中文回答。"])
+    assert "Be brief." in rows[0].text and "用中文回答。" not in rows[0].text
+    assert "用中文回答。" in rows[1].text and "Be brief." not in rows[1].text
+    default = stage.run(["q one"], system_prompts=[""])[0].text
+    assert default == stage.run(["q one"])[0].text  # empty means the configured prompt
+    with pytest.raises(InvalidRequest, match=r"^prompt 1: temperature must be in \[0, 2\], got 5"):
+        stage.run(["fine", "bad"], overrides={"temperature": [0.5, 5.0]})
+
+
+def test_postprocess_cleans_each_row_by_its_own_route():
+    stage = PostprocessStage({"OUTPUT_MAX_SENTENCES": "1"})
+    text = "<think>plan</think>第一句。第二句。第三句。"
+    short, code, raw = stage.run([text, text, text], ["short", "code", "raw"], [False, True, False])
+    assert short == "第一句。"  # sentences are cut at Chinese punctuation and newlines
+    assert code == "第一句。第二句。第三句。"  # thinking removed, every sentence kept
+    assert raw == text  # the caller asked for the model's own text
