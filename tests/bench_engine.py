@@ -219,7 +219,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--memory", type=float, default=0.28, help="GPU memory share of each engine")
     parser.add_argument("--product-env", nargs="*", default=[], help="NAME=VALUE for the product and baseline 2")
-    parser.add_argument("--py-spy", help="folder for a py-spy profile of the generator stub (batch plan)")
+    parser.add_argument("--py-spy", help="folder for py-spy profiles of the generator stub (round 2: the "
+                        "largest batch, or the ensemble at c=256)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     model_dir = Path(args.model_dir)
@@ -281,11 +282,11 @@ def run_batch_plan(args, workers, product, record) -> None:
         judge_round(args, b1, product, record, round_, "judge long")
 
 
-def profiler(args, product, record, case: str):
-    """py-spy on the generator stub for one product batch (its length taken from round 1)."""
+def profiler(args, product, record, case: str, path: str = "shim /predict"):
+    """py-spy on the generator stub for one product window (its length taken from round 1)."""
     if not args.py_spy:
         return None
-    seconds = next(m["seconds"] for m in record.measurements if m["case"] == case and m["path"] == "shim /predict")
+    seconds = next(m["seconds"] for m in record.measurements if m["case"] == case and m["path"] == path)
     pid = product.server.generator_state()["pid"]
     out = Path(args.py_spy) / f"generator-{case.replace(' ', '-')}.txt"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -303,8 +304,11 @@ def run_online_plan(args, workers, product, record) -> None:
             record.add(case, "baseline3-serve", round_,
                        b3.run(op="online", c=concurrency, requests=requests, tokens=args.tokens,
                               tag=f"r{round_}c{concurrency}b3"), "tokens")
+            spy = profiler(args, product, record, case, "ensemble") if round_ == 1 and concurrency == 256 else None
             record.add(case, "ensemble", round_,
                        product.online(concurrency, requests, args.tokens, f"r{round_}c{concurrency}ens"), "tokens")
+            if spy is not None:
+                spy.wait(120)
         judge_round(args, b1, product, record, round_, "judge shipped")
 
 

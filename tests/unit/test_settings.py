@@ -176,3 +176,14 @@ def test_a_listed_variable_that_looks_secret_is_still_hidden(monkeypatch):
     """The allow-list and the name check both apply: listing HF_TOKEN by mistake shows nothing."""
     monkeypatch.setattr(cfg, "PUBLIC_VARIABLES", (*cfg.PUBLIC_VARIABLES, "HF_TOKEN"))
     assert cfg.public_environment({"HF_TOKEN": "hf_x", "MAX_NEW_TOKENS": "32"}) == {"MAX_NEW_TOKENS": "32"}
+
+
+def test_only_stop_strings_that_can_reach_the_text_are_searched(tokenizer):
+    """"<|im_end|>" is a special token with a stop id: vLLM never decodes it into the text,
+    so only the id is checked. A plain string, or a special token without a stop id, stays."""
+    from preprocess.generator_service import text_stop_strings
+
+    ids = stop_token_ids(tokenizer, ["<|im_end|>"])
+    assert text_stop_strings(tokenizer, ["<|im_end|>", "\n\n", "Human:"], ids) == ["\n\n", "Human:"]
+    assert text_stop_strings(tokenizer, ["<|im_end|>"], []) == ["<|im_end|>"]
+    assert text_stop_strings(None, ["<|im_end|>"], ids) == ["<|im_end|>"]
