@@ -288,7 +288,7 @@ def profiler(args, product, record, case: str, path: str = "shim /predict"):
         return None
     seconds = next(m["seconds"] for m in record.measurements if m["case"] == case and m["path"] == path)
     pid = product.server.generator_state()["pid"]
-    out = Path(args.py_spy) / f"generator-{case.replace(' ', '-')}.txt"
+    out = Path(args.py_spy) / f"generator-{case.replace(' ', '-').replace('=', '')}.txt"  # plain names travel back
     out.parent.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(["py-spy", "record", "-p", str(pid), "-d", str(int(seconds) + 1), "--threads",
                              "--nonblocking", "--format", "raw", "-o", str(out)])
