@@ -67,7 +67,8 @@ def text_stop_strings(tokenizer, stop_strings: Sequence[str], stop_ids: Sequence
     never match: the id alone stops generation, and vLLM does one search less per token."""
     special = set(getattr(tokenizer, "all_special_tokens", None) or [])
     vocab = tokenizer.get_vocab() if tokenizer is not None else {}
-    return [s for s in stop_strings if not (s in special and vocab.get(s) in set(stop_ids))]
+    by_id = set(stop_ids)
+    return [s for s in stop_strings if not (s in special and vocab.get(s) in by_id)]
 
 
 def model_max_len(model_dir: Path) -> int | None:

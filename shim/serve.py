@@ -49,7 +49,7 @@ def triton_command(shim: cfg.ShimSettings, repository: Path) -> list[str]:
 
 
 def triton_environment(base: dict[str, str], model_dir: Path, runtime: Path) -> dict[str, str]:
-    """What the Python-backend stub needs (README, "Architecture"): the venv's python3 first on PATH,
+    """What the Python-backend stub needs: the venv's python3 first on PATH,
     the interpreter's own libpython, and absolute paths (the stub's cwd is not ours)."""
     env = dict(base)
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
