@@ -73,7 +73,11 @@ class Message(BaseModel):
 
 
 class OpenAIParams(SamplingFields):
+    # A field this server does not implement (stop, seed, logprobs, response_format, tools...)
+    # is refused by name, never ignored: a client must not believe it was applied.
+    model_config = ConfigDict(extra="forbid")
     model: StrictStr | None = None
+    user: StrictStr | None = None  # the caller's end-user id: metadata, no effect on generation
     n: StrictInt = Field(default=1, ge=1, le=MAX_CHOICES)
     max_tokens: StrictInt | None = Field(default=None, ge=1)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
@@ -125,7 +129,13 @@ async def parse_body(request: Request, model: type[BaseModel]):
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ApiError(422, describe_validation(exc.errors())) from None
+        errors = exc.errors()
+        unsupported = [str(e["loc"][-1]) for e in errors if e.get("type") == "extra_forbidden"]
+        if unsupported and len(unsupported) == len(errors):
+            raise ApiError(400, f"unsupported field{'s' if len(unsupported) > 1 else ''} "
+                                f"{', '.join(unsupported)}: this server does not implement "
+                                f"{'them' if len(unsupported) > 1 else 'it'}") from None
+        raise ApiError(422, describe_validation(errors)) from None
 
 
 def describe_validation(errors: list[dict]) -> str:
