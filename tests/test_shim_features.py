@@ -51,9 +51,12 @@ def test_system_prompt_takes_effect_on_the_next_request(server, triton):
     assert a_tokens != b_tokens
     original = server.get("/system_prompt")[1]["system_prompt"]
     try:
-        for system, expected in (("Answer briefly.", a_answer), ("你是一个非常详细的老师，请用很长的篇幅回答每一个问题。", b_answer)):
+        for system, expected, tokens in (("Answer briefly.", a_answer, a_tokens),
+                                         ("你是一个非常详细的老师，请用很长的篇幅回答每一个问题。", b_answer, b_tokens)):
             assert server.post("/system_prompt", {"system_prompt": system})[0] == 200
             assert server.post("/predict", {"prompt": question})[1]["response"] == [expected]
+            # The tiny model's answer is the same under both prompts; the prompt length is not.
+            assert server.post("/explain", {"prompt": question[0]})[1]["prompt_tokens"] == tokens
     finally:
         server.post("/system_prompt", {"system_prompt": original})
 
