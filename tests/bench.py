@@ -22,7 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import EMBEDDED_MODEL, http_json, server_env, start_server, stop_server  # noqa: E402
+from tests.conftest import (EMBEDDED_MODEL, http_json, scrape_metrics, server_env, start_server,  # noqa: E402
+                            stop_server)
 from tests.perf_tools import perf_analyzer_command, perf_analyzer_env  # noqa: E402
 from preprocess.progress import Heartbeat  # noqa: E402
 
@@ -44,12 +45,7 @@ def row(path, tokens, seconds, latencies, baseline=None):
 
 def generated_tokens(metrics_url: str) -> float:
     """The generator's own count of generated tokens (Triton's metrics port)."""
-    import urllib.request
-
-    for line in urllib.request.urlopen(metrics_url, timeout=30).read().decode().splitlines():
-        if line.startswith("llm_generator_generation_tokens_total"):
-            return float(line.split()[-1])
-    return 0.0
+    return scrape_metrics(metrics_url).get("llm_generator_generation_tokens_total", 0.0)
 
 
 def check_generated(metrics_url: str, before: float, expected: int, label: str) -> None:
@@ -62,8 +58,8 @@ def check_generated(metrics_url: str, before: float, expected: int, label: str) 
         raise RuntimeError(f"{label}: the engine generated {got:.0f} tokens, {expected} expected")
 
 
-def tagged_questions(n: int, tag: str) -> list[str]:
-    return [f"[{tag}-{i}] {QUESTIONS[i % len(QUESTIONS)]}" for i in range(n)]
+def tagged_questions(n: int, tag: str, pool: list[str] = QUESTIONS) -> list[str]:
+    return [f"[{tag}-{i}] {pool[i % len(pool)]}" for i in range(n)]
 
 
 def prompts_and_ids(model_dir: Path, n: int, tag: str):
@@ -120,23 +116,31 @@ def engine_overrides():
                                                      "enable_prefix_caching", "max_model_len")}
 
 
+_request_numbers = iter(range(10**9))
+
+
+async def timed_generate(engine, token_ids, params) -> tuple[int, float]:
+    """One request through an AsyncLLM: (tokens generated, seconds)."""
+    from vllm.inputs import TokensPrompt
+
+    started = time.perf_counter()
+    async for out in engine.generate(TokensPrompt(prompt_token_ids=token_ids), params, f"r{next(_request_numbers)}"):
+        final = out
+    return len(final.outputs[0].token_ids), time.perf_counter() - started
+
+
 async def async_llm(model_dir, n, max_tokens, concurrency_levels):
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
 
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=str(model_dir), **engine_overrides()))
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0,
                             output_kind=RequestOutputKind.FINAL_ONLY)
-    counter = iter(range(10**9))
 
-    async def one(token_ids):
-        started = time.perf_counter()
-        async for out in engine.generate(TokensPrompt(prompt_token_ids=token_ids), params, f"r{next(counter)}"):
-            final = out
-        return len(final.outputs[0].token_ids), time.perf_counter() - started
+    def one(token_ids):
+        return timed_generate(engine, token_ids, params)
 
     await asyncio.gather(*(one(i) for i in prompts_and_ids(model_dir, 4, "warm")[1]))
     results = {}

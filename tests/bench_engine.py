@@ -54,7 +54,7 @@ def judge_questions(n: int, tag: str) -> list[str]:
     """N questions like the judge's: its Chinese set, English ones and code ones, mixed routes."""
     lines = (REPO / "tests" / "data" / "judge_questions.jsonl").read_text(encoding="utf-8").splitlines()
     pool = [json.loads(line)["question"] for line in lines if line.strip()] + QUESTIONS + CODE_QUESTIONS
-    return [f"[{tag}-{i}] {pool[i % len(pool)]}" for i in range(n)]
+    return tagged_questions(n, tag, pool)
 
 
 class Product:

@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.bench import at_concurrency, percentile, prompts_and_ids  # noqa: E402
+from tests.bench import at_concurrency, percentile, prompts_and_ids, timed_generate  # noqa: E402
 
 KINDS = ("offline-vllm", "offline-product", "async-serve")
 
@@ -113,7 +113,6 @@ def offline_worker(kind: str, model_dir: str, memory: float) -> None:
 async def async_serve_worker(model_dir: str, memory: float) -> None:
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -122,13 +121,6 @@ async def async_serve_worker(model_dir: str, memory: float) -> None:
                                                        dtype="bfloat16", disable_log_stats=False),
                                        usage_context=UsageContext.OPENAI_API_SERVER)
     print("READY " + json.dumps(scheduler_of(engine.vllm_config)), flush=True)
-    counter = iter(range(10**9))
-
-    async def one(token_ids, params):
-        started = time.perf_counter()
-        async for out in engine.generate(TokensPrompt(prompt_token_ids=token_ids), params, f"r{next(counter)}"):
-            final = out
-        return len(final.outputs[0].token_ids), time.perf_counter() - started
 
     while True:
         line = await asyncio.to_thread(sys.stdin.readline)
@@ -139,14 +131,14 @@ async def async_serve_worker(model_dir: str, memory: float) -> None:
                                 output_kind=RequestOutputKind.FINAL_ONLY)
         if command["op"] == "online":
             ids = prompts_and_ids(Path(model_dir), command["requests"], command["tag"])[1]
-            done, seconds = await at_concurrency(lambda i: one(i, params), ids, command["c"])
+            done, seconds = await at_concurrency(lambda i: timed_generate(engine, i, params), ids, command["c"])
             latencies = [s for _, s in done]
             reply({"tokens": sum(t for t, _ in done), "seconds": seconds,
                    "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99)})
         elif command["op"] == "batch":
             ids = prompts_and_ids(Path(model_dir), command["n"], command["tag"])[1]
             started = time.perf_counter()
-            done = await asyncio.gather(*(one(i, params) for i in ids))
+            done = await asyncio.gather(*(timed_generate(engine, i, params) for i in ids))
             reply({"tokens": sum(t for t, _ in done), "seconds": time.perf_counter() - started})
         else:
             reply({"error": f"async-serve does not run {command['op']}"})

@@ -96,6 +96,19 @@ def http_json(method: str, url: str, body=None, headers=None, timeout=120):
             return exc.code, raw.decode(errors="replace")
 
 
+def scrape_metrics(url: str) -> dict[str, float]:
+    """A Prometheus endpoint as {name{label=value,...}: value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return values
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What one request got: a status and body, or the connection error or timeout it met."""

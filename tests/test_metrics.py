@@ -2,22 +2,12 @@
 from __future__ import annotations
 
 import time
-import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import scrape_metrics as scrape
 
 pytestmark = pytest.mark.server
-
-
-def scrape(url) -> dict[str, float]:
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    values = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return values
 
 
 def scrape_until(url, ready, timeout_s: float = 10.0) -> dict[str, float]:

@@ -8,11 +8,10 @@ import time
 import psutil
 import pytest
 from fastapi.testclient import TestClient
-from prometheus_client.parser import text_string_to_metric_families
 
 from shim.app import create_app
 
-from .conftest import http_json
+from .conftest import http_json, scrape_metrics
 
 pytestmark = pytest.mark.server
 
@@ -78,24 +77,16 @@ def test_only_the_shim_may_listen_beyond_loopback(server):
     assert exposed == []
 
 
-def shim_samples(server) -> dict:
-    import urllib.request
-
-    text = urllib.request.urlopen(server.url + "/metrics").read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for f in text_string_to_metric_families(text) for s in f.samples}
-
-
 def test_shim_metrics_count_routes_and_statuses(server):
     """The exact counts this test's own requests add (pytest runs tests one at a time)."""
-    ok = ("llm_shim_requests_total", (("method", "POST"), ("route", "/predict"), ("status", "200")))
-    bad = ("llm_shim_requests_total", (("method", "POST"), ("route", "/predict"), ("status", "422")))
-    seconds = ("llm_shim_request_seconds_count", (("method", "POST"), ("route", "/predict")))
-    before = shim_samples(server)
+    ok = "llm_shim_requests_total{method=POST,route=/predict,status=200}"
+    bad = "llm_shim_requests_total{method=POST,route=/predict,status=422}"
+    seconds = "llm_shim_request_seconds_count{method=POST,route=/predict}"
+    before = scrape_metrics(server.url + "/metrics")
     assert server.post("/predict", {"prompt": "counted"})[0] == 200
     assert server.post("/predict", {"prompt": 1})[0] == 422
     assert http_json("GET", server.url + "/")[0] == 200
-    after = shim_samples(server)
+    after = scrape_metrics(server.url + "/metrics")
     assert after[ok] - before.get(ok, 0) == 1
     assert after[bad] - before.get(bad, 0) == 1
     assert after[seconds] - before.get(seconds, 0) == 2
