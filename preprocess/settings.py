@@ -153,22 +153,29 @@ def load_chat(environ: Mapping[str, str]) -> ChatSettings:
     )
 
 
+WARMUP_NUM_SAMPLES_CAP_MAX = 8192
+WARMUP_REPEAT_MAX = 8
+
+
 @dataclass(frozen=True)
 class WarmupSettings:
     prompt: str = "你好"
     data_path: Path = Path("./data.jsonl")
     num_samples: int = 64
+    num_samples_cap: int = 512  # WARMUP_NUM_SAMPLES is clipped to this
     repeat: int = 1
 
 
 def load_warmup(environ: Mapping[str, str]) -> WarmupSettings:
     env = Env(environ)
-    cap = env.int("WARMUP_NUM_SAMPLES_CAP", 512, 0, 8192)
+    default = WarmupSettings()
+    cap = env.int("WARMUP_NUM_SAMPLES_CAP", default.num_samples_cap, 0, WARMUP_NUM_SAMPLES_CAP_MAX)
     return WarmupSettings(
-        prompt=env.str("WARMUP_PROMPT", "你好"),
-        data_path=Path(env.str("WARMUP_DATA_PATH", "./data.jsonl")),
-        num_samples=env.int("WARMUP_NUM_SAMPLES", 64, 0, cap),
-        repeat=env.int("WARMUP_REPEAT", 1, 1, 8),
+        prompt=env.str("WARMUP_PROMPT", default.prompt),
+        data_path=Path(env.str("WARMUP_DATA_PATH", str(default.data_path))),
+        num_samples=env.int("WARMUP_NUM_SAMPLES", default.num_samples, 0, cap),
+        num_samples_cap=cap,
+        repeat=env.int("WARMUP_REPEAT", default.repeat, 1, WARMUP_REPEAT_MAX),
     )
 
 

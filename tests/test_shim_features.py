@@ -1,12 +1,14 @@
 """Shim features against the session's real server: /info, system prompt, batch health."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
 import pytest
 from fastapi.testclient import TestClient
 
+from preprocess.settings import SYSTEM_PROMPT_MAX_CHARS, load_sampling
 from shim.app import create_app
 from shim.ensemble import build_inputs
 
@@ -22,7 +24,8 @@ def test_info_names_backend_model_and_settings_without_secrets(server, tiny_mode
     assert info["model_dir"] == str(tiny_model)
     assert info["engine_args"]["model"] == str(tiny_model)
     assert info["routing"]["max_new_tokens"] == 8
-    assert info["sampling_defaults"]["repetition_penalty"] == 1.05
+    assert info["sampling_defaults"] == dataclasses.asdict(load_sampling(server.env)) | \
+        {"stop_strings": list(load_sampling(server.env).stop_strings)}
     text = json.dumps(info)
     assert LEAK_CANARY not in text and "HF_TOKEN" not in text and "OPENAI_API_KEY" not in text
     assert LEAK_CANARY not in server.log_text()
@@ -30,11 +33,12 @@ def test_info_names_backend_model_and_settings_without_secrets(server, tiny_mode
 
 def test_system_prompt_over_the_limit_is_refused_not_cut(server):
     before = server.get("/system_prompt")[1]["system_prompt"]
-    status, body = server.post("/system_prompt", {"system_prompt": "长" * 20001})
-    assert status == 422 and "20000" in body["error"]
+    limit = SYSTEM_PROMPT_MAX_CHARS  # the replaced service's limit
+    status, body = server.post("/system_prompt", {"system_prompt": "长" * (limit + 1)})
+    assert status == 422 and str(limit) in body["error"]
     assert server.get("/system_prompt")[1]["system_prompt"] == before
-    status, body = server.post("/system_prompt", {"system_prompt": "长" * 20000})
-    assert status == 200 and len(body["system_prompt"]) == 20000
+    status, body = server.post("/system_prompt", {"system_prompt": "长" * limit})
+    assert status == 200 and len(body["system_prompt"]) == limit
     assert server.post("/system_prompt", {"system_prompt": 5})[0] == 422
     server.post("/system_prompt", {"system_prompt": before})
 

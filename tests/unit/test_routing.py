@@ -2,6 +2,7 @@
 import pytest
 
 from preprocess.routing import Route, classify, decide
+from preprocess.contract import MAX_NEW_TOKENS_LIMIT
 from preprocess.settings import SettingsError, load_routing
 
 
@@ -41,6 +42,9 @@ def test_keywords_match_stripped_lowercased():
 
 
 def test_default_limits():
+    """32 for short answers is the replaced service's documented default; 64 (soft code) and
+    192 (code, long answer; hard code follows code) are its shipped values, kept so that
+    existing deployments answer the same."""
     s = routing()
     assert decide("什么是 warp", s).max_new_tokens == 32
     assert decide("给出代码", s).max_new_tokens == 64
@@ -86,17 +90,21 @@ def test_disable_routing_sends_everything_to_max_new_tokens():
         assert (d.route, d.max_new_tokens) == (Route.SHORT, 20)
 
 
-def test_request_override_wins_and_is_clipped():
-    s = routing()
-    assert decide("gemm", s, override=5).max_new_tokens == 5
-    assert decide("gemm", s, override=0).max_new_tokens == 1
-    assert decide("gemm", s, override=99999).max_new_tokens == 4096
-    assert decide("gemm", s, override=5).route is Route.LONG_ANSWER
+# The replaced service clipped every token limit to 1..4096; the bounds are tested just
+# inside and just outside, from the one constant the code uses.
+LIMIT = MAX_NEW_TOKENS_LIMIT
 
 
-def test_token_limits_are_clipped():
-    assert routing(MAX_NEW_TOKENS=0).max_new_tokens == 1
-    assert routing(MAX_NEW_TOKENS=100000).max_new_tokens == 4096
+@pytest.mark.parametrize("override, used", [(5, 5), (1, 1), (0, 1), (-3, 1), (LIMIT, LIMIT), (LIMIT + 1, LIMIT)])
+def test_request_override_wins_and_is_clipped(override, used):
+    decision = decide("gemm", routing(), override=override)
+    assert decision.max_new_tokens == used and decision.route is Route.LONG_ANSWER
+
+
+@pytest.mark.parametrize("value, used", [(0, 1), (1, 1), (LIMIT, LIMIT), (LIMIT + 1, LIMIT)])
+def test_token_limits_are_clipped(value, used):
+    assert routing(MAX_NEW_TOKENS=value).max_new_tokens == used
+    assert routing(MAX_NEW_TOKENS_CODE=value).max_new_tokens_code_hard == used
 
 
 def test_malformed_number_names_variable_and_value():

@@ -53,15 +53,34 @@ def test_serve_refuses_to_start_on_a_malformed_variable():
     assert "Traceback" not in run.stderr
 
 
-def test_warmup_clips():
-    assert cfg.load_warmup({}).num_samples == 64
-    assert cfg.load_warmup({"WARMUP_NUM_SAMPLES": "100000"}).num_samples == 512
-    assert cfg.load_warmup({"WARMUP_NUM_SAMPLES": "1000", "WARMUP_NUM_SAMPLES_CAP": "700"}).num_samples == 700
-    assert cfg.load_warmup({"WARMUP_NUM_SAMPLES": "9000", "WARMUP_NUM_SAMPLES_CAP": "99999"}).num_samples == 8192
-    assert cfg.load_warmup({"WARMUP_NUM_SAMPLES": "-5"}).num_samples == 0
-    assert cfg.load_warmup({"WARMUP_REPEAT": "0"}).repeat == 1
-    assert cfg.load_warmup({"WARMUP_REPEAT": "20"}).repeat == 8
-    assert cfg.load_warmup({}).prompt == "你好"
+def test_warmup_defaults():
+    """The replaced service's defaults: the prompt 你好, one repeat, up to 64 data samples."""
+    warmup = cfg.load_warmup({})
+    assert (warmup.prompt, warmup.repeat, warmup.num_samples) == ("你好", 1, 64)
+
+
+# WARMUP_NUM_SAMPLES is clipped so that a typo cannot push warm-up past the health
+# deadline (the replaced service's "defensive cap"); the cap itself is bounded too.
+CAP = cfg.WarmupSettings.num_samples_cap
+CAP_MAX = cfg.WARMUP_NUM_SAMPLES_CAP_MAX
+
+
+@pytest.mark.parametrize("env, samples", [
+    ({"WARMUP_NUM_SAMPLES": str(CAP)}, CAP),
+    ({"WARMUP_NUM_SAMPLES": str(CAP + 1)}, CAP),
+    ({"WARMUP_NUM_SAMPLES": "0"}, 0),
+    ({"WARMUP_NUM_SAMPLES": "-1"}, 0),
+    ({"WARMUP_NUM_SAMPLES": "701", "WARMUP_NUM_SAMPLES_CAP": "700"}, 700),
+    ({"WARMUP_NUM_SAMPLES": str(CAP_MAX + 1), "WARMUP_NUM_SAMPLES_CAP": str(CAP_MAX)}, CAP_MAX),
+    ({"WARMUP_NUM_SAMPLES": str(CAP_MAX + 1), "WARMUP_NUM_SAMPLES_CAP": str(CAP_MAX + 1)}, CAP_MAX),
+])
+def test_warmup_samples_are_clipped_at_the_cap(env, samples):
+    assert cfg.load_warmup(env).num_samples == samples
+
+
+@pytest.mark.parametrize("value, repeat", [("0", 1), ("1", 1), ("8", 8), ("9", 8)])
+def test_warmup_repeat_is_clipped_to_1_to_8(value, repeat):
+    assert cfg.load_warmup({"WARMUP_REPEAT": value}).repeat == repeat
 
 
 def test_warmup_data_formats(tmp_path):
@@ -93,6 +112,8 @@ def test_missing_or_broken_warmup_file_is_no_data(tmp_path, caplog):
 
 
 def test_sampling_defaults_and_stops():
+    """The replaced service's defaults, carried over unchanged: greedy (TEMPERATURE 0), light
+    repetition and frequency penalties against small-model loops, and Qwen's end markers."""
     s = cfg.load_sampling({})
     assert (s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.frequency_penalty) == (0.0, 1.0, 1, 1.05, 0.1)
     assert s.stop_strings == ("<|im_end|>", "<|endoftext|>")
@@ -124,12 +145,16 @@ def test_equal_settings_are_equal_keys():
 
 
 def test_system_prompt_limit_and_strip():
+    """The replaced service refused system prompts over 20,000 characters: at the limit is
+    kept whole, one over is refused, never cut."""
+    limit = cfg.SYSTEM_PROMPT_MAX_CHARS
     assert cfg.validate_system_prompt("  x  ") == "x"
-    assert len(cfg.validate_system_prompt("字" * 20000)) == 20000
-    with pytest.raises(ValueError, match="20000"):
-        cfg.validate_system_prompt("字" * 20001)
+    assert len(cfg.validate_system_prompt("字" * limit)) == limit
+    assert len(cfg.validate_system_prompt(" " + "字" * limit + " ")) == limit  # counted after the strip
+    with pytest.raises(ValueError, match=str(limit)):
+        cfg.validate_system_prompt("字" * (limit + 1))
     with pytest.raises(SettingsError, match="SYSTEM_PROMPT"):
-        cfg.load_chat({"SYSTEM_PROMPT": "x" * 20001})
+        cfg.load_chat({"SYSTEM_PROMPT": "x" * (limit + 1)})
     assert cfg.load_chat({"SYSTEM_PROMPT": " 简短 "}).system_prompt == "简短"
     assert "不要" in cfg.DEFAULT_SYSTEM_PROMPT and "代码" in cfg.DEFAULT_SYSTEM_PROMPT
 

@@ -1,0 +1,149 @@
+"""GeneratorMetrics applies its figures exactly, from a recording stand-in for pb_utils.
+
+Only the stub has the real `pb_utils`; this stand-in records what the generator asks of
+it (the same calls: MetricFamily(...).Metric(labels=...), increment, set, observe). The
+server tests scrape the same figures from a real Triton (tests/test_metrics.py).
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from preprocess.generation import GenerationItem, GenerationResult
+from preprocess.metrics import GeneratorMetrics, KvCacheGauge
+from preprocess.sampling import SamplingSettings
+
+
+class RecordedMetric:
+    def __init__(self, family, labels):
+        self.family, self.labels = family, labels
+        self.value = 0.0
+        self.observed: list[float] = []
+
+    def increment(self, amount):
+        if self.family.stub.broken:  # injected fault: the stub's link to the server failed
+            raise RuntimeError("Failed to increment metric value")
+        self.value += amount
+
+    def set(self, value):
+        self.value = value
+
+    def observe(self, value):
+        self.observed.append(value)
+
+
+class RecordingPbUtils:
+    """The slice of `triton_python_backend_utils` the metrics use."""
+
+    def __init__(self):
+        self.metrics: dict[tuple[str, tuple], RecordedMetric] = {}
+        self.broken = False
+        stub = self
+
+        class MetricFamily:
+            COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+
+            def __init__(self, name, description, kind):
+                self.name, self.kind, self.stub = name, kind, stub
+
+            def Metric(self, labels, buckets=None):  # noqa: N802 (pb_utils' name)
+                metric = RecordedMetric(self, labels)
+                stub.metrics[(self.name, tuple(sorted(labels.items())))] = metric
+                return metric
+
+        self.MetricFamily = MetricFamily
+
+    def value(self, name, **labels):
+        return self.metrics[(name, tuple(sorted(labels.items())))].value
+
+    def observed(self, name):
+        return self.metrics[(name, ())].observed
+
+
+def item(max_tokens):
+    return GenerationItem([1, 2, 3], SamplingSettings(max_tokens, 0.0, 1.0, 1, 1.0, 0.0))
+
+
+def result(prompt_tokens, completion_tokens, ttft=0.01, e2e=0.2):
+    return GenerationResult("x", prompt_tokens, completion_tokens, ttft_s=ttft, e2e_s=e2e)
+
+
+@pytest.fixture
+def recorded():
+    pb_utils = RecordingPbUtils()
+    kv = KvCacheGauge()
+    kv.total_blocks, kv.block_size, kv.usage = 80, 16, 0.25
+    metrics = GeneratorMetrics(pb_utils, kv)
+    yield pb_utils, metrics, kv
+    metrics.close()
+
+
+def test_counts_buckets_and_latencies_are_applied_exactly(recorded):
+    pb_utils, metrics, _ = recorded
+    metrics.submitted([item(32), item(32), item(192)], groups=2)
+    metrics.finished([result(10, 5, ttft=0.02, e2e=0.3), result(7, 32)])
+    metrics.finished([result(3, 1)])
+    metrics.close()  # applies what is queued, then empties the families
+    assert pb_utils.value("llm_generator_prompts_total") == 3
+    assert pb_utils.value("llm_generator_engine_submissions_total") == 2
+    assert pb_utils.value("llm_generator_prompt_tokens_total") == 20
+    assert pb_utils.value("llm_generator_generation_tokens_total") == 38
+    assert pb_utils.value("llm_generator_requests_by_bucket_total", max_new_tokens="32") == 2
+    assert pb_utils.value("llm_generator_requests_by_bucket_total", max_new_tokens="192") == 1
+    assert pb_utils.observed("llm_generator_time_to_first_token_seconds") == [0.02, 0.01, 0.01]
+    assert pb_utils.observed("llm_generator_e2e_latency_seconds") == [0.3, 0.2, 0.2]
+
+
+@pytest.mark.parametrize("usage, used", [(0.0, 0), (0.25, 20), (1.0, 80), (0.999, 80), (0.006, 0)])
+def test_kv_blocks_in_use_follow_the_engine_usage(recorded, usage, used):
+    pb_utils, metrics, kv = recorded
+    kv.usage = usage
+    metrics.finished([result(10, 6)])
+    metrics.close()
+    assert pb_utils.value("llm_generator_kv_cache_blocks_used") == used
+    assert pb_utils.value("llm_generator_kv_cache_blocks_total") == 80
+
+
+def test_kv_concurrency_is_cache_tokens_over_the_mean_request_length(recorded):
+    pb_utils, metrics, _ = recorded
+    metrics.finished([result(100, 28), result(50, 78)])  # 256 tokens over 2 requests: 128 each
+    metrics.close()
+    assert pb_utils.value("llm_generator_kv_cache_concurrency") == pytest.approx(80 * 16 / 128)
+
+
+def test_no_kv_figures_before_the_engine_reports_its_cache():
+    pb_utils = RecordingPbUtils()
+    metrics = GeneratorMetrics(pb_utils, KvCacheGauge())  # total_blocks 0: not reported yet
+    metrics.finished([result(1, 1)])
+    metrics.close()
+    assert pb_utils.value("llm_generator_kv_cache_blocks_total") == 0
+    assert pb_utils.value("llm_generator_kv_cache_concurrency") == 0
+
+
+def test_a_failed_update_does_not_end_the_figures(recorded, caplog):
+    pb_utils, metrics, _ = recorded
+    with caplog.at_level("WARNING"):
+        pb_utils.broken = True
+        metrics.submitted([item(8)], groups=1)
+        for _ in range(1000):  # until the metrics thread has met the fault (a bound, not a timing)
+            if "could not update the metrics" in caplog.text:
+                break
+            time.sleep(0.01)
+        assert "Failed to increment metric value" in caplog.text
+        pb_utils.broken = False
+        metrics.submitted([item(8), item(8)], groups=1)
+        metrics.close()
+    assert pb_utils.value("llm_generator_prompts_total") == 2  # the thread lived on
+    assert pb_utils.value("llm_generator_engine_submissions_total") == 1
+
+
+def test_engine_up_and_after_close_nothing_is_touched(recorded):
+    pb_utils, metrics, _ = recorded
+    metrics.set_engine_up(True)
+    assert pb_utils.value("llm_generator_engine_up") == 1
+    metrics.set_engine_up(False)
+    assert pb_utils.value("llm_generator_engine_up") == 0
+    metrics.close()
+    metrics.set_engine_up(True)  # the watchdog may still call after close: a no-op
+    assert pb_utils.value("llm_generator_engine_up") == 0
