@@ -15,7 +15,7 @@ cd "$(dirname "$0")"
 ROOT=$PWD
 VENV=$ROOT/.venv
 PY=${PYTHON:-python3}
-MODEL_ID_DEFAULT=SmolLM2-135M-Instruct
+MODEL_ID_DEFAULT=SmolLM2-135M-Instruct  # = preprocess.settings.EMBEDDED_MODEL_ID (a unit test checks)
 
 # Pinned versions. vLLM goes first (it brings torch 2.13.0+cpu from the local wheel);
 # NumPy < 2 afterwards, because the Triton stub's pybind11 misreads NumPy 2 tensors.

@@ -14,7 +14,8 @@ import sys
 
 from . import settings as cfg
 from .cleanup import clean_answer
-from .pipeline import PreprocessStage, load_tokenizer
+from .pipeline import PreprocessStage
+from .tokenizer import load_tokenizer
 from .routing import decide
 
 
@@ -30,9 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     clean.add_argument("--question", default="")
     args = parser.parse_args(argv)
     try:
+        settings = cfg.load(os.environ)
         if args.command == "explain":
-            model_dir = args.model_dir or cfg.resolve_model_dir(os.environ)
-            stage = PreprocessStage(os.environ, load_tokenizer(model_dir))
+            stage = PreprocessStage(settings, load_tokenizer(args.model_dir or settings.model_dir))
             row = stage.run([args.question], [args.system_prompt])[0]
             result = {
                 "route": row.decision.route.value,
@@ -43,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
                 "fast_chat_template": stage.formatter.fast,
             }
         else:
-            decision = decide(args.question, cfg.load_routing(os.environ))
+            decision = decide(args.question, settings.routing)
             result = {"route": decision.route.value,
-                      "answer": clean_answer(args.raw, decision.route, decision.is_code, cfg.load_cleanup(os.environ))}
+                      "answer": clean_answer(args.raw, decision.route, decision.is_code, settings.cleanup)}
     except cfg.SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

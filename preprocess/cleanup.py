@@ -1,7 +1,9 @@
 """Answer clean-up: thinking blocks out, short answers kept short.
 
-Fixes two leaks of the reference service: an unclosed `<think>` (an answer cut off
-mid-thought) and a lone `</think>`; and sentence splitting keeps the newlines it splits on.
+Guarantees: no thinking text survives, whether the block is closed, unclosed (an answer
+cut off mid-thought) or only a lone `</think>` ends it; and sentence splitting keeps the
+newlines it splits on. (The README's "Where we differ" lists these against the replaced
+service.)
 """
 from __future__ import annotations
 

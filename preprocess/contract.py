@@ -6,7 +6,7 @@ preprocess stage checks the same table again (clients may call Triton directly),
 Triton models and `config.pbtxt` files use the same names and dtypes
 (`tests/unit/test_contract.py` reads the configs). The ranges are vLLM's own
 `SamplingParams` checks, narrowed where the replaced service was narrower, so the engine
-never sees a value it would refuse: an engine refusal used to surface as a 5xx.
+never sees a value it would refuse (an engine refusal would surface as a 5xx).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ MAX_NEW_TOKENS_LIMIT = 4096  # the replaced service clipped max_new_tokens to 1.
 PAD_ID = -1  # never a token id: pads the shorter prompts of PROMPT_IDS
 ENSEMBLE = "llm"
 PREPROCESS = "preprocess"
+MAX_BATCH_SIZE = 512  # every config.pbtxt's max_batch_size; the shim reads Triton's and uses this until then
 
 
 NUMPY_TYPES = {"INT32": np.int32, "FP32": np.float32, "BOOL": np.bool_}

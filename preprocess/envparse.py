@@ -1,8 +1,7 @@
 """Strict parsing of environment variables: one clear line per malformed value.
 
-The reference service crashed with a traceback on `MAX_NEW_TOKENS=abc`; here every
-reader raises `SettingsError` naming the variable and the value, and start-up code turns
-that into one log line and a failed load.
+Every reader raises `SettingsError` naming the variable and the value (never a
+traceback), and start-up code turns that into one log line and a failed load.
 """
 from __future__ import annotations
 
@@ -49,7 +48,7 @@ class Env:
         return None if self.raw(name) is None else self.bool(name, False)
 
     def int(self, name: str, default: int, lo: int | None = None, hi: int | None = None) -> int:
-        """An integer, clipped to [lo, hi] as the reference service clips its ranges."""
+        """An integer, clipped to [lo, hi] (the replaced service clipped, it did not refuse)."""
         value = self.raw(name)
         if value is None:
             return default

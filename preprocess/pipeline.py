@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from . import settings as cfg
@@ -20,17 +19,6 @@ from .sampling import OVERRIDE_NAMES, InvalidRequest, SamplingSettings, resolve
 log = logging.getLogger("preprocess")
 
 
-def load_tokenizer(model_dir: str | Path):
-    """The model's tokenizer, or None (then prompts fall back to plain text)."""
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(model_dir))
-    except Exception as exc:  # no tokenizer only costs the chat template
-        log.warning("no tokenizer in %s (%s); using plain prompts", model_dir, exc)
-        return None
-
-
 @dataclass(frozen=True)
 class PreparedRow:
     text: str
@@ -40,13 +28,12 @@ class PreparedRow:
 
 
 class PreprocessStage:
-    def __init__(self, environ: Mapping[str, str], tokenizer: Any | None):
-        self.routing = cfg.load_routing(environ)
+    def __init__(self, settings: cfg.Settings, tokenizer: Any | None):
+        self.routing = settings.routing
         self.unrouted = replace(self.routing, disabled=True)
-        self.sampling_defaults = cfg.load_sampling(environ)
-        chat = cfg.load_chat(environ)
-        self.default_system_prompt = chat.system_prompt
-        self.formatter = ChatFormatter(tokenizer, chat.fast_chat_template)
+        self.sampling_defaults = settings.sampling
+        self.default_system_prompt = settings.chat.system_prompt
+        self.formatter = ChatFormatter(tokenizer, settings.chat.fast_chat_template)
 
     def run(self, questions: Sequence[str], system_prompts: Sequence[str | None] | None = None,
             overrides: Mapping[str, Sequence[Any] | None] | None = None,
@@ -94,8 +81,8 @@ class PreprocessStage:
 
 
 class PostprocessStage:
-    def __init__(self, environ: Mapping[str, str]):
-        self.settings = cfg.load_cleanup(environ)
+    def __init__(self, settings: cfg.Settings):
+        self.settings = settings.cleanup
 
     def run(self, texts: Sequence[str], routes: Sequence[str], is_code: Sequence[bool]) -> list[str]:
         return [clean_answer(text, Route(route), bool(code), self.settings)

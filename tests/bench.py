@@ -13,7 +13,6 @@ import asyncio
 import json
 import logging
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -66,10 +65,12 @@ def prompts_and_ids(model_dir: Path, n: int, tag: str):
     """N questions and their token ids. Each path gets its own `tag` at the start of the
     question, so no path finds another's prompts in vLLM's prefix cache (the shared system
     prompt is cached for all, as in production)."""
-    from preprocess.pipeline import PreprocessStage, load_tokenizer
+    from preprocess.pipeline import PreprocessStage
+    from preprocess.settings import load
+    from preprocess.tokenizer import load_tokenizer
 
     questions = tagged_questions(n, tag)
-    rows = PreprocessStage(os.environ, load_tokenizer(model_dir)).run(questions)
+    rows = PreprocessStage(load(os.environ), load_tokenizer(model_dir)).run(questions)
     return questions, [r.token_ids for r in rows]
 
 
@@ -108,8 +109,8 @@ async def at_concurrency(call, items, concurrency):
 
 
 def engine_overrides():
-    from preprocess.engine_config import engine_kwargs, load_engine
-    from preprocess.generator_service import accelerator_available
+    from preprocess.engine.config import engine_kwargs, load_engine
+    from preprocess.engine.service import accelerator_available
 
     kwargs = engine_kwargs(load_engine(os.environ, cpu_only=not accelerator_available()), "")
     return {k: v for k, v in kwargs.items() if k in ("dtype", "enforce_eager", "gpu_memory_utilization",

@@ -219,7 +219,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--memory", type=float, default=0.28, help="GPU memory share of each engine")
     parser.add_argument("--product-env", nargs="*", default=[], help="NAME=VALUE for the product and baseline 2")
-    parser.add_argument("--py-spy", help="folder for py-spy profiles of the generator stub (round 2: the "
+    parser.add_argument("--py-spy", help="folder for py-spy profiles of the three stubs (round 2: the "
                         "largest batch, or the ensemble at c=256)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
@@ -275,23 +275,40 @@ def run_batch_plan(args, workers, product, record) -> None:
                        "tokens")
             record.add(case, "baseline2-product", round_, b2.run(op="batch", n=n, tokens=tokens, tag=f"r{round_}b2"),
                        "tokens")
-            spy = profiler(args, product, record, case) if round_ == 1 and (n, tokens) == sizes[-1] else None
+            spies = profiler(args, product, record, case) if round_ == 1 and (n, tokens) == sizes[-1] else []
             record.add(case, "shim /predict", round_, product.batch(n, tokens, f"r{round_}shim"), "tokens")
-            if spy is not None:
+            for spy in spies:
                 spy.wait(120)  # py-spy stops on its own after -d seconds and writes its file then
         judge_round(args, b1, product, record, round_, "judge long")
 
 
-def profiler(args, product, record, case: str, path: str = "shim /predict"):
-    """py-spy on the generator stub for one product window (its length taken from round 1)."""
+def stub_pids() -> dict[str, int]:
+    """The Python-backend stub of each Triton model, by model name (from its command line)."""
+    import psutil
+
+    found = {}
+    for process in psutil.process_iter(["name", "cmdline"]):
+        line = " ".join(process.info["cmdline"] or [])
+        if "triton_python_backend_stub" in line:
+            for model in ("preprocess", "generator", "postprocess"):
+                if f"/{model}/1/model.py" in line:
+                    found[model] = process.pid
+    return found
+
+
+def profiler(args, product, record, case: str, path: str = "shim /predict") -> list[subprocess.Popen]:
+    """py-spy on every stub for one product window (its length taken from round 1)."""
     if not args.py_spy:
-        return None
+        return []
     seconds = next(m["seconds"] for m in record.measurements if m["case"] == case and m["path"] == path)
-    pid = product.server.generator_state()["pid"]
-    out = Path(args.py_spy) / f"generator-{case.replace(' ', '-').replace('=', '')}.txt"  # plain names travel back
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(["py-spy", "record", "-p", str(pid), "-d", str(int(seconds) + 1), "--threads",
-                             "--nonblocking", "--format", "raw", "-o", str(out)])
+    folder = Path(args.py_spy)
+    folder.mkdir(parents=True, exist_ok=True)
+    spies = []
+    for model, pid in stub_pids().items():
+        out = folder / f"{model}-{case.replace(' ', '-').replace('=', '')}.txt"  # plain names travel back
+        spies.append(subprocess.Popen(["py-spy", "record", "-p", str(pid), "-d", str(int(seconds) + 1), "--threads",
+                                       "--nonblocking", "--format", "raw", "-o", str(out)]))
+    return spies
 
 
 def run_online_plan(args, workers, product, record) -> None:
@@ -304,10 +321,10 @@ def run_online_plan(args, workers, product, record) -> None:
             record.add(case, "baseline3-serve", round_,
                        b3.run(op="online", c=concurrency, requests=requests, tokens=args.tokens,
                               tag=f"r{round_}c{concurrency}b3"), "tokens")
-            spy = profiler(args, product, record, case, "ensemble") if round_ == 1 and concurrency == 256 else None
+            spies = profiler(args, product, record, case, "ensemble") if round_ == 1 and concurrency == 256 else []
             record.add(case, "ensemble", round_,
                        product.online(concurrency, requests, args.tokens, f"r{round_}c{concurrency}ens"), "tokens")
-            if spy is not None:
+            for spy in spies:
                 spy.wait(120)
         judge_round(args, b1, product, record, round_, "judge shipped")
 

@@ -34,7 +34,7 @@ KINDS = ("offline-vllm", "offline-product", "async-serve")
 
 def product_engine_args(model_dir: str) -> dict:
     """The engine arguments the generator would pass, from this process's environment."""
-    from preprocess.engine_config import engine_kwargs, load_engine
+    from preprocess.engine.config import engine_kwargs, load_engine
 
     return engine_kwargs(load_engine(os.environ, cpu_only=False), model_dir)
 
@@ -49,9 +49,11 @@ def scheduler_of(vllm_config) -> dict:
 
 def judge_rows(model_dir: str, questions: list[str]):
     """Token ids and per-prompt sampling exactly as the product's preprocess stage makes them."""
-    from preprocess.pipeline import PreprocessStage, load_tokenizer
+    from preprocess.pipeline import PreprocessStage
+    from preprocess.settings import load
+    from preprocess.tokenizer import load_tokenizer
 
-    return PreprocessStage(os.environ, load_tokenizer(model_dir)).run(questions)
+    return PreprocessStage(load(os.environ), load_tokenizer(model_dir)).run(questions)
 
 
 def judge_params(rows):
@@ -69,9 +71,10 @@ def judge_params(rows):
 
 def cleaned_chars(rows, texts: list[str]) -> int:
     from preprocess.pipeline import PostprocessStage
+    from preprocess.settings import load
 
-    answers = PostprocessStage(os.environ).run(texts, [r.decision.route.value for r in rows],
-                                               [r.decision.is_code for r in rows])
+    answers = PostprocessStage(load(os.environ)).run(texts, [r.decision.route.value for r in rows],
+                                                     [r.decision.is_code for r in rows])
     return sum(len(a) for a in answers)
 
 

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from preprocess.settings import EMBEDDED_MODEL_ID
+
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "tests" / ".artifacts"
-EMBEDDED_MODEL = REPO / "model" / "SmolLM2-135M-Instruct"
+EMBEDDED_MODEL = REPO / "model" / EMBEDDED_MODEL_ID
 TINY_MODEL = ARTIFACTS / "tiny-llama-answers-gpu"
 TINY_ANSWER = " GPU"  # what the tiny model says, greedily, to any prompt: once per generated token
 LEAK_CANARY = "canary-secret-4b1d"

@@ -9,6 +9,7 @@ import psutil
 import pytest
 from fastapi.testclient import TestClient
 
+from preprocess.settings import load
 from shim.app import create_app
 
 from .conftest import http_json, scrape_metrics
@@ -96,7 +97,7 @@ def test_admin_token_guards_system_prompt_updates_only(server, caplog):
     caplog.set_level("DEBUG")
     environ = {"TRITON_HTTP_PORT": server.env["TRITON_HTTP_PORT"], "WARMUP_NUM_SAMPLES": "0",
                "MODEL_DIR": server.env["MODEL_DIR"], "SHIM_ADMIN_TOKEN": "s3cret-admin"}
-    with TestClient(create_app(environ)) as client:
+    with TestClient(create_app(load(environ), live_environ=environ)) as client:
         for _ in range(200):
             if client.get("/").json()["status"] != "warming":
                 break

@@ -8,7 +8,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from preprocess.settings import SYSTEM_PROMPT_MAX_CHARS, load_sampling
+from preprocess.settings import SYSTEM_PROMPT_MAX_CHARS, load, load_sampling
 from shim.app import create_app
 from shim.ensemble import build_inputs
 
@@ -69,7 +69,7 @@ def test_batch_mode_is_read_at_each_request(server):
     """The real app in-process, on the session's tritonserver, with a live environment."""
     environ = {"TRITON_HTTP_PORT": server.env["TRITON_HTTP_PORT"], "WARMUP_NUM_SAMPLES": "0",
                "MODEL_DIR": server.env["MODEL_DIR"]}
-    app = create_app(environ)
+    app = create_app(load(environ), live_environ=environ)
     with TestClient(app) as client:
         for _ in range(200):  # the app warms up through the ensemble first
             if client.get("/").json()["status"] != "warming":

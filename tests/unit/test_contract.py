@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from preprocess.contract import GENERATOR_SCALARS, OUTPUTS, SETTINGS, TEXT_INPUTS, OutOfRange
+from preprocess.contract import GENERATOR_SCALARS, MAX_BATCH_SIZE, OUTPUTS, SETTINGS, TEXT_INPUTS, OutOfRange
 from tests.conftest import REPO
 
 CONFIGS = REPO / "model_repository"
@@ -37,7 +37,7 @@ def test_generator_inputs_and_preprocess_outputs_are_the_table():
 
 
 def test_every_model_batches_the_same_rows():
-    assert len({max_batch_size(m) for m in ("llm", "preprocess", "generator", "postprocess")}) == 1
+    assert {max_batch_size(m) for m in ("llm", "preprocess", "generator", "postprocess")} == {MAX_BATCH_SIZE}
 
 
 # The bounds below are vLLM's own SamplingParams checks (temperature [0, 2], top_p (0, 1],

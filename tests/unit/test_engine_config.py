@@ -1,7 +1,7 @@
 """vLLM engine arguments from the environment, filtered by the installed vLLM's signature."""
 import pytest
 
-from preprocess.engine_config import SAFE_MAX_MODEL_LEN, accepted_kwargs, engine_kwargs, load_engine
+from preprocess.engine.config import SAFE_MAX_MODEL_LEN, accepted_kwargs, engine_kwargs, load_engine
 from preprocess.envparse import SettingsError
 
 

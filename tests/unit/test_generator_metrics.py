@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from preprocess.generation import GenerationItem, GenerationResult
-from preprocess.metrics import GeneratorMetrics, KvCacheGauge
+from preprocess.engine.generation import GenerationItem, GenerationResult
+from preprocess.engine.metrics import GeneratorMetrics, KvCacheGauge
 from preprocess.sampling import SamplingSettings
 
 

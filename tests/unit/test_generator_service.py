@@ -6,15 +6,15 @@ import time
 import psutil
 import pytest
 
-import preprocess.vllm_runner as vllm_runner
-from preprocess import engine_config
-from preprocess.fallback import EngineStartError
-from preprocess.generator_service import GeneratorService
+import preprocess.engine.vllm_runner as vllm_runner
+from preprocess.engine import config as engine_config
+from preprocess.engine.fallback import EngineStartError
+from preprocess.engine.service import GeneratorService, prepare_generator_process
 
 
 def service(tiny_model, **env):
-    environ = {"VLLM_CPU_KVCACHE_SPACE": "1", **env}
-    return GeneratorService(environ, tiny_model)
+    environ = {"VLLM_CPU_KVCACHE_SPACE": "1", "MODEL_DIR": str(tiny_model), **env}
+    return GeneratorService(prepare_generator_process(environ))
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def test_real_vllm_rejects_a_load_format_and_the_chain_recovers(tiny_model, capl
 def check_a_failing_prompt_cancels_its_siblings(runner):
     """A prompt the engine refuses (a token id outside the vocabulary) fails its request
     once, and its sibling, 500 tokens long, is aborted in vLLM rather than left running."""
-    from preprocess.generation import GenerationItem
+    from preprocess.engine.generation import GenerationItem
     from preprocess.sampling import SamplingSettings
 
     long = SamplingSettings(max_tokens=500, temperature=0.0, top_p=1.0, top_k=-1, repetition_penalty=1.0,

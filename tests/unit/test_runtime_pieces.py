@@ -7,6 +7,7 @@ import pytest
 from preprocess.pipeline import PostprocessStage, PreprocessStage
 from preprocess.runtime import CancelMarkers
 from preprocess.sampling import InvalidRequest
+from preprocess.settings import load
 from shim.serve import TritonSupervisor, restart_delay
 
 
@@ -51,7 +52,7 @@ def test_the_supervisor_restarts_a_server_that_keeps_exiting_and_stops(caplog):
 
 
 def test_preprocess_uses_each_rows_system_prompt_and_names_the_bad_row(tokenizer):
-    stage = PreprocessStage({}, tokenizer)
+    stage = PreprocessStage(load({}), tokenizer)
     rows = stage.run(["q one", "q two"], system_prompts=["Be brief.", "用中文回答。"])
     assert "Be brief." in rows[0].text and "用中文回答。" not in rows[0].text
     assert "用中文回答。" in rows[1].text and "Be brief." not in rows[1].text
@@ -62,7 +63,7 @@ def test_preprocess_uses_each_rows_system_prompt_and_names_the_bad_row(tokenizer
 
 
 def test_postprocess_cleans_each_row_by_its_own_route():
-    stage = PostprocessStage({"OUTPUT_MAX_SENTENCES": "1"})
+    stage = PostprocessStage(load({"OUTPUT_MAX_SENTENCES": "1"}))
     text = "<think>plan</think>第一句。第二句。第三句。"
     short, code, raw = stage.run([text, text, text], ["short", "code", "raw"], [False, True, False])
     assert short == "第一句。"  # sentences are cut at Chinese punctuation and newlines

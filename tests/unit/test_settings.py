@@ -4,9 +4,9 @@ import json
 import pytest
 
 from preprocess import settings as cfg
-from preprocess.engine_config import load_engine, prepare_process_environment
+from preprocess.engine.config import load_engine, prepare_process_environment
 from preprocess.envparse import Env, SettingsError
-from preprocess.generator_service import stop_token_ids
+from preprocess.engine.service import stop_token_ids
 from preprocess.sampling import InvalidRequest, resolve
 from preprocess.warmup import load_user_prompts, warmup_prompts
 
@@ -160,7 +160,7 @@ def test_system_prompt_limit_and_strip():
 
 
 def test_model_dir_resolution(tmp_path):
-    assert cfg.resolve_model_dir({}, tmp_path) == tmp_path / "model" / "SmolLM2-135M-Instruct"
+    assert cfg.resolve_model_dir({}, tmp_path) == tmp_path / "model" / cfg.EMBEDDED_MODEL_ID
     assert cfg.resolve_model_dir({"MODEL_ID": "Qwen/Qwen3-4B"}, tmp_path) == tmp_path / "model" / "Qwen" / "Qwen3-4B"
     (tmp_path / "merged").mkdir()
     assert cfg.resolve_model_dir({}, tmp_path) == tmp_path / "merged"
@@ -206,7 +206,7 @@ def test_a_listed_variable_that_looks_secret_is_still_hidden(monkeypatch):
 def test_only_stop_strings_that_can_reach_the_text_are_searched(tokenizer):
     """"<|im_end|>" is a special token with a stop id: vLLM never decodes it into the text,
     so only the id is checked. A plain string, or a special token without a stop id, stays."""
-    from preprocess.generator_service import text_stop_strings
+    from preprocess.engine.service import text_stop_strings
 
     ids = stop_token_ids(tokenizer, ["<|im_end|>"])
     assert text_stop_strings(tokenizer, ["<|im_end|>", "\n\n", "Human:"], ids) == ["\n\n", "Human:"]

@@ -46,7 +46,7 @@ def test_env_force_preset_overrides():
 
 
 def test_presets_parse_as_valid_settings():
-    from preprocess.settings import load_all
+    from preprocess.settings import load
 
     for preset in ("run_model.sh", "env_force.sh"):
-        load_all(preset_env(preset))
+        load(preset_env(preset))

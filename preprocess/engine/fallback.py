@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TypeVar
 
-from .engine_config import SAFE_MAX_MODEL_LEN
+from .config import SAFE_MAX_MODEL_LEN
 
 log = logging.getLogger("generator.fallback")
 

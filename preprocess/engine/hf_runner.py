@@ -14,7 +14,7 @@ from typing import Sequence
 
 from .generation import (BatchHandle, Completion, GenerationItem, GenerationResult,
                          group_by_sampling, new_batch_id)
-from .sampling import SamplingSettings
+from ..sampling import SamplingSettings
 
 log = logging.getLogger("generator.transformers")
 

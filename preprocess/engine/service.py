@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 from typing import Any, MutableMapping, Sequence
 
-from . import engine_config
-from .contract import InvalidRequest
+from . import config as engine_config
+from ..contract import InvalidRequest
 from .fallback import EngineStartError
 from .generation import BatchHandle, Completion, GenerationItem, PromptTooLong, Runner, check_prompt_lengths
-from .pipeline import load_tokenizer
-from .runtime import GeneratorState
-from .settings import load_sampling
+from .. import settings as cfg
+from ..runtime import GeneratorState
+from ..tokenizer import load_tokenizer
 
 log = logging.getLogger("generator")
 
@@ -89,23 +89,31 @@ def accelerator_available() -> bool:
         return False
 
 
+def prepare_generator_process(environ: MutableMapping[str, str]) -> cfg.Settings:
+    """Process set-up of the generator: the environment fixes vLLM needs, then the settings
+    for this process's device. The fixes come first: a blank CUDA_VISIBLE_DEVICES would
+    hide the GPU from the accelerator probe."""
+    metax = engine_config.has_metax_device()
+    for change in engine_config.prepare_process_environment(environ, metax):
+        log.info("environment: %s", change)
+    settings = cfg.load(environ, metax=metax, cpu_only=not accelerator_available())
+    engine_config.set_vllm_log_level(settings.engine.vllm_log_level)
+    return settings
+
+
 class GeneratorService:
     # Rebuild attempts back off from the first delay, doubling, to the last: a restart that
     # keeps failing (FORCE_VLLM=1, out of memory) must not spin.
     retry_first_s = 0.5
     retry_max_s = 30.0
 
-    def __init__(self, environ: MutableMapping[str, str], model_dir: str | Path, runtime: Path | None = None,
-                 metrics=None):
-        self.model_dir = Path(model_dir)
-        self.state = GeneratorState(runtime)
-        self.metrics = metrics  # preprocess.metrics.GeneratorMetrics, or None outside Triton
-        self.accelerator = accelerator_available()
-        self.engine = engine_config.load_engine(environ, cpu_only=not self.accelerator)
-        for change in engine_config.prepare_process_environment(environ, self.engine.metax):
-            log.info("environment: %s", change)
-        engine_config.set_vllm_log_level(self.engine.vllm_log_level)
-        self.sampling = load_sampling(environ)
+    def __init__(self, settings: cfg.Settings, metrics=None):
+        self.model_dir = settings.model_dir
+        self.state = GeneratorState(settings.runtime_dir)
+        self.metrics = metrics  # preprocess.engine.metrics.GeneratorMetrics, or None outside Triton
+        self.engine = settings.engine
+        self.accelerator = not settings.engine.cpu_only
+        self.sampling = settings.sampling
         self.tokenizer = load_tokenizer(self.model_dir)
         self.stop_token_ids = stop_token_ids(self.tokenizer, self.sampling.stop_strings)
         self.restarts = 0

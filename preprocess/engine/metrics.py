@@ -16,7 +16,7 @@ from typing import Sequence
 
 from .generation import GenerationItem, GenerationResult
 
-log = logging.getLogger("preprocess.metrics")
+log = logging.getLogger("preprocess.engine.metrics")
 
 LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
 

@@ -15,11 +15,11 @@ import time
 from concurrent.futures import Future
 from typing import Any, Sequence
 
-from .engine_config import EngineSettings, accepted_kwargs, engine_kwargs
+from .config import EngineSettings, accepted_kwargs, engine_kwargs
 from .fallback import build_with_fallbacks
 from .generation import (BatchHandle, Completion, GenerationItem, GenerationResult,
                          group_by_sampling, new_batch_id)
-from .sampling import SamplingSettings
+from ..sampling import SamplingSettings
 
 log = logging.getLogger("generator.vllm")
 

@@ -1,0 +1,29 @@
+"""The evaluation client's contract: `GET /` health and `POST /predict`."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from ..bodies import PredictRequest, json_body, parse_body
+from ..state import shim_state
+
+router = APIRouter()
+
+
+@router.get("/")
+async def health(request: Request):
+    """`warming` until the ensemble is up and warmed; then `ok`, or `batch` under BATCH_MODE."""
+    state = shim_state(request)
+    if not state.ready:
+        return {"status": "warming"}
+    return {"status": "batch" if state.batch_mode else "ok"}
+
+
+@router.post("/predict", openapi_extra=json_body(PredictRequest))
+async def predict(request: Request):
+    """A string gets a string; a list gets a list of the same length, in order."""
+    state = shim_state(request)
+    body = await parse_body(request, PredictRequest)
+    prompts = body.prompts()
+    overrides = state.limits.admit(prompts, body.overrides(), indexed=isinstance(body.prompt, list))
+    texts = [a.text for a in await state.generate(request, prompts, overrides)]
+    return {"response": texts if isinstance(body.prompt, list) else texts[0]}

@@ -1,0 +1,124 @@
+"""The shim's one state object: settings, the ensemble client, health, warm-up and the
+run-time system prompt. Every route reaches it through `shim_state(request)`."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Mapping
+
+from fastapi import Request
+
+from preprocess import settings as cfg
+from preprocess.progress import Heartbeat
+from preprocess.runtime import CancelMarkers, GeneratorState
+from preprocess.warmup import warmup_prompts
+
+from .bodies import Limits
+from .ensemble import Answer, EnsembleClient, EnsembleError
+from .errors import ClientGone
+from .guards import ShimMetrics
+
+log = logging.getLogger("shim")
+
+WARMUP_MAX_TOKENS = 8
+
+
+class ShimState:
+    def __init__(self, settings: cfg.Settings, live_environ: Mapping[str, str],
+                 client: EnsembleClient | None = None, restart_server=None):
+        self.settings = settings
+        self.live_environ = live_environ  # BATCH_MODE only, which health reads at each request
+        self.system_prompt = settings.chat.system_prompt  # changed at run time by POST /system_prompt
+        shim = settings.shim
+        self.limits = Limits(shim.max_batch_prompts, shim.max_request_tokens, settings.largest_token_limit)
+        runtime = settings.runtime_dir
+        self.client = client or EnsembleClient(
+            f"{shim.triton_host}:{shim.triton_http_port}", timeout_s=shim.request_timeout_s,
+            cancel_markers=CancelMarkers(runtime / "cancelled" if runtime else None))
+        self.generator = GeneratorState(runtime)
+        self.metrics = ShimMetrics()
+        self.client.on_failure = self.metrics.model_failures.inc
+        self.restart_server = restart_server  # the supervisor's restart, under ./build.sh serve
+        self.ready = False
+        self.started = time.monotonic()
+        self.ready_after_s: float | None = None
+        self.last_wait_report_s = 0.0
+
+    @property
+    def batch_mode(self) -> bool:
+        return cfg.batch_mode(self.live_environ)
+
+    async def generate(self, request: Request, prompts: list[str], overrides: dict[str, Any],
+                       system_prompt: str | None = None) -> list[Answer]:
+        """The ensemble's answers, for every generating route: a client that disconnects
+        first has its generation aborted (in vLLM, through the cancel markers)."""
+        work = self.client.generate(prompts, self.system_prompt if system_prompt is None else system_prompt,
+                                    overrides)
+        return await run_until_disconnect(request, work)
+
+    async def monitor(self) -> None:
+        """Follows the ensemble: warm up whenever it (re)appears, fall back to warming when it
+        goes, and restart tritonserver only when its models are dead (see EnsembleClient)."""
+        while True:
+            generator_up = self.generator.up()
+            if not generator_up:
+                # The generator is rebuilding its engine by itself: its failures are not a dead server.
+                self.client.reset_failures()
+            if self.restart_server is not None and self.client.persistently_failing():
+                log.error("every request fails although Triton says ready (%d in a row): restarting tritonserver",
+                          self.client.failures_in_a_row)
+                self.ready = False
+                self.client.reset_failures()
+                self.metrics.server_restarts.inc()
+                await asyncio.to_thread(self.restart_server)
+            up = generator_up and await self.client.ready()
+            if not up and not self.ready:
+                self._report_waiting()
+            if up and not self.ready:
+                await self._warm_up()
+            elif not up and self.ready:
+                log.warning("the ensemble is not ready any more; health says warming")
+                self.ready = False
+            await asyncio.sleep(0.5)
+
+    def _report_waiting(self) -> None:
+        """While the model server comes up (engine load: tens of seconds), one line every 5 s."""
+        waited = time.monotonic() - self.started
+        if waited - self.last_wait_report_s >= 5.0:
+            self.last_wait_report_s = waited
+            log.info("waiting for the model server: %.0f s (generator: %s)", waited, self.generator.describe())
+
+    async def _warm_up(self) -> None:
+        await self.client.read_max_batch_size()
+        prompts = warmup_prompts(self.settings.warmup)
+        started = time.monotonic()
+        try:
+            with Heartbeat(log, f"warm-up ({len(prompts)} prompts through the ensemble)"):
+                await self.client.generate(prompts, self.system_prompt, {"max_new_tokens": WARMUP_MAX_TOKENS})
+        except EnsembleError as exc:
+            log.warning("warm-up failed (%s); will retry", exc.message)
+            return
+        self.ready = True
+        if self.ready_after_s is None:
+            self.ready_after_s = time.monotonic() - self.started
+        log.info("ready: warm-up took %.1f s, %.1f s since the shim started", time.monotonic() - started,
+                 time.monotonic() - self.started)
+
+
+def shim_state(request: Request) -> ShimState:
+    return request.app.state.shim
+
+
+async def run_until_disconnect(request: Request, work):
+    """Run `work`; if the client disconnects first, cancel it (which aborts it in vLLM)."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            log.info("client disconnected; cancelling its generation")
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise ClientGone()

@@ -1,0 +1,86 @@
+"""The shape the README's architecture section describes, checked on the source itself."""
+from __future__ import annotations
+
+import ast
+import re
+
+import pytest
+
+from preprocess import settings as cfg
+from tests.conftest import REPO
+
+PACKAGES = ("preprocess", "shim")
+# Where the process environment may be read: the settings module and the entry points
+# that hand os.environ to it (process set-up), nowhere else.
+ENVIRONMENT_READERS = {
+    "preprocess/settings.py", "preprocess/envparse.py", "preprocess/engine/config.py", "preprocess/__main__.py",
+    "shim/serve.py", "shim/app.py",
+    "model_repository/generator/1/model.py", "model_repository/preprocess/1/model.py",
+    "model_repository/postprocess/1/model.py",
+}
+TEXT_STAGES = ("chat", "cleanup", "routing", "sampling", "pipeline", "warmup", "tokenizer")
+
+
+def sources():
+    for folder in (*PACKAGES, "model_repository"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            yield path.relative_to(REPO).as_posix(), path.read_text()
+
+
+def imported_modules(text: str, module: str) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against the importing module's package
+                base = module.split(".")[:-node.level]
+                found.add(".".join(base + ([node.module] if node.module else [])))
+            else:
+                found.add(node.module or "")
+    return found
+
+
+def test_only_the_settings_and_process_set_up_read_the_environment():
+    readers = {path for path, text in sources() if re.search(r"os\.environ|os\.getenv|getenv\(", text)}
+    assert readers <= ENVIRONMENT_READERS, readers - ENVIRONMENT_READERS
+
+
+@pytest.mark.parametrize("stage", TEXT_STAGES)
+def test_text_stages_know_nothing_of_the_engine_or_triton(stage):
+    text = (REPO / "preprocess" / f"{stage}.py").read_text()
+    modules = imported_modules(text, f"preprocess.{stage}")
+    assert not {m for m in modules if m.startswith(("preprocess.engine", "vllm", "triton", "shim"))}
+
+
+def test_the_package_never_imports_triton():
+    """Triton's pb_utils exists only inside a stub: the package is tested without a server."""
+    for path, text in sources():
+        if path.startswith(PACKAGES):
+            modules = imported_modules(text, path[:-3].replace("/", "."))
+            assert "triton_python_backend_utils" not in modules, path
+
+
+def test_build_sh_embeds_the_model_the_settings_name():
+    assert f"MODEL_ID_DEFAULT={cfg.EMBEDDED_MODEL_ID} " in (REPO / "build.sh").read_text()
+
+
+def test_settings_are_built_once_into_one_frozen_object():
+    environ = {"MAX_NEW_TOKENS": "40", "MAX_NEW_TOKENS_CODE": "300", "OUTPUT_MAX_SENTENCES": "3",
+               "HF_TOKEN": "hf_x", "PORT": "9000"}
+    settings = cfg.load(environ, metax=False)
+    assert settings.routing == cfg.load_routing(environ) and settings.cleanup == cfg.load_cleanup(environ)
+    assert settings.shim.port == 9000 and settings.largest_token_limit == 300
+    assert dict(settings.public_environment) == {"MAX_NEW_TOKENS": "40", "MAX_NEW_TOKENS_CODE": "300",
+                                                 "OUTPUT_MAX_SENTENCES": "3", "PORT": "9000"}
+    environ["MAX_NEW_TOKENS"] = "50"  # a later change of the mapping is not seen: parsed once
+    assert settings.routing.max_new_tokens == 40
+    with pytest.raises(Exception):
+        settings.routing = cfg.load_routing({})  # frozen
+    with pytest.raises(TypeError):
+        settings.public_environment["X"] = "y"  # read-only
+
+
+def test_a_malformed_engine_variable_stops_load_with_one_line():
+    with pytest.raises(cfg.SettingsError, match=r"^GPU_MEMORY_UTILIZATION='lots' is not a number$"):
+        cfg.load({"GPU_MEMORY_UTILIZATION": "lots"}, metax=False)
