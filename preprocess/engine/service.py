@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 from typing import Any, MutableMapping, Sequence
 
-from . import config as engine_config
-from ..contract import InvalidRequest
-from .fallback import EngineStartError
-from .generation import BatchHandle, Completion, GenerationItem, PromptTooLong, Runner, check_prompt_lengths
 from .. import settings as cfg
+from ..contract import InvalidRequest
 from ..runtime import GeneratorState
 from ..tokenizer import load_tokenizer
+from . import config as engine_config
+from .fallback import EngineStartError
+from .generation import BatchHandle, Completion, GenerationItem, PromptTooLong, Runner, check_prompt_lengths
 
 log = logging.getLogger("generator")
 
