@@ -14,9 +14,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
-
 from types import MappingProxyType
+from typing import Mapping
 
 from .contract import MAX_NEW_TOKENS_LIMIT
 from .engine.config import EngineSettings, load_engine
