@@ -23,7 +23,7 @@ PREPROCESS = "preprocess"
 MAX_BATCH_SIZE = 512  # every config.pbtxt's max_batch_size; the shim reads Triton's and uses this until then
 
 
-NUMPY_TYPES = {"INT32": np.int32, "FP32": np.float32, "BOOL": np.bool_}
+NUMPY_TYPES = {"INT32": np.int32, "INT64": np.int64, "FP32": np.float32, "BOOL": np.bool_}
 
 
 class InvalidRequest(ValueError):
@@ -38,7 +38,7 @@ class OutOfRange(InvalidRequest):
 class Setting:
     """One per-request setting: ensemble input `name`, its Triton dtype, and its range."""
     name: str
-    triton_type: str  # "INT32", "FP32", "BOOL"
+    triton_type: str  # "INT32", "INT64", "FP32", "BOOL"
     low: float | None = None
     high: float | None = None
     low_open: bool = False  # (low, ...] instead of [low, ...]
@@ -64,8 +64,10 @@ class Setting:
         number = float(value)
         if not math.isfinite(number):
             return f"{self.name} must be a finite number, got {value!r}"
-        if self.triton_type == "INT32" and number != int(number):
-            return f"{self.name} must be an integer, got {value!r}"
+        if self.triton_type.startswith("INT"):
+            if number != int(number):
+                return f"{self.name} must be an integer, got {value!r}"
+            number = int(value)  # exact: a float would round 2**63 - 1 up, past the bound
         if number in self.also:
             return None
         below = number <= self.low if self.low_open else number < self.low
@@ -85,6 +87,9 @@ def _num(value) -> str:
 
 
 INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+MAX_TOP_LOGPROBS = 20  # vLLM's default max_logprobs; the OpenAI API's top_logprobs limit too
+NOT_SET = -1  # SEED and TOP_LOGPROBS between preprocess and the generator: not asked for
 
 # Sampling settings, in the order of the ensemble's inputs. The ranges are vLLM's
 # (temperature [0, 2], top_p (0, 1], penalties [-2, 2]) except repetition_penalty, which
@@ -97,17 +102,31 @@ SAMPLING = (
     Setting("top_k", "INT32", 1, INT32_MAX, also=(-1,)),
     Setting("repetition_penalty", "FP32", 0.0, 2.0, low_open=True),
     Setting("frequency_penalty", "FP32", -2.0, 2.0),
+    Setting("presence_penalty", "FP32", -2.0, 2.0),
+)
+# Request controls with no server default: absent means off.
+CONTROLS = (
+    Setting("seed", "INT64", 0, INT64_MAX),  # the same seed, the same sampled text
+    Setting("top_logprobs", "INT32", 0, MAX_TOP_LOGPROBS),  # per generated token: its logprob and the top N
 )
 FLAGS = (
     Setting("ignore_eos", "BOOL"),  # benchmarks: generate exactly max_new_tokens
     Setting("raw", "BOOL"),  # skip routing and clean-up
+    Setting("verbatim", "BOOL"),  # the prompt as given: no template, routing or clean-up (completions)
 )
-SETTINGS = {s.name: s for s in SAMPLING + FLAGS}
+SETTINGS = {s.name: s for s in SAMPLING + CONTROLS + FLAGS}
 SAMPLING_NAMES = tuple(s.name for s in SAMPLING if s.name != "max_new_tokens")
 
-# Ensemble inputs that carry text, and the ensemble's outputs.
-TEXT_INPUTS = ("prompt", "system_prompt")
+# Ensemble inputs that carry text. `prompt` is one question, `messages` a whole
+# conversation (a JSON array of {"role", "content"}; see preprocess.conversation); a row
+# has one or the other. `stop` is a JSON array of strings, `response_format` the OpenAI
+# object (see preprocess.controls).
+TEXT_INPUTS = ("prompt", "system_prompt", "messages", "stop", "response_format")
+# The ensemble's outputs: the first four are what every caller gets; `logprobs` (JSON per
+# row, "" when not asked for) and `prompt_ids` (the prompt's token ids, padded with PAD_ID)
+# only go out when requested.
 OUTPUTS = ("answer", "prompt_tokens", "completion_tokens", "finish_reason")
+OPTIONAL_OUTPUTS = ("logprobs", "prompt_ids")
 EXPLAIN_OUTPUTS = ("ROUTE", "MAX_TOKENS", "IS_CODE", "PROMPT_TEXT", "PROMPT_IDS")
 
 # What preprocess hands the generator: (tensor name, dtype) per sampling value.
@@ -118,7 +137,15 @@ GENERATOR_SCALARS = (
     ("TOP_K", "INT32", "top_k"),
     ("REPETITION_PENALTY", "FP32", "repetition_penalty"),
     ("FREQUENCY_PENALTY", "FP32", "frequency_penalty"),
+    ("PRESENCE_PENALTY", "FP32", "presence_penalty"),
+    ("SEED", "INT64", "seed"),  # NOT_SET: none
+    ("TOP_LOGPROBS", "INT32", "top_logprobs"),  # NOT_SET: no logprobs
     ("IGNORE_EOS", "BOOL", "ignore_eos"),
+)
+# ... and per text control: (tensor name, field), canonical JSON, "" when not set.
+GENERATOR_TEXTS = (
+    ("STOP", "stop"),
+    ("RESPONSE_FORMAT", "response_format"),
 )
 
 # OpenAI-door limits (request fields that are not ensemble inputs).

@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Mapping
 
-from .contract import SAMPLING_NAMES, SETTINGS, InvalidRequest, OutOfRange
+from . import controls
+from .contract import NOT_SET, SAMPLING_NAMES, SETTINGS, InvalidRequest, OutOfRange
 from .settings import SamplingDefaults
 
 OVERRIDE_NAMES = SAMPLING_NAMES
@@ -24,21 +25,36 @@ class SamplingSettings:
     top_k: int
     repetition_penalty: float
     frequency_penalty: float
+    presence_penalty: float = 0.0
     ignore_eos: bool = False  # benchmarks: every path generates exactly max_tokens
+    seed: int = NOT_SET
+    top_logprobs: int = NOT_SET  # NOT_SET: no logprobs; 0: the sampled token's only
+    stop: tuple[str, ...] = ()  # the request's own, on top of the server's STOP_STRINGS
+    response_format: str = ""  # controls.structured_output's form; "" for free text
+
+    def tensor_text(self, field: str) -> str:
+        """A text control (contract.GENERATOR_TEXTS) as the generator's tensor carries it."""
+        return controls.stop_to_tensor(self.stop) if field == "stop" else getattr(self, field)
 
     def validate(self) -> "SamplingSettings":
         try:
             SETTINGS["max_new_tokens"].check(self.max_tokens)
             for name in SAMPLING_NAMES:
                 SETTINGS[name].check(getattr(self, name))
+            for name in ("seed", "top_logprobs"):
+                if getattr(self, name) != NOT_SET:
+                    SETTINGS[name].check(getattr(self, name))
         except OutOfRange as exc:
             raise InvalidRequest(str(exc)) from None
+        controls.stop_strings(self.stop)
+        controls.structured_output_kwargs(self.response_format)
         return self
 
 
 def resolve(defaults: SamplingDefaults, max_tokens: int, overrides: Mapping[str, float | int | None],
-            ignore_eos: bool = False) -> SamplingSettings:
-    """Defaults with the request's overrides on top, validated."""
+            ignore_eos: bool = False, seed: int | None = None, top_logprobs: int | None = None,
+            stop: tuple[str, ...] = (), response_format: str = "") -> SamplingSettings:
+    """Defaults with the request's overrides and controls on top, validated."""
     base = SamplingSettings(
         ignore_eos=ignore_eos,
         max_tokens=max_tokens,
@@ -47,6 +63,11 @@ def resolve(defaults: SamplingDefaults, max_tokens: int, overrides: Mapping[str,
         top_k=defaults.top_k,
         repetition_penalty=defaults.repetition_penalty,
         frequency_penalty=defaults.frequency_penalty,
+        presence_penalty=defaults.presence_penalty,
+        seed=NOT_SET if seed is None else seed,
+        top_logprobs=NOT_SET if top_logprobs is None else top_logprobs,
+        stop=stop,
+        response_format=response_format,
     )
     given = {k: v for k, v in overrides.items() if k in OVERRIDE_NAMES and v is not None}
     settings = replace(base, **given).validate()

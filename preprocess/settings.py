@@ -105,6 +105,7 @@ class SamplingDefaults:
     top_k: int = 1
     repetition_penalty: float = 1.05
     frequency_penalty: float = 0.1
+    presence_penalty: float = 0.0  # the replaced service had none: only a request sets it
     stop_strings: tuple[str, ...] = DEFAULT_STOP_STRINGS
 
 

@@ -18,7 +18,8 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 from starlette.requests import ClientDisconnect
 
-from preprocess.contract import MAX_CHOICES, MAX_NEW_TOKENS_LIMIT, OutOfRange, check_settings
+from preprocess import controls
+from preprocess.contract import MAX_CHOICES, MAX_NEW_TOKENS_LIMIT, InvalidRequest, OutOfRange, check_settings
 from preprocess.envparse import clip
 
 from .errors import ApiError, ClientGone
@@ -35,6 +36,7 @@ class SamplingFields(BaseModel):
     top_k: StrictInt | None = None
     repetition_penalty: Number | None = None
     frequency_penalty: Number | None = None
+    presence_penalty: Number | None = None
 
     def sampling(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in SamplingFields.model_fields if getattr(self, name) is not None}
@@ -73,8 +75,8 @@ class Message(BaseModel):
 
 
 class OpenAIParams(SamplingFields):
-    # A field this server does not implement (stop, seed, logprobs, response_format, tools...)
-    # is refused by name, never ignored: a client must not believe it was applied.
+    # A field this server does not implement (tools, logit_bias, stream_options...) is
+    # refused by name, never ignored: a client must not believe it was applied.
     model_config = ConfigDict(extra="forbid")
     model: StrictStr | None = None
     user: StrictStr | None = None  # the caller's end-user id: metadata, no effect on generation
@@ -83,18 +85,46 @@ class OpenAIParams(SamplingFields):
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     stream: StrictBool = False
     raw: StrictBool = False  # skip routing and clean-up
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = None
+    response_format: dict[str, Any] | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
+    return_token_ids: StrictBool = False  # vLLM's extension: the prompt's token ids in the reply
+
+    def top_logprobs_wanted(self) -> int | None:
+        return None
 
     def overrides(self) -> dict[str, Any]:
         return {**self.sampling(), "max_new_tokens": self.max_completion_tokens or self.max_tokens,
-                "raw": self.raw or None}
+                "raw": self.raw or None, "seed": self.seed, "top_logprobs": self.top_logprobs_wanted()}
+
+    def texts(self) -> dict[str, str]:
+        """The text controls as the ensemble takes them, or ApiError 400 naming the problem."""
+        try:
+            stops = controls.stop_strings(self.stop)
+            controls.structured_output(self.response_format)
+        except InvalidRequest as exc:
+            raise ApiError(400, str(exc)) from None
+        return {"stop": controls.stop_to_tensor(stops),
+                "response_format": json.dumps(self.response_format) if self.response_format else ""}
 
 
 class ChatRequest(OpenAIParams):
     messages: list[Message] = Field(min_length=1)
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = None
+
+    def top_logprobs_wanted(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(OpenAIParams):
     prompt: StrictStr | list[StrictStr]
+    logprobs: StrictInt | None = None  # the legacy API's form: how many top tokens per position
+
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
 
 def depth_over(data: Any, limit: int) -> bool:

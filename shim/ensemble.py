@@ -7,17 +7,19 @@ shorter list).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import tritonclient.http.aio as triton_http
 from tritonclient.utils import InferenceServerException
 
-from preprocess.contract import ENSEMBLE, EXPLAIN_OUTPUTS, MAX_BATCH_SIZE, OUTPUTS, PAD_ID, PREPROCESS, SETTINGS
+from preprocess.contract import (ENSEMBLE, EXPLAIN_OUTPUTS, MAX_BATCH_SIZE, OPTIONAL_OUTPUTS, OUTPUTS, PAD_ID,
+                                 PREPROCESS, SETTINGS)
 from preprocess.runtime import CancelMarkers
 
 from .errors import ApiError
@@ -35,6 +37,8 @@ class Answer:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
+    logprobs: list | None = None  # [[token, logprob, [[token, logprob], ...]], ...] when asked for
+    prompt_ids: list[int] | None = None  # when asked for
 
 
 def _text_input(name: str, texts: Sequence[str]):
@@ -54,10 +58,16 @@ def fits(value: Any, numpy_type) -> bool:
     return abs(float(value)) <= np.finfo(numpy_type).max  # beyond it the cast gives inf
 
 
-def build_inputs(prompts: Sequence[str], system_prompt: str | None, overrides: dict[str, Any]) -> list:
-    inputs = [_text_input("prompt", prompts)]
+def build_inputs(prompts: Sequence[str], system_prompt: str | None, overrides: dict[str, Any],
+                 row_input: str = "prompt", texts: Mapping[str, str] | None = None) -> list:
+    """`prompts` go in as `row_input` ("prompt", or "messages" for conversations as JSON);
+    `texts` (stop, response_format) and the overrides apply to every row."""
+    inputs = [_text_input(row_input, prompts)]
     if system_prompt is not None:
         inputs.append(_text_input("system_prompt", [system_prompt] * len(prompts)))
+    for name, text in (texts or {}).items():
+        if text:
+            inputs.append(_text_input(name, [text] * len(prompts)))
     for name, value in overrides.items():
         if value is None:
             continue
@@ -118,11 +128,15 @@ class EnsembleClient:
             return False
 
     async def generate(self, prompts: Sequence[str], system_prompt: str | None = None,
-                       overrides: dict[str, Any] | None = None) -> list[Answer]:
+                       overrides: dict[str, Any] | None = None, row_input: str = "prompt",
+                       texts: Mapping[str, str] | None = None, outputs: Sequence[str] = ()) -> list[Answer]:
+        """Answers in order; `outputs` names the optional outputs wanted (OPTIONAL_OUTPUTS)."""
         if not prompts:
             return []
         chunks = [prompts[i:i + self.max_batch_size] for i in range(0, len(prompts), self.max_batch_size)]
-        results = await asyncio.gather(*(self._call(chunk, system_prompt, overrides or {}) for chunk in chunks))
+        results = await asyncio.gather(*(
+            self._call(build_inputs(chunk, system_prompt, overrides or {}, row_input, texts), outputs)
+            for chunk in chunks))
         answers = [answer for chunk in results for answer in chunk]
         if len(answers) != len(prompts):  # a server bug, never passed on as a shorter list
             raise EnsembleError(502, f"the model server returned {len(answers)} answers for {len(prompts)} prompts")
@@ -140,13 +154,19 @@ class EnsembleClient:
             "prompt_tokens": int((ids != PAD_ID).sum()),
         }
 
-    async def _call(self, prompts: Sequence[str], system_prompt: str | None, overrides: dict[str, Any]) -> list[Answer]:
-        result = await self._infer(ENSEMBLE, build_inputs(prompts, system_prompt, overrides), OUTPUTS)
+    async def _call(self, inputs: list, extra_outputs: Sequence[str]) -> list[Answer]:
+        wanted = [name for name in OPTIONAL_OUTPUTS if name in extra_outputs]
+        result = await self._infer(ENSEMBLE, inputs, (*OUTPUTS, *wanted))
         texts = [t.decode("utf-8", "replace") for t in result.as_numpy("answer").reshape(-1)]
         prompt_tokens = result.as_numpy("prompt_tokens").reshape(-1).tolist()
         completion_tokens = result.as_numpy("completion_tokens").reshape(-1).tolist()
         reasons = [r.decode() for r in result.as_numpy("finish_reason").reshape(-1)]
-        return [Answer(*row) for row in zip(texts, prompt_tokens, completion_tokens, reasons)]
+        count = len(texts)
+        logprobs = ([json.loads(t) if t else None for t in result.as_numpy("logprobs").reshape(-1)]
+                    if "logprobs" in wanted else [None] * count)
+        prompt_ids = ([row[row != PAD_ID].tolist() for row in result.as_numpy("prompt_ids")]
+                      if "prompt_ids" in wanted else [None] * count)
+        return [Answer(*row) for row in zip(texts, prompt_tokens, completion_tokens, reasons, logprobs, prompt_ids)]
 
     async def _infer(self, model: str, inputs: list, output_names: Sequence[str]):
         outputs = [triton_http.InferRequestedOutput(name) for name in output_names]

@@ -50,11 +50,12 @@ class ShimState:
         return cfg.batch_mode(self.live_environ)
 
     async def generate(self, request: Request, prompts: list[str], overrides: dict[str, Any],
-                       system_prompt: str | None = None) -> list[Answer]:
+                       system_prompt: str | None = None, **options) -> list[Answer]:
         """The ensemble's answers, for every generating route: a client that disconnects
-        first has its generation aborted (in vLLM, through the cancel markers)."""
+        first has its generation aborted (in vLLM, through the cancel markers). `options`
+        go to EnsembleClient.generate (row_input, texts, outputs)."""
         work = self.client.generate(prompts, self.system_prompt if system_prompt is None else system_prompt,
-                                    overrides)
+                                    overrides, **options)
         return await run_until_disconnect(request, work)
 
     async def monitor(self) -> None:

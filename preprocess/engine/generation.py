@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import itertools
+import json
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
+from .. import controls
+from ..contract import InvalidRequest
 from ..sampling import SamplingSettings
+
+# Per generated token: (its text, its logprob, the top tokens as [(text, logprob)]).
+TokenLogprobs = tuple[str, float, list[tuple[str, float]]]
 
 
 @dataclass(frozen=True)
@@ -23,6 +29,25 @@ class GenerationResult:
     finish_reason: str = "stop"
     ttft_s: float | None = None  # time to first token, from vLLM's request stats
     e2e_s: float | None = None
+    logprobs: list[TokenLogprobs] | None = None  # when the request asked for them
+
+    def logprobs_json(self) -> str:
+        return "" if self.logprobs is None else json.dumps(self.logprobs, ensure_ascii=False)
+
+
+def generation_items(prompts: Sequence[list[int]], columns: dict[str, list[Any]]) -> list[GenerationItem]:
+    """One item per prompt from the generator's input columns (SamplingSettings field ->
+    one value per row; STOP as JSON text), each checked, or InvalidRequest naming the row."""
+    items = []
+    for row, ids in enumerate(prompts):
+        values = {field: column[row] for field, column in columns.items()}
+        try:
+            if "stop" in values:
+                values["stop"] = controls.stop_from_tensor(values["stop"])
+            items.append(GenerationItem(ids, SamplingSettings(**values).validate()))
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"prompt {row}: {exc}") from None
+    return items
 
 
 Completion = Callable[[list[GenerationResult] | BaseException], None]
@@ -51,6 +76,11 @@ class BatchHandle:
     request_ids: list[str] = field(default_factory=list)
     future: object | None = None
     cancelled: bool = False
+
+
+# vLLM's own exception classes for a refused request, named rather than imported: vLLM may
+# be absent (transformers).
+ENGINE_REFUSALS = ("VLLMValidationError",)
 
 
 class PromptTooLong(ValueError):

@@ -2,8 +2,8 @@
 
 It fixes the reference's transformers path: batches are generated together (left
 padding), only the new tokens are decoded (the prompt is never echoed), stop tokens and
-stop strings are honoured, and frequency_penalty is a real logits processor instead of
-an argument `generate` does not know.
+stop strings are honoured, and frequency_penalty and presence_penalty are a real logits
+processor instead of arguments `generate` does not know.
 """
 from __future__ import annotations
 
@@ -14,13 +14,15 @@ from typing import Sequence
 
 from .generation import (BatchHandle, Completion, GenerationItem, GenerationResult,
                          group_by_sampling, new_batch_id)
+from ..contract import NOT_SET, InvalidRequest
 from ..sampling import SamplingSettings
 
 log = logging.getLogger("generator.transformers")
 
 
-def frequency_penalty_processor(penalty: float, prompt_len: int):
-    """Subtracts penalty x (count of each token generated so far), as vLLM does."""
+def penalty_processor(frequency: float, presence: float, prompt_len: int):
+    """Subtracts frequency x (count of each token generated so far) and presence x (1 if
+    generated at all), as vLLM does."""
     import torch
 
     def process(input_ids: "torch.Tensor", scores: "torch.Tensor") -> "torch.Tensor":
@@ -29,7 +31,7 @@ def frequency_penalty_processor(penalty: float, prompt_len: int):
             return scores
         counts = torch.zeros_like(scores)
         counts.scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
-        return scores - penalty * counts
+        return scores - frequency * counts - presence * (counts > 0).to(scores.dtype)
 
     return process
 
@@ -102,6 +104,8 @@ class TransformersRunner:
         return results  # type: ignore[return-value]
 
     def _generate_group(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[GenerationResult]:
+        if sampling.top_logprobs != NOT_SET or sampling.response_format:
+            raise InvalidRequest("logprobs and response_format need the vLLM backend; this server runs transformers")
         torch = self.torch
         width = max(len(p) for p in prompts)
         input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
@@ -117,10 +121,14 @@ class TransformersRunner:
                           top_k=sampling.top_k if sampling.top_k > 0 else None)
         else:
             kwargs.update(do_sample=False)
-        if sampling.frequency_penalty:
-            kwargs["logits_processor"] = [frequency_penalty_processor(sampling.frequency_penalty, width)]
-        if self.stop_strings and not sampling.ignore_eos:
-            kwargs.update(stop_strings=self.stop_strings, tokenizer=self.tokenizer)
+        if sampling.frequency_penalty or sampling.presence_penalty:
+            kwargs["logits_processor"] = [penalty_processor(sampling.frequency_penalty, sampling.presence_penalty,
+                                                            width)]
+        stop_strings = [*([] if sampling.ignore_eos else self.stop_strings), *sampling.stop]
+        if stop_strings:
+            kwargs.update(stop_strings=stop_strings, tokenizer=self.tokenizer)
+        if sampling.seed != NOT_SET:
+            torch.manual_seed(sampling.seed)  # one worker thread: nothing else samples meanwhile
         with torch.inference_mode():
             output = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
         results = []
@@ -131,7 +139,7 @@ class TransformersRunner:
                     break
                 new_tokens.append(token)
             text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
-            for stop in self.stop_strings:
+            for stop in stop_strings:
                 text = text.split(stop, 1)[0]
             finish = "length" if len(new_tokens) >= sampling.max_tokens else "stop"
             results.append(GenerationResult(text, len(prompt), len(new_tokens), finish))

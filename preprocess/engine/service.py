@@ -21,7 +21,8 @@ from ..runtime import GeneratorState
 from ..tokenizer import load_tokenizer
 from . import config as engine_config
 from .fallback import EngineStartError
-from .generation import BatchHandle, Completion, GenerationItem, PromptTooLong, Runner, check_prompt_lengths
+from .generation import (ENGINE_REFUSALS, BatchHandle, Completion, GenerationItem, PromptTooLong, Runner,
+                         check_prompt_lengths)
 
 log = logging.getLogger("generator")
 
@@ -31,7 +32,6 @@ class EngineUnavailable(RuntimeError):
 
 
 # vLLM's own exception classes, named rather than imported: vLLM may be absent (transformers).
-ENGINE_REFUSALS = ("VLLMValidationError",)  # the engine refused the request's values
 ENGINE_DEATHS = ("EngineDeadError",)  # the engine process is gone; the watchdog rebuilds it
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import logging
 import threading
 import time
@@ -17,8 +18,10 @@ from typing import Any, Sequence
 
 from .config import EngineSettings, accepted_kwargs, engine_kwargs
 from .fallback import build_with_fallbacks
-from .generation import (BatchHandle, Completion, GenerationItem, GenerationResult,
+from .generation import (ENGINE_REFUSALS, BatchHandle, Completion, GenerationItem, GenerationResult, TokenLogprobs,
                          group_by_sampling, new_batch_id)
+from .. import controls
+from ..contract import NOT_SET, InvalidRequest
 from ..sampling import SamplingSettings
 
 log = logging.getLogger("generator.vllm")
@@ -71,6 +74,38 @@ def effective_scheduler(engine, defaults: str) -> dict[str, Any]:
     }
 
 
+def compact_json_outputs() -> dict[str, Any]:
+    """JSON answers (response_format) without free whitespace between tokens, as OpenAI's
+    are: a grammar that allows any whitespace lets a model pad until max_tokens (measured
+    with the random-weight test model: 64 tokens of blanks and no JSON). vLLM allows that
+    only with a named backend; llguidance takes every JSON schema `auto` would."""
+    try:
+        from vllm.config import StructuredOutputsConfig
+
+        return {"structured_outputs_config": StructuredOutputsConfig(backend="guidance", disable_any_whitespace=True)}
+    except Exception as exc:  # an older vLLM, or no llguidance: vLLM's own default, never a failed start
+        log.warning("structured outputs keep vLLM's defaults (%s)", exc)
+        return {}
+
+
+def finite_logprob(value: float | None) -> float:
+    """-inf (a token the sampler ruled out) as -9999.0, as `vllm serve` does: JSON has no infinity."""
+    return max(value, -9999.0) if value is not None and math.isfinite(value) else -9999.0
+
+
+def token_logprobs(completion, top_n: int) -> list[TokenLogprobs]:
+    """Per generated token: its text and logprob, and the `top_n` most likely tokens. vLLM
+    gives a {token id: Logprob} per position: the top N by rank, plus the sampled token."""
+    rows = []
+    for token_id, candidates in zip(completion.token_ids, completion.logprobs or []):
+        chosen = candidates.get(token_id)
+        top = sorted((c for c in candidates.values() if c.rank is not None and c.rank <= top_n), key=lambda c: c.rank)
+        rows.append((chosen.decoded_token or "" if chosen is not None else "",
+                     finite_logprob(chosen.logprob if chosen is not None else None),
+                     [(c.decoded_token or "", finite_logprob(c.logprob)) for c in top]))
+    return rows
+
+
 class VllmRunner:
     backend = "vllm"
 
@@ -79,9 +114,10 @@ class VllmRunner:
         from vllm import SamplingParams
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         self._SamplingParams = SamplingParams
+        self._StructuredOutputsParams = StructuredOutputsParams
         self._TokensPrompt = TokensPrompt
         self._final_only = RequestOutputKind.FINAL_ONLY
         self._stop_strings = list(stop_strings)
@@ -90,7 +126,7 @@ class VllmRunner:
         self.on_submit = None  # metrics hook: (items, number of sampling groups)
         self.engine_class = self._engine_class(settings.engine_mode)
 
-        wanted = engine_kwargs(settings, model_dir)
+        wanted = {**engine_kwargs(settings, model_dir), **compact_json_outputs()}
         kwargs, dropped = accepted_kwargs(wanted, AsyncEngineArgs.__init__)
         if dropped:
             log.info("this vLLM does not take %s; not passing them", ", ".join(dropped))
@@ -164,9 +200,11 @@ class VllmRunner:
             return None
 
     def sampling_params(self, sampling: SamplingSettings):
-        """One SamplingParams per distinct settings, reused across requests."""
+        """One SamplingParams per distinct settings, reused across requests (a seeded one
+        too: vLLM seeds a fresh generator per request from it)."""
         params = self._params_cache.get(sampling)
         if params is None:
+            structured = controls.structured_output_kwargs(sampling.response_format)
             params = self._SamplingParams(
                 max_tokens=sampling.max_tokens,
                 temperature=sampling.temperature,
@@ -174,10 +212,15 @@ class VllmRunner:
                 top_k=sampling.top_k,
                 repetition_penalty=sampling.repetition_penalty,
                 frequency_penalty=sampling.frequency_penalty,
+                presence_penalty=sampling.presence_penalty,
+                seed=None if sampling.seed == NOT_SET else sampling.seed,
+                logprobs=None if sampling.top_logprobs == NOT_SET else sampling.top_logprobs,
                 # ignore_eos means exactly max_tokens (benchmarks): vLLM would still stop at
-                # stop strings and stop ids, as the transformers backend does not.
-                stop=None if sampling.ignore_eos else self._stop_strings,
+                # the server's stop strings and stop ids, as the transformers backend does not.
+                # The request's own stop strings always apply.
+                stop=list(sampling.stop) if sampling.ignore_eos else self._stop_strings + list(sampling.stop),
                 stop_token_ids=None if sampling.ignore_eos else self._stop_token_ids,
+                structured_outputs=self._StructuredOutputsParams(**structured) if structured else None,
                 output_kind=self._final_only,  # no per-token Python work: one output per request
                 ignore_eos=sampling.ignore_eos,
             )
@@ -227,8 +270,17 @@ class VllmRunner:
     async def _generate_one(self, token_ids, params, request_id, results, index) -> None:
         started = time.perf_counter()
         final = None
-        async for output in self.engine.generate(self._TokensPrompt(prompt_token_ids=token_ids), params, request_id):
-            final = output
+        try:
+            async for output in self.engine.generate(self._TokensPrompt(prompt_token_ids=token_ids), params,
+                                                     request_id):
+                final = output
+        except Exception as exc:
+            if final is None and params.structured_outputs is not None and (
+                    isinstance(exc, ValueError) or type(exc).__name__ in ENGINE_REFUSALS):
+                # vLLM checks a structured-output spec (the schema, its grammar) before the
+                # request is queued: the request's fault, not a bug.
+                raise InvalidRequest(f"response_format: {exc}") from None
+            raise
         completion = final.outputs[0]
         results[index] = GenerationResult(
             text=completion.text,
@@ -237,6 +289,7 @@ class VllmRunner:
             finish_reason=completion.finish_reason or "stop",
             ttft_s=getattr(getattr(final, "metrics", None), "first_token_latency", None) or None,
             e2e_s=time.perf_counter() - started,
+            logprobs=None if params.logprobs is None else token_logprobs(completion, params.logprobs),
         )
 
     def cancel(self, handle: BatchHandle) -> None:

@@ -1,9 +1,10 @@
 """System-prompt updates racing with batches: every request uses one prompt, never a mix.
 
 Each batch is 520 copies of one question (two ensemble chunks of at most 512) through
-/v1/completions, which uses the shim's system prompt and reports the summed prompt tokens.
-With system prompts A and B of different token lengths, a batch that used only A sums to
-520 x len(A), only B to 520 x len(B); any mix lands strictly in between.
+/predict, which uses the shim's system prompt; the generator counts the prompt tokens it
+was sent. With system prompts A and B of different token lengths, a batch that used only
+A adds 520 x len(A), only B 520 x len(B): six whole batches add 520 x (k len(A) +
+(6 - k) len(B)) for some k, and a batch that mixed them lands between those values.
 """
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from ..conftest import scrape_metrics
+from ..test_metrics import scrape_until
+
 pytestmark = pytest.mark.server
 
 ROWS = 520
+BATCHES = 6
 QUESTION = "What is a warp?"
 PROMPT_A = "Answer briefly."
 PROMPT_B = "Answer briefly, in plain words, as a teacher who explains GPU programming to a new student."
@@ -39,22 +44,29 @@ def test_updates_during_batches_never_mix_prompts(server):
             updates += 1
 
     def batch(_):
-        status, body = server.post("/v1/completions", {"prompt": [QUESTION] * ROWS, "max_tokens": 1}, timeout=300)
-        assert status == 200 and len(body["choices"]) == ROWS, (status, str(body)[:300])
-        return body["usage"]["prompt_tokens"]
+        status, body = server.post("/predict", {"prompt": [QUESTION] * ROWS, "max_new_tokens": 1}, timeout=300)
+        assert status == 200 and len(body["response"]) == ROWS, (status, str(body)[:300])
 
     try:
         tokens_a, tokens_b = prompt_tokens_with(server, PROMPT_A), prompt_tokens_with(server, PROMPT_B)
         assert tokens_a != tokens_b
+        before = scrape_metrics(server.metrics_url)
         flipper = threading.Thread(target=flip)
         flipper.start()
         try:
             with ThreadPoolExecutor(3) as pool:
-                totals = list(pool.map(batch, range(6)))
+                list(pool.map(batch, range(BATCHES)))
         finally:
             stop.set()
             flipper.join()
     finally:
         server.post("/system_prompt", {"system_prompt": original})
+    # Prompt tokens are counted as each answer is applied to the figures (an e2e
+    # observation per prompt), after the submission counts: wait for the answers' count.
+    finished = "llm_generator_e2e_latency_seconds_count"
+    after = scrape_until(server.metrics_url, lambda m: m[finished] - before[finished] >= ROWS * BATCHES)
+    assert after[finished] - before[finished] == ROWS * BATCHES
+    sent = after["llm_generator_prompt_tokens_total"] - before["llm_generator_prompt_tokens_total"]
     assert updates > 10, "the updates did not overlap the batches"
-    assert set(totals) <= {ROWS * tokens_a, ROWS * tokens_b}, (totals, tokens_a, tokens_b)
+    whole = {ROWS * (k * tokens_a + (BATCHES - k) * tokens_b) for k in range(BATCHES + 1)}
+    assert sent in whole, (sent, tokens_a, tokens_b)

@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from preprocess.contract import GENERATOR_SCALARS, MAX_BATCH_SIZE, OUTPUTS, SETTINGS, TEXT_INPUTS, OutOfRange
+from preprocess.contract import (GENERATOR_SCALARS, GENERATOR_TEXTS, MAX_BATCH_SIZE, OPTIONAL_OUTPUTS, OUTPUTS,
+                                 SETTINGS, TEXT_INPUTS, OutOfRange)
 from tests.conftest import REPO
 
 CONFIGS = REPO / "model_repository"
@@ -30,10 +31,11 @@ def test_ensemble_and_preprocess_inputs_are_the_table():
 
 def test_generator_inputs_and_preprocess_outputs_are_the_table():
     scalars = {name: dtype for name, dtype, _ in GENERATOR_SCALARS}
+    scalars.update({name: "STRING" for name, _ in GENERATOR_TEXTS})
     generator = tensors("generator", "input")
     assert generator.pop("PROMPT_IDS") == "INT32" and generator == scalars
     assert scalars.items() <= tensors("preprocess", "output").items()
-    assert list(tensors("llm", "output")) == list(OUTPUTS)
+    assert list(tensors("llm", "output")) == [*OUTPUTS, *OPTIONAL_OUTPUTS]
 
 
 def test_every_model_batches_the_same_rows():
@@ -48,6 +50,9 @@ def test_every_model_batches_the_same_rows():
     ("top_k", [-1, 1, 2**31 - 1], [0, -2, 2**31, 1.5]),
     ("repetition_penalty", [2, 1e-9], [0, 2.0000001]),
     ("frequency_penalty", [-2, 2], [-2.0000001, 2.0000001]),
+    ("presence_penalty", [-2, 2], [-2.0000001, 2.0000001]),
+    ("seed", [0, 2**63 - 1], [-1, 2**63, 0.5]),  # exact at 2**63 - 1: no float rounding
+    ("top_logprobs", [0, 20], [-1, 21]),
     ("max_new_tokens", [1, 4096], [0, 4097]),
     ("ignore_eos", [True, False], ["yes", 1]),
 ])

@@ -24,8 +24,9 @@ def test_triton_errors_map_to_shim_statuses(status, message, expected):
 
 def test_a_shorter_answer_list_is_a_502_never_passed_on(monkeypatch):
     """A fault injected into one chunk's reply: a row goes missing; the client refuses the list."""
-    async def one_row_lost(self, prompts, system_prompt, overrides):
-        return [Answer("a", 1, 1, "length") for _ in prompts][1:]
+    async def one_row_lost(self, inputs, extra_outputs):
+        rows = inputs[0].shape()[0]  # the prompt tensor, [rows, 1]
+        return [Answer("a", 1, 1, "length") for _ in range(rows)][1:]
 
     monkeypatch.setattr(EnsembleClient, "_call", one_row_lost)
     client = EnsembleClient("127.0.0.1:1", max_batch_size=4)

@@ -20,12 +20,11 @@ from preprocess.stub import prepare_stub_process
 log = prepare_stub_process("generator")
 
 from preprocess import triton_io as io  # noqa: E402
-from preprocess.contract import GENERATOR_SCALARS, InvalidRequest  # noqa: E402
-from preprocess.engine.generation import GenerationItem  # noqa: E402
+from preprocess.contract import GENERATOR_SCALARS, GENERATOR_TEXTS  # noqa: E402
+from preprocess.engine.generation import generation_items  # noqa: E402
 from preprocess.engine.service import GeneratorService, classify_error, prepare_generator_process  # noqa: E402
 from preprocess.engine.metrics import GeneratorMetrics, KvCacheGauge  # noqa: E402
 from preprocess.runtime import CancelMarkers  # noqa: E402
-from preprocess.sampling import SamplingSettings  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -48,16 +47,16 @@ def error_response(exc, engine_healthy=True):
 
 def read_items(request):
     prompts = io.unpad_token_ids(pb_utils.get_input_tensor_by_name(request, "PROMPT_IDS").as_numpy())
-    values = {field: pb_utils.get_input_tensor_by_name(request, name).as_numpy().reshape(-1).tolist()
-              for name, _, field in GENERATOR_SCALARS}
-    items = []
-    for row, ids in enumerate(prompts):
-        sampling = SamplingSettings(**{field: column[row] for field, column in values.items()})
-        try:
-            items.append(GenerationItem(ids, sampling.validate()))
-        except InvalidRequest as exc:
-            raise InvalidRequest(f"prompt {row}: {exc}") from None
-    return items
+    values = {}
+    for name, _, field in GENERATOR_SCALARS:
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        if tensor is not None:  # the request controls are optional: absent means off
+            values[field] = tensor.as_numpy().reshape(-1).tolist()
+    for name, field in GENERATOR_TEXTS:
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        if tensor is not None:
+            values[field] = io.decode_strings(tensor.as_numpy(), name)
+    return generation_items(prompts, values)
 
 
 class TritonPythonModel:
@@ -141,6 +140,7 @@ class TritonPythonModel:
                     pb_utils.Tensor("PROMPT_TOKENS", io.scalars([r.prompt_tokens for r in outcome], np.int32)),
                     pb_utils.Tensor("COMPLETION_TOKENS", io.scalars([r.completion_tokens for r in outcome], np.int32)),
                     pb_utils.Tensor("FINISH_REASON", io.encode_strings([r.finish_reason for r in outcome])),
+                    pb_utils.Tensor("LOGPROBS", io.encode_strings([r.logprobs_json() for r in outcome])),
                 ]
                 sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL)
             except Exception as exc:  # a client that went away must not stop the sender

@@ -9,8 +9,8 @@ from preprocess.stub import prepare_stub_process
 log = prepare_stub_process("preprocess")
 
 from preprocess import triton_io as io  # noqa: E402
-from preprocess.contract import GENERATOR_SCALARS, NUMPY_TYPES, SAMPLING  # noqa: E402
-from preprocess.pipeline import PreprocessStage  # noqa: E402
+from preprocess.contract import GENERATOR_SCALARS, GENERATOR_TEXTS, NUMPY_TYPES, SAMPLING, InvalidRequest  # noqa: E402
+from preprocess.pipeline import PreprocessStage, RequestRows  # noqa: E402
 from preprocess.settings import load  # noqa: E402
 from preprocess.tokenizer import load_tokenizer  # noqa: E402
 
@@ -43,19 +43,31 @@ class TritonPythonModel:
         return error_response("internal error in preprocess (see the server log)", pb_utils.TritonError.INTERNAL)
 
     def _one(self, request):
-        questions = io.decode_strings(optional(request, "prompt"), "prompt")
-        count = len(questions)
-        systems = optional(request, "system_prompt")
-        rows = self.stage.run(
-            questions,
-            system_prompts=None if systems is None else io.column(io.decode_strings(systems, "system_prompt"), count),
-            overrides={s.name: io.column(optional(request, s.name), count) for s in SAMPLING},
-            ignore_eos=io.column(optional(request, "ignore_eos"), count),
-            raw=io.column(optional(request, "raw"), count),
-        )
+        prompts, messages = optional(request, "prompt"), optional(request, "messages")
+        if prompts is None and messages is None:
+            raise InvalidRequest("the request needs `prompt` or `messages`")
+        count = len((prompts if prompts is not None else messages).reshape(-1))
+
+        def texts(name):
+            values = optional(request, name)
+            return None if values is None else io.column(io.decode_strings(values, name), count)
+
+        def values(name):
+            return io.column(optional(request, name), count)
+
+        rows = self.stage.prepare(RequestRows(
+            prompts=texts("prompt") or [None] * count,
+            messages=texts("messages"),
+            system_prompts=texts("system_prompt"),
+            overrides={s.name: values(s.name) for s in SAMPLING},
+            ignore_eos=values("ignore_eos"), raw=values("raw"), verbatim=values("verbatim"),
+            seed=values("seed"), top_logprobs=values("top_logprobs"),
+            stop=texts("stop"), response_format=texts("response_format"),
+        ))
         s = [row.sampling for row in rows]
         outputs = {name: io.scalars([getattr(x, field) for x in s], NUMPY_TYPES[dtype])
                    for name, dtype, field in GENERATOR_SCALARS}
+        outputs.update({name: io.encode_strings([x.tensor_text(field) for x in s]) for name, field in GENERATOR_TEXTS})
         outputs.update({
             "PROMPT_IDS": io.pad_token_ids([row.token_ids for row in rows]),
             "ROUTE": io.encode_strings([row.decision.route.value for row in rows]),
