@@ -112,9 +112,10 @@ class PreprocessStage:
             raise InvalidRequest("each row needs a prompt or messages")
         row_overrides = {name: values[row] for name, values in rows.overrides.items() if values is not None}
         limit = row_overrides.pop("max_new_tokens", None)
-        if rows.at(rows.verbatim, row, False) and turns is not None:
+        verbatim = rows.at(rows.verbatim, row, False)
+        if verbatim and turns is not None:
             raise InvalidRequest("verbatim applies to a prompt, not to messages")
-        if rows.at(rows.raw, row, False) or rows.at(rows.verbatim, row, False):
+        if verbatim or rows.at(rows.raw, row, False):
             # no routing, no clean-up: the caller asked for the model's own text
             decision = decide(question, self.unrouted, limit)
             decision = RoutingDecision(Route.RAW, decision.max_new_tokens, decision.is_code)
@@ -149,6 +150,7 @@ class PreprocessStage:
             return cfg.validate_system_prompt(given)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
+
 
 class PostprocessStage:
     def __init__(self, settings: cfg.Settings):

@@ -37,14 +37,18 @@ class GenerationResult:
 
 def generation_items(prompts: Sequence[list[int]], columns: dict[str, list[Any]]) -> list[GenerationItem]:
     """One item per prompt from the generator's input columns (SamplingSettings field ->
-    one value per row; STOP as JSON text), each checked, or InvalidRequest naming the row."""
-    items = []
+    one value per row; STOP as JSON text), each checked, or InvalidRequest naming the row.
+    Equal settings are checked once: a judge batch shares one setting over hundreds of rows."""
+    items, checked = [], set()
     for row, ids in enumerate(prompts):
         values = {field: column[row] for field, column in columns.items()}
         try:
             if "stop" in values:
                 values["stop"] = controls.stop_from_tensor(values["stop"])
-            items.append(GenerationItem(ids, SamplingSettings(**values).validate()))
+            sampling = SamplingSettings(**values)
+            if sampling not in checked:
+                checked.add(sampling.validate())
+            items.append(GenerationItem(ids, sampling))
         except InvalidRequest as exc:
             raise InvalidRequest(f"prompt {row}: {exc}") from None
     return items
