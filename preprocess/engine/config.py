@@ -99,6 +99,8 @@ class EngineSettings:
     tokenizer_pool_size: int | None = None
     tokenizer_pool_type: str | None = None
     tensor_parallel_size: int = 1
+    data_parallel_size: int = 1  # engines (replicas), each on TENSOR_PARALLEL_SIZE GPUs; 0: auto (placement.py)
+    visible_devices: tuple[str, ...] = ()  # CUDA_VISIBLE_DEVICES, as listed; (): every GPU
     enforce_eager: bool = False
     enable_chunked_prefill: bool | None = None
     compilation_config: dict[str, Any] | None = None
@@ -126,6 +128,13 @@ def _load_speculative(env: Env) -> SpeculativeSettings | None:
         draft_max_model_len=env.optional_int("SPEC_DRAFT_MAX_MODEL_LEN", 1),
         disable_by_batch_size=env.optional_int("SPEC_DISABLE_BY_BATCH_SIZE", 1),
     )
+
+
+def _data_parallel_size(env: Env) -> int:
+    """DATA_PARALLEL_SIZE: a count of replicas (1..64), or `auto` (one per TENSOR_PARALLEL_SIZE GPUs)."""
+    if (env.raw("DATA_PARALLEL_SIZE") or "").strip().lower() == "auto":
+        return 0
+    return env.int("DATA_PARALLEL_SIZE", 1, 1, 64)
 
 
 def load_engine(environ: Mapping[str, str], metax: bool | None = None, cpu_only: bool = False) -> EngineSettings:
@@ -172,6 +181,8 @@ def load_engine(environ: Mapping[str, str], metax: bool | None = None, cpu_only:
         tokenizer_pool_size=env.optional_int("VLLM_TOKENIZER_POOL_SIZE", 0),
         tokenizer_pool_type=env.raw("VLLM_TOKENIZER_POOL_TYPE"),
         tensor_parallel_size=env.int("TENSOR_PARALLEL_SIZE", 1, 1),
+        data_parallel_size=_data_parallel_size(env),
+        visible_devices=env.csv("CUDA_VISIBLE_DEVICES"),
         enforce_eager=enforce_eager,
         enable_chunked_prefill=chunked,
         compilation_config=compilation_config,

@@ -80,6 +80,8 @@ class BatchHandle:
     request_ids: list[str] = field(default_factory=list)
     future: object | None = None
     cancelled: bool = False
+    # Set by GeneratorService: (replica, the replica runner's own handle) for each part.
+    parts: list = field(default_factory=list)
 
 
 # vLLM's own exception classes for a refused request, named rather than imported: vLLM may

@@ -39,13 +39,15 @@ def penalty_processor(frequency: float, presence: float, prompt_len: int):
 class TransformersRunner:
     backend = "transformers"
 
-    def __init__(self, model_dir: str, tokenizer, stop_strings: Sequence[str], stop_token_ids: Sequence[int]):
+    def __init__(self, model_dir: str, tokenizer, stop_strings: Sequence[str], stop_token_ids: Sequence[int],
+                 device: str | None = None):
+        """`device`: a torch device (a replica's first GPU); None: the first GPU, else the CPU."""
         import torch
         from transformers import AutoModelForCausalLM
 
         self.torch = torch
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.float16 if device == "cuda" else torch.float32
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, low_cpu_mem_usage=True).to(device)
         self.model.eval()
         self.device = device

@@ -53,6 +53,38 @@ class KvCacheGauge:
         return Recorder
 
 
+class ReplicaFigures:
+    """One replica's metrics, each labelled replica="<index>", and its KV-cache gauge."""
+
+    def __init__(self, families: dict, replica: int, histograms: bool):
+        labels = {"replica": str(replica)}
+        self.labels = labels
+        self.kv = KvCacheGauge()
+        self.tokens_seen = 0
+        self.requests_seen = 0
+        self.prompts = families["prompts"].Metric(labels=labels)
+        self.submissions = families["submissions"].Metric(labels=labels)
+        self.prompt_tokens = families["prompt_tokens"].Metric(labels=labels)
+        self.generated_tokens = families["generated_tokens"].Metric(labels=labels)
+        self.kv_used = families["kv_used"].Metric(labels=labels)
+        self.kv_total = families["kv_total"].Metric(labels=labels)
+        self.kv_concurrency = families["kv_concurrency"].Metric(labels=labels)
+        self.engine_up = families["engine_up"].Metric(labels=labels)
+        self.ttft = families["ttft"].Metric(labels=labels, buckets=LATENCY_BUCKETS) if histograms else None
+        self.e2e = families["e2e"].Metric(labels=labels, buckets=LATENCY_BUCKETS) if histograms else None
+        self.buckets: dict[int, object] = {}
+
+    def update_kv(self) -> None:
+        kv = self.kv
+        if not kv.total_blocks:
+            return
+        self.kv_total.set(kv.total_blocks)
+        self.kv_used.set(round(kv.usage * kv.total_blocks))
+        if self.requests_seen:
+            average = self.tokens_seen / self.requests_seen
+            self.kv_concurrency.set(kv.total_blocks * kv.block_size / max(average, 1.0))
+
+
 class GeneratorMetrics:
     """`submitted` and `finished` only enqueue; the "metrics" thread applies the figures.
 
@@ -60,50 +92,54 @@ class GeneratorMetrics:
     engine's event-loop thread (where results arrive), seven of them per request stalled
     vLLM's output handling under concurrent load (py-spy, c=64). The thread also sums
     counters over whatever has queued up, so a busy second costs a few calls, not thousands.
+    Every figure carries a `replica` label (one engine per replica; see placement.py).
     """
 
-    def __init__(self, pb_utils, kv: KvCacheGauge | None = None):
-        self._families = []  # a MetricFamily must outlive its Metric objects
+    def __init__(self, pb_utils, replicas: int = 1):
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._apply_events, name="metrics", daemon=True)
-
-        def family(name, kind, description):
-            created = pb_utils.MetricFamily(name=name, description=description, kind=kind)
-            self._families.append(created)
-            return created
-
         counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
-        self.kv = kv
-        self._lock = threading.Lock()  # the metrics thread and the watchdog update; close() empties
-        self._tokens_seen = 0
-        self._requests_seen = 0
-        self.prompts = family("llm_generator_prompts_total", counter, "Prompts received").Metric(labels={})
-        self.submissions = family("llm_generator_engine_submissions_total", counter,
-                                  "Engine submissions: one per group of equal sampling settings").Metric(labels={})
-        self.prompt_tokens = family("llm_generator_prompt_tokens_total", counter, "Prompt tokens").Metric(labels={})
-        self.generated_tokens = family("llm_generator_generation_tokens_total", counter, "Generated tokens").Metric(labels={})
-        self._bucket_family = family("llm_generator_requests_by_bucket_total", counter,
-                                     "Prompts per max_new_tokens bucket (the routing result)")
-        self._buckets: dict[int, object] = {}
-        self.kv_used = family("llm_generator_kv_cache_blocks_used", gauge, "KV-cache blocks in use").Metric(labels={})
-        self.kv_total = family("llm_generator_kv_cache_blocks_total", gauge, "KV-cache blocks in total").Metric(labels={})
-        self.kv_concurrency = family("llm_generator_kv_cache_concurrency", gauge,
-                                     "Requests the KV cache holds at the current average request length").Metric(labels={})
-        self.engine_up = family("llm_generator_engine_up", gauge, "1 when the engine serves, 0 while it restarts").Metric(labels={})
         histogram = getattr(pb_utils.MetricFamily, "HISTOGRAM", None)
-        self.ttft = self.e2e = None
+        described = {
+            "prompts": ("llm_generator_prompts_total", counter, "Prompts received"),
+            "submissions": ("llm_generator_engine_submissions_total", counter,
+                            "Engine submissions: one per group of equal sampling settings"),
+            "prompt_tokens": ("llm_generator_prompt_tokens_total", counter, "Prompt tokens"),
+            "generated_tokens": ("llm_generator_generation_tokens_total", counter, "Generated tokens"),
+            "buckets": ("llm_generator_requests_by_bucket_total", counter,
+                        "Prompts per max_new_tokens bucket (the routing result)"),
+            "kv_used": ("llm_generator_kv_cache_blocks_used", gauge, "KV-cache blocks in use"),
+            "kv_total": ("llm_generator_kv_cache_blocks_total", gauge, "KV-cache blocks in total"),
+            "kv_concurrency": ("llm_generator_kv_cache_concurrency", gauge,
+                               "Requests the KV cache holds at the current average request length"),
+            "engine_up": ("llm_generator_engine_up", gauge, "1 when the replica's engine serves, 0 while it restarts"),
+        }
         if histogram is not None:
-            self.ttft = family("llm_generator_time_to_first_token_seconds", histogram,
-                               "Time to first token").Metric(labels={}, buckets=LATENCY_BUCKETS)
-            self.e2e = family("llm_generator_e2e_latency_seconds", histogram,
-                              "Prompt arrival to last token").Metric(labels={}, buckets=LATENCY_BUCKETS)
+            described["ttft"] = ("llm_generator_time_to_first_token_seconds", histogram, "Time to first token")
+            described["e2e"] = ("llm_generator_e2e_latency_seconds", histogram, "Prompt arrival to last token")
+        # A MetricFamily must outlive its Metric objects (close() drops the figures first).
+        self._families = {key: pb_utils.MetricFamily(name=name, description=text, kind=kind)
+                          for key, (name, kind, text) in described.items()}
+        self._histograms = histogram is not None
+        self._lock = threading.Lock()  # the metrics thread and the watchdog update; close() empties
+        self._replicas: list[ReplicaFigures] = []
+        self.add_replicas(replicas)
         self._thread.start()
 
-    def submitted(self, items: Sequence[GenerationItem], groups: int) -> None:
-        self._events.put(("submitted", [item.sampling.max_tokens for item in items], groups))
+    def add_replicas(self, count: int) -> None:
+        """Figures for replicas 0..count-1 (those already there are kept)."""
+        with self._lock:
+            while len(self._replicas) < count:
+                self._replicas.append(ReplicaFigures(self._families, len(self._replicas), self._histograms))
 
-    def finished(self, results: Sequence[GenerationResult]) -> None:
-        self._events.put(("finished", results, None))
+    def kv_gauge(self, replica: int) -> KvCacheGauge:
+        return self._replicas[replica].kv
+
+    def submitted(self, items: Sequence[GenerationItem], groups: int, replica: int = 0) -> None:
+        self._events.put(("submitted", replica, ([item.sampling.max_tokens for item in items], groups)))
+
+    def finished(self, results: Sequence[GenerationResult], replica: int = 0) -> None:
+        self._events.put(("finished", replica, results))
 
     def _apply_events(self) -> None:
         while True:
@@ -114,7 +150,7 @@ class GeneratorMetrics:
                 except queue.Empty:
                     break
             with self._lock:
-                if self.prompts is None:  # closed
+                if not self._replicas:  # closed
                     return
                 try:
                     self._apply(events)
@@ -124,60 +160,55 @@ class GeneratorMetrics:
                 return
 
     def _apply(self, events: list) -> None:
-        prompts = submissions = prompt_tokens = generated_tokens = 0
-        buckets: Counter = Counter()
-        finished_any = False
-        for kind, payload, groups in events:
+        sums: dict[int, Counter] = {}
+        buckets: dict[int, Counter] = {}
+        finished: set[int] = set()
+        for kind, replica, payload in events:
             if kind == "stop":
                 continue
+            figures = self._replicas[replica]
+            total = sums.setdefault(replica, Counter())
             if kind == "submitted":
-                prompts += len(payload)
-                submissions += groups
-                buckets.update(payload)
+                limits, groups = payload
+                total["prompts"] += len(limits)
+                total["submissions"] += groups
+                buckets.setdefault(replica, Counter()).update(limits)
                 continue
-            finished_any = True
+            finished.add(replica)
             for result in payload:
-                prompt_tokens += result.prompt_tokens
-                generated_tokens += result.completion_tokens
-                self._requests_seen += 1
-                if self.ttft is not None and result.ttft_s is not None:
-                    self.ttft.observe(result.ttft_s)
-                if self.e2e is not None and result.e2e_s is not None:
-                    self.e2e.observe(result.e2e_s)
-        self._tokens_seen += prompt_tokens + generated_tokens
-        for metric, amount in ((self.prompts, prompts), (self.submissions, submissions),
-                               (self.prompt_tokens, prompt_tokens), (self.generated_tokens, generated_tokens)):
-            if amount:
-                metric.increment(amount)
-        for limit, count in buckets.items():
-            if limit not in self._buckets:
-                self._buckets[limit] = self._bucket_family.Metric(labels={"max_new_tokens": str(limit)})
-            self._buckets[limit].increment(count)
-        if finished_any:
-            self._update_kv()
+                total["prompt_tokens"] += result.prompt_tokens
+                total["generated_tokens"] += result.completion_tokens
+                figures.requests_seen += 1
+                if figures.ttft is not None and result.ttft_s is not None:
+                    figures.ttft.observe(result.ttft_s)
+                if figures.e2e is not None and result.e2e_s is not None:
+                    figures.e2e.observe(result.e2e_s)
+        for replica, total in sums.items():
+            figures = self._replicas[replica]
+            figures.tokens_seen += total["prompt_tokens"] + total["generated_tokens"]
+            for name, amount in total.items():
+                if amount:
+                    getattr(figures, name).increment(amount)
+        for replica, counts in buckets.items():
+            figures = self._replicas[replica]
+            for limit, count in counts.items():
+                if limit not in figures.buckets:
+                    figures.buckets[limit] = self._families["buckets"].Metric(
+                        labels={**figures.labels, "max_new_tokens": str(limit)})
+                figures.buckets[limit].increment(count)
+        for replica in finished:
+            self._replicas[replica].update_kv()
 
-    def _update_kv(self) -> None:
-        if self.kv is None or not self.kv.total_blocks:
-            return
-        self.kv_total.set(self.kv.total_blocks)
-        self.kv_used.set(round(self.kv.usage * self.kv.total_blocks))
-        if self._requests_seen:
-            average = self._tokens_seen / self._requests_seen
-            self.kv_concurrency.set(self.kv.total_blocks * self.kv.block_size / max(average, 1.0))
-
-    def set_engine_up(self, up: bool) -> None:
+    def set_engine_up(self, up: bool, replica: int = 0) -> None:
         """Called from the watchdog thread: under the lock, as close() may be emptying the families."""
         with self._lock:
-            if self.engine_up is not None:
-                self.engine_up.set(1 if up else 0)
+            if replica < len(self._replicas):
+                self._replicas[replica].engine_up.set(1 if up else 0)
 
     def close(self) -> None:
         """Metrics first, families last: the stub crashes on a Metric outliving its family."""
-        self._events.put(("stop", None, None))  # wakes the thread; it applies what is queued
+        self._events.put(("stop", 0, None))  # wakes the thread; it applies what is queued
         self._thread.join(5)
         with self._lock:
-            for name in ("prompts", "submissions", "prompt_tokens", "generated_tokens", "kv_used", "kv_total",
-                         "kv_concurrency", "engine_up", "ttft", "e2e"):
-                setattr(self, name, None)
-            self._buckets.clear()
+            self._replicas.clear()
             self._families.clear()

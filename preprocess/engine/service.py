@@ -20,9 +20,11 @@ from ..contract import InvalidRequest
 from ..runtime import GeneratorState
 from ..tokenizer import load_tokenizer
 from . import config as engine_config
+from . import placement
 from .fallback import EngineStartError
 from .generation import (ENGINE_REFUSALS, BatchHandle, Completion, GenerationItem, PromptTooLong, Runner,
                          check_prompt_lengths)
+from .replicas import EngineReplica, SplitRequest, joined_handle, slices
 
 log = logging.getLogger("generator")
 
@@ -80,13 +82,18 @@ def model_max_len(model_dir: Path) -> int | None:
     return int(value) if isinstance(value, int) else None
 
 
-def accelerator_available() -> bool:
+def accelerator_count() -> int:
+    """CUDA devices this process sees (0 without torch or CUDA)."""
     try:
         import torch
 
-        return bool(torch.cuda.is_available())
+        return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
     except Exception:
-        return False
+        return 0
+
+
+def accelerator_available() -> bool:
+    return accelerator_count() > 0
 
 
 def prepare_generator_process(environ: MutableMapping[str, str]) -> cfg.Settings:
@@ -107,7 +114,11 @@ class GeneratorService:
     retry_first_s = 0.5
     retry_max_s = 30.0
 
-    def __init__(self, settings: cfg.Settings, metrics=None):
+    def __init__(self, settings: cfg.Settings, metrics=None, process_environ: MutableMapping[str, str] | None = None,
+                 device_count: int | None = None):
+        """`process_environ`: the process environment, where a replica's GPUs are
+        set while its engine process is spawned; needed only with GPUs."""
+        self.process_environ = {} if process_environ is None else process_environ
         self.model_dir = settings.model_dir
         self.state = GeneratorState(settings.runtime_dir)
         self.metrics = metrics  # preprocess.engine.metrics.GeneratorMetrics, or None outside Triton
@@ -116,17 +127,26 @@ class GeneratorService:
         self.sampling = settings.sampling
         self.tokenizer = load_tokenizer(self.model_dir)
         self.stop_token_ids = stop_token_ids(self.tokenizer, self.sampling.stop_strings)
-        self.restarts = 0
-        self.rebuild_delays: list[float] = []  # the back-off chosen after each failed rebuild
-        self._restart_lock = threading.Lock()
-        self._restarting = False
-        self.runner: Runner = self._start_backend()
+        count = accelerator_count() if device_count is None else device_count
+        self.placements = placement.plan_replicas(
+            self.engine.data_parallel_size, self.engine.tensor_parallel_size,
+            placement.visible_devices(self.engine.visible_devices, count), self.accelerator)
+        if self.metrics is not None:
+            self.metrics.add_replicas(len(self.placements))
+        self.replicas: list[EngineReplica] = []
+        for where in self.placements:  # one at a time: a placement narrows the process environment
+            self.replicas.append(EngineReplica(where, self._start_backend, self.retry_first_s, self.retry_max_s))
+            log.info("replica %d up on %s", where.index, ",".join(where.devices) or "CPU")
         self.publish_state()
         self._stop = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, name="engine-watchdog", daemon=True)
         self._watchdog.start()
 
-    def _start_backend(self) -> Runner:
+    def _start_backend(self, where: placement.Replica) -> Runner:
+        with placement.devices_for(where, self.process_environ):
+            return self._hooked(self._new_runner(where), where.index)
+
+    def _new_runner(self, where: placement.Replica) -> Runner:
         try:
             import vllm  # noqa: F401
 
@@ -139,13 +159,13 @@ class GeneratorService:
         if use:
             from .vllm_runner import VllmRunner
 
-            kv = getattr(self.metrics, "kv", None)
+            kv = self.metrics.kv_gauge(where.index) if self.metrics is not None else None
             try:
-                return self._hooked(VllmRunner(
+                return VllmRunner(
                     self.engine, str(self.model_dir),
                     text_stop_strings(self.tokenizer, self.sampling.stop_strings, self.stop_token_ids),
                     self.stop_token_ids,
-                    model_max_len(self.model_dir), stat_loggers=[kv.stat_logger_factory()] if kv else None))
+                    model_max_len(self.model_dir), stat_loggers=[kv.stat_logger_factory()] if kv else None)
             except EngineStartError as exc:
                 if self.engine.force_vllm:
                     raise RuntimeError(f"FORCE_VLLM=1 and vLLM did not start: {exc}") from None
@@ -156,84 +176,101 @@ class GeneratorService:
                 raise RuntimeError(f"FORCE_VLLM=1 but vLLM cannot be used: {reason}")
         from .hf_runner import TransformersRunner
 
-        return self._hooked(TransformersRunner(str(self.model_dir), self.tokenizer, self.sampling.stop_strings,
-                                               self.stop_token_ids))
+        device = f"cuda:{where.positions[0]}" if where.positions else None
+        return TransformersRunner(str(self.model_dir), self.tokenizer, self.sampling.stop_strings,
+                                  self.stop_token_ids, device=device)
 
-    def _hooked(self, runner: Runner) -> Runner:
+    def _hooked(self, runner: Runner, replica: int) -> Runner:
         if self.metrics is not None:
-            runner.on_submit = self.metrics.submitted
+            metrics = self.metrics
+            runner.on_submit = lambda items, groups: metrics.submitted(items, groups, replica)
         return runner
 
     @property
     def ready(self) -> bool:
-        return not self._restarting and self.runner.healthy
+        """Every replica serves (health says ok only then)."""
+        return all(r.ready for r in self.replicas)
+
+    @property
+    def serving(self) -> bool:
+        """At least one replica serves: requests are still answered."""
+        return any(r.ready for r in self.replicas)
 
     def submit(self, items: Sequence[GenerationItem], on_done: Completion) -> BatchHandle | None:
-        if not self.ready:
+        """Spread `items` over the serving replicas so that their loads level out; the
+        answers come back in the items' order, through `on_done`, once."""
+        serving = [r for r in self.replicas if r.ready]
+        if not serving:
             on_done(EngineUnavailable("the generator engine is restarting; retry shortly"))
             return None
+        lengths = [r.runner.max_model_len for r in serving if r.runner.max_model_len]
         try:
-            check_prompt_lengths(items, self.runner.max_model_len)
+            check_prompt_lengths(items, min(lengths) if lengths else None)
         except PromptTooLong as exc:
             on_done(exc)
             return None
-        return self.runner.submit(items, on_done)
+        shares = placement.split_evenly(len(items), [r.in_flight for r in serving])
+        assigned = [(replica, bounds) for replica, bounds in zip(serving, slices(shares)) if bounds[1] > bounds[0]]
+        parts: list[tuple[EngineReplica, BatchHandle]] = []
+        split = SplitRequest(len(assigned), on_done, lambda: self.cancel(joined_handle(parts)))
+        for part, (replica, (start, end)) in enumerate(assigned):
+            if split.answered:  # an earlier part failed at once: the request is answered
+                break
+            replica.add_in_flight(end - start)
+            handle = replica.runner.submit(items[start:end], self._part_done(split, part, replica, end - start))
+            parts.append((replica, handle))
+        return joined_handle(parts)
+
+    def _part_done(self, split: SplitRequest, part: int, replica: EngineReplica, count: int) -> Completion:
+        def done(outcome):
+            # On the replica's engine thread: bookkeeping only, the adapter sends elsewhere.
+            replica.add_in_flight(-count)
+            if self.metrics is not None and not isinstance(outcome, BaseException):
+                self.metrics.finished(outcome, replica.index)
+            split.part_done(part, outcome)
+        return done
 
     def cancel(self, handle: BatchHandle) -> None:
-        self.runner.cancel(handle)
+        for replica, part in handle.parts:
+            replica.runner.cancel(part)
 
     def _watch(self) -> None:
-        """Rebuild a dead engine (its process was killed) without a server restart. Until a
-        rebuild succeeds the state says not ready, and attempts back off exponentially."""
-        delay = self.retry_first_s
+        """Rebuild dead engines (their process was killed) without a server restart, one
+        replica at a time; until a replica is back the state says not ready."""
         while not self._stop.wait(0.5):
-            if self.runner.healthy and not self._restarting:
-                continue
-            with self._restart_lock:
-                if not self._restarting:
-                    self._restarting = True
-                    log.error("the %s engine died; starting a new one", self.runner.backend)
+            for replica in self.replicas:
+                if self._stop.is_set():
+                    return
+                if replica.rebuild_if_due(time.monotonic()):
                     self.publish_state()
-                    try:
-                        self.runner.shutdown(timeout_s=5)
-                    except Exception as exc:
-                        log.warning("shutdown of the dead engine: %s", exc)
-                started = time.monotonic()
-                try:
-                    self.runner = self._start_backend()
-                except Exception as exc:
-                    log.error("engine restart failed: %s; next attempt in %.1f s", exc, delay)
-                    self.rebuild_delays.append(delay)
-                    self._stop.wait(delay)
-                    delay = min(self.retry_max_s, delay * 2)
-                    continue
-                self.restarts += 1
-                self._restarting = False
-                delay = self.retry_first_s
-                log.info("engine back after %.1f s", time.monotonic() - started)
-                self.publish_state()
 
     def publish_state(self) -> None:
         """Write info() where the shim reads it (GET /info, health)."""
         if self.metrics is not None:
-            self.metrics.set_engine_up(self.ready)
+            for replica in self.replicas:
+                self.metrics.set_engine_up(replica.ready, replica.index)
         self.state.publish(self.info())
 
     def info(self) -> dict[str, Any]:
+        """The first replica's engine stands for all (they are built alike); `replicas` has each."""
+        runner = self.replicas[0].runner
         return {
             "ready": self.ready,
-            "backend": self.runner.backend,
-            "engine_mode": getattr(self.runner, "engine_class", type(self.runner)).__name__,
+            "serving": self.serving,
+            "backend": runner.backend,
+            "engine_mode": getattr(runner, "engine_class", type(runner)).__name__,
             "model_dir": str(self.model_dir),
-            "engine_kwargs": getattr(self.runner, "engine_kwargs", {}),
-            "scheduler": getattr(self.runner, "scheduler", {}),
-            "max_model_len": getattr(self.runner, "max_model_len", None),
-            "restarts": self.restarts,
+            "engine_kwargs": getattr(runner, "engine_kwargs", {}),
+            "scheduler": getattr(runner, "scheduler", {}),
+            "max_model_len": getattr(runner, "max_model_len", None),
+            "tensor_parallel_size": self.engine.tensor_parallel_size,
+            "replicas": [replica.info() for replica in self.replicas],
+            "restarts": sum(replica.restarts for replica in self.replicas),
             "pid": os.getpid(),
-            "engine_pid": getattr(self.runner, "engine_pid", None),
+            "engine_pid": getattr(runner, "engine_pid", None),
         }
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
-        self.runner.shutdown(timeout_s)
-
+        for replica in self.replicas:
+            replica.runner.shutdown(timeout_s)

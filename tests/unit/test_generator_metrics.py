@@ -11,7 +11,7 @@ import time
 import pytest
 
 from preprocess.engine.generation import GenerationItem, GenerationResult
-from preprocess.engine.metrics import GeneratorMetrics, KvCacheGauge
+from preprocess.engine.metrics import GeneratorMetrics
 from preprocess.sampling import SamplingSettings
 
 
@@ -54,11 +54,11 @@ class RecordingPbUtils:
 
         self.MetricFamily = MetricFamily
 
-    def value(self, name, **labels):
-        return self.metrics[(name, tuple(sorted(labels.items())))].value
+    def value(self, name, replica="0", **labels):
+        return self.metrics[(name, tuple(sorted({"replica": replica, **labels}.items())))].value
 
-    def observed(self, name):
-        return self.metrics[(name, ())].observed
+    def observed(self, name, replica="0"):
+        return self.metrics[(name, (("replica", replica),))].observed
 
 
 def item(max_tokens):
@@ -72,9 +72,9 @@ def result(prompt_tokens, completion_tokens, ttft=0.01, e2e=0.2):
 @pytest.fixture
 def recorded():
     pb_utils = RecordingPbUtils()
-    kv = KvCacheGauge()
+    metrics = GeneratorMetrics(pb_utils, replicas=2)
+    kv = metrics.kv_gauge(0)
     kv.total_blocks, kv.block_size, kv.usage = 80, 16, 0.25
-    metrics = GeneratorMetrics(pb_utils, kv)
     yield pb_utils, metrics, kv
     metrics.close()
 
@@ -114,7 +114,7 @@ def test_kv_concurrency_is_cache_tokens_over_the_mean_request_length(recorded):
 
 def test_no_kv_figures_before_the_engine_reports_its_cache():
     pb_utils = RecordingPbUtils()
-    metrics = GeneratorMetrics(pb_utils, KvCacheGauge())  # total_blocks 0: not reported yet
+    metrics = GeneratorMetrics(pb_utils)  # total_blocks 0: the engine has not reported its cache yet
     metrics.finished([result(1, 1)])
     metrics.close()
     assert pb_utils.value("llm_generator_kv_cache_blocks_total") == 0
@@ -147,3 +147,25 @@ def test_engine_up_and_after_close_nothing_is_touched(recorded):
     metrics.close()
     metrics.set_engine_up(True)  # the watchdog may still call after close: a no-op
     assert pb_utils.value("llm_generator_engine_up") == 0
+
+
+def test_each_replica_has_its_own_figures(recorded):
+    """Every figure carries replica="<index>": one replica's work never shows on another's."""
+    pb_utils, metrics, _ = recorded
+    second = metrics.kv_gauge(1)
+    second.total_blocks, second.block_size, second.usage = 40, 16, 0.5
+    metrics.submitted([item(32)] * 3, groups=1, replica=0)
+    metrics.submitted([item(32)] * 2, groups=1, replica=1)
+    metrics.finished([result(10, 5)] * 3, replica=0)
+    metrics.finished([result(4, 2)] * 2, replica=1)
+    metrics.set_engine_up(True, replica=0)
+    metrics.set_engine_up(False, replica=1)
+    metrics.close()
+    assert [pb_utils.value("llm_generator_prompts_total", replica=r) for r in "01"] == [3, 2]
+    assert [pb_utils.value("llm_generator_generation_tokens_total", replica=r) for r in "01"] == [15, 4]
+    assert [pb_utils.value("llm_generator_requests_by_bucket_total", replica=r, max_new_tokens="32")
+            for r in "01"] == [3, 2]
+    assert [pb_utils.value("llm_generator_kv_cache_blocks_used", replica=r) for r in "01"] == [20, 20]
+    assert [pb_utils.value("llm_generator_kv_cache_blocks_total", replica=r) for r in "01"] == [80, 40]
+    assert [pb_utils.value("llm_generator_engine_up", replica=r) for r in "01"] == [1, 0]
+    assert len(pb_utils.observed("llm_generator_e2e_latency_seconds", replica="1")) == 2

@@ -29,7 +29,7 @@ def test_vllm_failure_falls_back_to_transformers(tiny_model, vllm_fails, caplog)
     with caplog.at_level("WARNING"):
         s = service(tiny_model)
     try:
-        assert s.runner.backend == "transformers"
+        assert s.replicas[0].runner.backend == "transformers"
         assert "falling back to transformers" in caplog.text and "No available memory" in caplog.text
     finally:
         s.shutdown(5)
@@ -43,7 +43,7 @@ def test_force_vllm_fails_the_load_with_the_root_cause(tiny_model, vllm_fails):
 def test_use_vllm_false_serves_with_transformers(tiny_model):
     s = service(tiny_model, USE_VLLM="false")
     try:
-        assert s.runner.backend == "transformers" and s.info()["backend"] == "transformers"
+        assert s.replicas[0].runner.backend == "transformers" and s.info()["backend"] == "transformers"
     finally:
         s.shutdown(5)
 
@@ -53,7 +53,7 @@ def test_no_c_compiler_skips_vllm_unless_forced(tiny_model, monkeypatch, caplog)
     with caplog.at_level("INFO"):
         s = service(tiny_model)
     try:
-        assert s.runner.backend == "transformers"
+        assert s.replicas[0].runner.backend == "transformers"
         assert "no C compiler" in caplog.text
     finally:
         s.shutdown(5)
@@ -72,13 +72,13 @@ def test_real_vllm_rejects_a_load_format_and_the_chain_recovers(tiny_model, capl
     with caplog.at_level("WARNING"):
         s = service(tiny_model, VLLM_LOAD_FORMAT="awq", VLLM_MAX_NUM_SEQS="24")
     try:
-        assert s.runner.backend == "vllm"
+        assert s.replicas[0].runner.backend == "vllm"
         # The environment's scheduler setting wins over the device defaults, and /info shows it.
-        assert s.runner.scheduler["max_num_seqs"] == 24 and s.info()["scheduler"]["max_num_seqs"] == 24
-        assert "load_format" not in s.runner.engine_kwargs
+        assert s.replicas[0].runner.scheduler["max_num_seqs"] == 24 and s.info()["scheduler"]["max_num_seqs"] == 24
+        assert "load_format" not in s.replicas[0].runner.engine_kwargs
         assert "load_format='awq' rejected" in caplog.text
-        check_sampling_params(s.runner)
-        check_a_failing_prompt_cancels_its_siblings(s.runner)
+        check_sampling_params(s.replicas[0].runner)
+        check_a_failing_prompt_cancels_its_siblings(s.replicas[0].runner)
     finally:
         s.shutdown(10)
 
@@ -152,16 +152,17 @@ def test_a_rebuild_that_keeps_failing_backs_off_with_flat_threads_and_memory(tin
     s = service(tiny_model, USE_VLLM="false")
     try:
         s.engine = dataclasses.replace(s.engine, use_vllm="true", force_vllm=True)  # every rebuild fails
-        s.runner = DeadRunner()
+        replica = s.replicas[0]
+        replica.runner = DeadRunner()
         process = psutil.Process()
         threads, rss = [], []
         deadline = time.monotonic() + 120
-        while len(s.rebuild_delays) < 8 and time.monotonic() < deadline:
+        while len(replica.rebuild_delays) < 8 and time.monotonic() < deadline:
             threads.append(threading.active_count())
             rss.append(process.memory_info().rss)
             time.sleep(0.3)
-        assert len(s.rebuild_delays) >= 8, s.rebuild_delays
-        assert s.rebuild_delays[:5] == [0.05, 0.1, 0.2, 0.4, 0.4]  # doubles, then capped
+        assert len(replica.rebuild_delays) >= 8, replica.rebuild_delays
+        assert replica.rebuild_delays[:5] == [0.05, 0.1, 0.2, 0.4, 0.4]  # doubles, then capped
         assert not s.ready and s.info()["ready"] is False
         assert max(threads[len(threads) // 2:]) <= threads[0]
         assert rss[-1] - rss[len(rss) // 2] < 30 * 2**20

@@ -23,7 +23,7 @@ from preprocess import triton_io as io  # noqa: E402
 from preprocess.contract import GENERATOR_SCALARS, GENERATOR_TEXTS  # noqa: E402
 from preprocess.engine.generation import generation_items  # noqa: E402
 from preprocess.engine.service import GeneratorService, classify_error, prepare_generator_process  # noqa: E402
-from preprocess.engine.metrics import GeneratorMetrics, KvCacheGauge  # noqa: E402
+from preprocess.engine.metrics import GeneratorMetrics  # noqa: E402
 from preprocess.runtime import CancelMarkers  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -63,8 +63,8 @@ class TritonPythonModel:
     def initialize(self, args):
         settings = prepare_generator_process(os.environ)
         runtime = settings.runtime_dir  # set by `./build.sh serve`; the shim reads the state there
-        self.metrics = GeneratorMetrics(pb_utils, KvCacheGauge())
-        self.service = GeneratorService(settings, self.metrics)
+        self.metrics = GeneratorMetrics(pb_utils)  # the service adds a figure set per replica
+        self.service = GeneratorService(settings, self.metrics, process_environ=os.environ)
         self.responses = queue.Queue()
         self.sender = threading.Thread(target=self._send_responses, name="response-sender", daemon=True)
         self.sender.start()
@@ -93,8 +93,6 @@ class TritonPythonModel:
                 # Runs on the engine thread: only enqueue, the response thread does the sending.
                 with self.in_flight_lock:
                     self.in_flight.pop(key, None)
-                if not isinstance(outcome, BaseException):
-                    self.metrics.finished(outcome)
                 self.responses.put((sender, outcome))
 
             handle = self.service.submit(items, done)
@@ -133,7 +131,7 @@ class TritonPythonModel:
                 return
             try:
                 if isinstance(outcome, BaseException):
-                    sender.send(error_response(outcome, self.service.runner.healthy), flags=FINAL)
+                    sender.send(error_response(outcome, self.service.serving), flags=FINAL)
                     continue
                 tensors = [
                     pb_utils.Tensor("TEXT", io.encode_strings([r.text for r in outcome])),

@@ -1,0 +1,171 @@
+"""Replicas from the environment: their GPUs, the one-line refusals, the even split, and a
+service of two real (transformers, CPU) engines with one of them down."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from preprocess.engine import config as engine_config
+from preprocess.engine.generation import GenerationItem
+from preprocess.engine.placement import AUTO, Replica, devices_for, plan_replicas, split_evenly, visible_devices
+from preprocess.engine.service import GeneratorService, prepare_generator_process
+from preprocess.envparse import SettingsError
+from preprocess.sampling import SamplingSettings
+
+
+def gpus(n):
+    return [str(i) for i in range(n)]
+
+
+@pytest.mark.parametrize("replicas, tp, visible, expected", [
+    (1, 1, gpus(2), [("0",)]),
+    (AUTO, 1, gpus(2), [("0",), ("1",)]),
+    (AUTO, 2, gpus(4), [("0", "1"), ("2", "3")]),
+    (1, 2, gpus(2), [("0", "1")]),
+    (2, 1, gpus(4), [("0",), ("1",)]),  # fewer than the GPUs: the rest stay idle
+    (AUTO, 1, ["3", "GPU-5a"], [("3",), ("GPU-5a",)]),  # CUDA_VISIBLE_DEVICES as listed
+])
+def test_each_replica_gets_its_own_gpu_group(replicas, tp, visible, expected):
+    plan = plan_replicas(replicas, tp, visible, accelerator=True)
+    assert [r.devices for r in plan] == expected
+    assert [r.index for r in plan] == list(range(len(expected)))
+    # positions are torch's cuda:N of this process, in the same order as the devices
+    assert [r.positions for r in plan] == [tuple(visible.index(d) for d in group) for group in expected]
+
+
+@pytest.mark.parametrize("replicas, tp, visible, message", [
+    (2, 2, gpus(2), "DATA_PARALLEL_SIZE=2 x TENSOR_PARALLEL_SIZE=2 needs 4 GPUs; there are 2 visible GPUs (0,1)"),
+    (3, 1, gpus(2), "DATA_PARALLEL_SIZE=3 x TENSOR_PARALLEL_SIZE=1 needs 3 GPUs; there are 2 visible GPUs (0,1)"),
+    (1, 4, gpus(2), "TENSOR_PARALLEL_SIZE=4 needs 4 GPUs; there are 2 visible GPUs (0,1)"),
+    (1, 3, gpus(4), "TENSOR_PARALLEL_SIZE=3 does not divide the 4 visible GPUs (0,1,2,3); set CUDA_VISIBLE_DEVICES"),
+    (AUTO, 1, [], "TENSOR_PARALLEL_SIZE=1 needs 1 GPUs; there are 0 visible GPUs (none)"),
+])
+def test_combinations_that_do_not_fit_stop_with_one_line(replicas, tp, visible, message):
+    with pytest.raises(SettingsError) as refused:
+        plan_replicas(replicas, tp, visible, accelerator=True)
+    assert str(refused.value).startswith(message) and "\n" not in str(refused.value)
+
+
+def test_cpu_replicas_share_the_host():
+    assert plan_replicas(2, 1, [], accelerator=False) == [Replica(0), Replica(1)]
+    assert plan_replicas(AUTO, 1, [], accelerator=False) == [Replica(0)]
+
+
+def test_visible_devices_follow_the_variable_or_the_count():
+    assert visible_devices((), 2) == ["0", "1"]
+    assert visible_devices(("2", "0"), 2) == ["2", "0"]
+    assert visible_devices(("2", "0", "1"), 2) == ["2", "0"]  # more listed than torch sees
+
+
+@pytest.mark.parametrize("raw, expected", [(None, 1), ("2", 2), ("auto", AUTO), ("AUTO", AUTO), ("0", 1)])
+def test_data_parallel_size_setting(raw, expected):
+    environ = {} if raw is None else {"DATA_PARALLEL_SIZE": raw}
+    assert engine_config.load_engine(environ).data_parallel_size == expected
+
+
+def test_data_parallel_size_refuses_a_word():
+    with pytest.raises(SettingsError, match=r"^DATA_PARALLEL_SIZE='two' is not an integer"):
+        engine_config.load_engine({"DATA_PARALLEL_SIZE": "two"})
+
+
+def test_devices_for_narrows_and_restores_the_environment():
+    environ = {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+    with devices_for(Replica(1, ("2", "3"), (2, 3)), environ):
+        assert environ["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert environ == {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+    unset: dict = {}
+    with devices_for(Replica(0, ("1",), (1,)), unset):
+        assert unset == {"CUDA_VISIBLE_DEVICES": "1"}
+    assert unset == {}
+    with devices_for(Replica(0), unset):  # CPU: untouched
+        assert unset == {}
+
+
+@settings(max_examples=300, deadline=None)
+@given(count=st.integers(0, 512), loads=st.lists(st.integers(0, 600), min_size=1, max_size=8))
+def test_the_split_levels_the_loads(count, loads):
+    shares = split_evenly(count, loads)
+    assert sum(shares) == count and min(shares) >= 0
+    after = [load + share for load, share in zip(loads, shares)]
+    # every replica that got a prompt ends at most one above the lowest: nothing went to a
+    # replica that was already ahead while another lagged
+    for load, share, level in zip(loads, shares, after):
+        if share:
+            assert level <= min(after) + 1
+    if len(set(loads)) == 1:  # equal loads: shares differ by at most one
+        assert max(shares) - min(shares) <= 1
+
+
+def test_the_judge_list_is_shared_evenly_by_two_replicas():
+    """650 prompts arrive as two Triton requests (the shim's even chunks, 325 each)."""
+    first = split_evenly(325, [0, 0])
+    second = split_evenly(325, first)
+    assert [a + b for a, b in zip(first, second)] == [325, 325]
+
+
+def item(max_tokens):
+    return GenerationItem([1, 2, 3, 4], SamplingSettings(max_tokens, 0.0, 1.0, -1, 1.0, 0.0, ignore_eos=True))
+
+
+def submit_and_wait(service, items, timeout_s=120):
+    outcome, done = [], threading.Event()
+
+    def on_done(result):
+        outcome.append(result)
+        done.set()
+
+    service.submit(items, on_done)
+    assert done.wait(timeout_s), "no answer"
+    assert len(outcome) == 1  # answered exactly once
+    return outcome[0]
+
+
+class DeadRunner:
+    """Fault injection: a replica whose engine process is gone (what vLLM's `errored` says)."""
+    backend = "vllm"
+    healthy = False
+    max_model_len = 1024
+
+    def shutdown(self, timeout_s):
+        pass
+
+
+def test_two_replicas_share_a_request_in_order_and_survive_one_down(tiny_model):
+    """Two real transformers engines on CPU. A request's prompts are split between them and
+    answered in order; with one replica down the other answers everything, health (ready)
+    says not ready while `serving` stays true, and the dead one is rebuilt on its own."""
+    environ = {"MODEL_DIR": str(tiny_model), "USE_VLLM": "false", "DATA_PARALLEL_SIZE": "2"}
+    service = GeneratorService(prepare_generator_process(environ))
+    try:
+        assert [r.placement for r in service.replicas] == [Replica(0), Replica(1)]
+        received = {0: [], 1: []}
+        for replica in service.replicas:
+            real = replica.runner.submit
+            replica.runner.submit = (lambda items, done, real=real, index=replica.index:
+                                     (received[index].append(len(items)), real(items, done))[1])
+        limits = [1 + i % 4 for i in range(9)]
+        results = submit_and_wait(service, [item(n) for n in limits])
+        assert [r.completion_tokens for r in results] == limits  # the request's order
+        assert sorted(sum(v) for v in received.values()) == [4, 5]  # an even share each
+        assert service.ready and [r["ready"] for r in service.info()["replicas"]] == [True, True]
+
+        second = service.replicas[1]
+        second._next_attempt = time.monotonic() + 3600  # held down until the checks below are done
+        second.runner = DeadRunner()
+        assert not service.ready and service.serving
+        received[0].clear()
+        results = submit_and_wait(service, [item(n) for n in limits])
+        assert [r.completion_tokens for r in results] == limits
+        assert received[0] == [9]  # replica 0 answered everything
+        assert [r["ready"] for r in service.info()["replicas"]] == [True, False]
+        second._next_attempt = 0.0  # let the watchdog rebuild it
+        deadline = time.monotonic() + 120  # the rebuild loads the tiny model: a bound, not a timing
+        while not (service.ready and second.restarts == 1) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert second.restarts == 1 and service.ready and service.info()["restarts"] == 1
+        assert service.replicas[0].restarts == 0
+    finally:
+        service.shutdown(5)
