@@ -5,6 +5,8 @@
 #                              PRESET: docker/run_model.sh (fills unset variables) or
 #                              docker/env_force.sh (forces the full set)
 #   ./build.sh test            set up if needed, then the test suite
+#   ./build.sh env             set up if needed, then print the `export` lines a plain
+#                              `tritonserver --model-repository model_repository` needs
 #   ./build.sh bench [--quick|--perf-analyzer]   throughput table (tests/bench.py)
 #   ./build.sh eval FILE       the judge's procedure against a running server
 #   ./build.sh soak [--minutes M] [--clients C]   the long reliability run
@@ -116,6 +118,9 @@ case "$cmd" in
     if [ $# -gt 0 ]; then log "preset $1"; # shellcheck disable=SC1090
       source "$1"; fi
     exec "$RUN_PY" -m shim.serve ;;
+  env)
+    setup
+    exec "$RUN_PY" -m shim.serve --print-env ;;
   test)
     setup
     exec "$RUN_PY" -m pytest "${@:-tests}" ;;
@@ -129,5 +134,5 @@ case "$cmd" in
     setup
     exec "$RUN_PY" -m tests.reliability.soak "$@" ;;
   docker) build_image "$@" ;;
-  *) echo "usage: ./build.sh [setup|serve [PRESET]|test|bench [--quick|--perf-analyzer]|eval FILE|soak|docker [nvidia|metax]]" >&2; exit 2 ;;
+  *) echo "usage: ./build.sh [setup|serve [PRESET]|env|test|bench [--quick|--perf-analyzer]|eval FILE|soak|docker [nvidia|metax]]" >&2; exit 2 ;;
 esac

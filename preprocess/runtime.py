@@ -38,10 +38,18 @@ class GeneratorState:
             return None
 
     def up(self) -> bool:
-        """False while the generator says it is rebuilding its engine (no state: Triton's
-        own readiness decides)."""
+        """Whether the generator answers requests: False while every replica is rebuilding
+        its engine (no state: Triton's own readiness decides)."""
         state = self.read()
-        return state is None or bool(state.get("ready", True))
+        return state is None or bool(state.get("serving", state.get("ready", True)))
+
+    def replicas_up(self) -> tuple[int, int] | None:
+        """(replicas serving, replicas in all), or None without a state."""
+        state = self.read()
+        if not state or not state.get("replicas"):
+            return None
+        replicas = state["replicas"]
+        return sum(1 for r in replicas if r.get("ready")), len(replicas)
 
     def describe(self) -> str:
         state = self.read()

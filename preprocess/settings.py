@@ -204,6 +204,29 @@ class ShimSettings:
     body_timeout_s: float = 30.0  # and the whole body within this
     max_header_bytes: int = 64 * 1024
     triton_home: Path | None = None  # a tritonserver install (bin/, backends/); None: pytriton's
+    # TRITON_URL: a Triton the shim did not start (host:port of its HTTP endpoint); the shim
+    # then attaches to it instead of launching and supervising its own.
+    triton_url: str | None = None
+
+    @property
+    def triton_endpoint(self) -> str:
+        """host:port of Triton's HTTP endpoint, for tritonclient."""
+        return self.triton_url or f"{self.triton_host}:{self.triton_http_port}"
+
+
+def parse_triton_url(value: str | None) -> str | None:
+    """`http://host:port` or `host:port` (a trailing slash is dropped) to host:port."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip().rstrip("/")
+    if "://" in text:
+        scheme, text = text.split("://", 1)
+        if scheme != "http":
+            raise SettingsError(f"TRITON_URL={value!r}: only http:// is supported (Triton's HTTP endpoint)")
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535 or "/" in text:
+        raise SettingsError(f"TRITON_URL={value!r} is not host:port or http://host:port")
+    return text
 
 
 def load_shim(environ: Mapping[str, str]) -> ShimSettings:
@@ -224,6 +247,7 @@ def load_shim(environ: Mapping[str, str]) -> ShimSettings:
         max_header_bytes=env.int("SHIM_MAX_HEADER_BYTES", 64 * 1024, 1024),
         request_timeout_s=env.float("SHIM_REQUEST_TIMEOUT_S", 600.0, 1.0),
         triton_home=Path(home) if (home := env.raw("TRITON_HOME")) else None,
+        triton_url=parse_triton_url(env.raw("TRITON_URL")),
     )
 
 
@@ -267,7 +291,7 @@ PUBLIC_VARIABLES = (
     "VLLM_USE_V1", "VLLM_PLUGINS", "CUDA_VISIBLE_DEVICES", "VLLM_CPU_KVCACHE_SPACE",
     "PORT", "TRITON_HTTP_PORT", "TRITON_GRPC_PORT", "TRITON_METRICS_PORT", "SHIM_MAX_BODY_BYTES",
     "SHIM_MAX_BATCH_PROMPTS", "SHIM_MAX_REQUEST_TOKENS", "SHIM_REQUEST_TIMEOUT_S", "SHIM_HEADER_TIMEOUT_S",
-    "SHIM_BODY_TIMEOUT_S", "SHIM_MAX_HEADER_BYTES", "TRITON_HOME",
+    "SHIM_BODY_TIMEOUT_S", "SHIM_MAX_HEADER_BYTES", "TRITON_HOME", "TRITON_URL", "DATA_PARALLEL_SIZE",
 )
 _SECRET_WORDS = frozenset({"TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS", "APIKEY"})
 

@@ -1,8 +1,8 @@
 """The shim's door to the `llm` ensemble: batched tensors in, answers out, errors mapped.
 
-A judge list of N prompts goes out as ceil(N / max_batch_size) batched requests sent
-together, not N requests; answers come back in order, or the whole call fails (never a
-shorter list).
+A judge list of N prompts goes out as ceil(N / max_batch_size) batched requests of even
+sizes, sent together, not N requests; answers come back in order, or the whole call fails
+(never a shorter list).
 """
 from __future__ import annotations
 
@@ -81,6 +81,18 @@ def build_inputs(prompts: Sequence[str], system_prompt: str | None, overrides: d
     return inputs
 
 
+def even_chunks(items: Sequence, limit: int) -> list[Sequence]:
+    """As few chunks as `limit` allows, of sizes that differ by at most one (650 with a
+    limit of 512: 325 and 325, not 512 and 138), so that the requests sent together take
+    about as long as each other and the generator's replicas get even shares."""
+    count = -(-len(items) // limit)
+    size, extra = divmod(len(items), count)
+    bounds = [0]
+    for k in range(count):
+        bounds.append(bounds[-1] + size + (1 if k < extra else 0))
+    return [items[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
 def map_triton_error(exc: InferenceServerException) -> EnsembleError:
     """Triton's status to the shim's: bad input stays a 4xx, the rest is a 5xx."""
     status = str(exc.status() or "")
@@ -133,7 +145,7 @@ class EnsembleClient:
         """Answers in order; `outputs` names the optional outputs wanted (OPTIONAL_OUTPUTS)."""
         if not prompts:
             return []
-        chunks = [prompts[i:i + self.max_batch_size] for i in range(0, len(prompts), self.max_batch_size)]
+        chunks = even_chunks(prompts, self.max_batch_size)
         results = await asyncio.gather(*(
             self._call(build_inputs(chunk, system_prompt, overrides or {}, row_input, texts), outputs)
             for chunk in chunks))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 import uvicorn
 
 from preprocess import settings as cfg
+from preprocess.engine.placement import plan_replicas, visible_devices
 
 from .app import create_app
 from .door import hardened_protocol
@@ -62,6 +64,32 @@ def triton_environment(base: dict[str, str], model_dir: Path, runtime: Path) -> 
     env.setdefault("LC_ALL", "C.UTF-8")
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+def shell_exports(env: dict[str, str], base: dict[str, str], home: Path) -> str:
+    """`export` lines for what `triton_environment` adds, and tritonserver on PATH: a plain
+    `tritonserver --model-repository model_repository` in that shell runs the stubs as
+    `./build.sh serve` does."""
+    wanted = {name: value for name, value in env.items() if base.get(name) != value}
+    wanted["PATH"] = f"{home / 'bin'}:{env['PATH']}"
+    wanted["TRITON_HOME"] = str(home)
+    return "".join(f"export {name}={shlex.quote(value)}\n" for name, value in sorted(wanted.items()))
+
+
+def visible_gpu_count(run=subprocess.run) -> int:
+    """GPUs nvidia-smi lists (0 without it): enough to check the placement before start-up."""
+    try:
+        listed = run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in listed.splitlines() if line.startswith("GPU "))
+
+
+def check_placement(engine, gpu_count: int) -> None:
+    """The generator's replicas fit the GPUs (SettingsError, one line, when they do not)."""
+    if gpu_count:
+        plan_replicas(engine.data_parallel_size, engine.tensor_parallel_size,
+                      visible_devices(engine.visible_devices, gpu_count), accelerator=True)
 
 
 def restart_delay(base_s: float, failures_in_a_row: int) -> float:
@@ -131,18 +159,47 @@ class TritonSupervisor:
         self._kill_group(process)  # whatever of the group is left
 
 
-def main() -> int:
+def run_shim(app, shim: cfg.ShimSettings) -> None:
+    uvicorn.run(app, host=shim.host, port=shim.port, log_level="warning", timeout_graceful_shutdown=5,
+                http=hardened_protocol(shim.header_timeout_s), h11_max_incomplete_event_size=shim.max_header_bytes)
+
+
+def attach(settings: cfg.Settings) -> int:
+    """TRITON_URL: serve the shim in front of a Triton started elsewhere. Health, warm-up and
+    the return to `ok` after an outage are the same; restarting that server is its owner's
+    job (the shim cannot). Sharing LLM_RUNTIME_DIR with it (same host) adds the per-replica
+    health and the abort of requests whose client went away."""
+    shim = settings.shim
+    log.info("attaching to the Triton at %s; shim on %s:%d", shim.triton_url, shim.host, shim.port)
+    app = create_app(settings)
+    run_shim(app, shim)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(levelname)s %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
     try:
         settings = cfg.load(os.environ)
+        if settings.shim.triton_url is None and "--print-env" not in argv:
+            check_placement(settings.engine, visible_gpu_count())
     except cfg.SettingsError as exc:
         log.error("%s", exc)
         return 2
     shim, model_dir = settings.shim, settings.model_dir
+    if shim.triton_url is not None:
+        return attach(settings)
     server_binary = triton_home(shim) / "bin" / "tritonserver"
     if not server_binary.is_file():
         log.error("no tritonserver at %s (run ./build.sh, or set TRITON_HOME)", server_binary)
         return 2
+    if "--print-env" in argv:  # for a plain tritonserver: eval "$(python -m shim.serve --print-env)"
+        base = dict(os.environ)
+        env = triton_environment(base, model_dir, settings.runtime_dir or Path())
+        if settings.runtime_dir is None:
+            env.pop("LLM_RUNTIME_DIR")
+        sys.stdout.write(shell_exports(env, base, triton_home(shim)))
+        return 0
     if not (model_dir / "config.json").is_file():
         log.error("MODEL_DIR %s has no config.json (run ./build.sh, or point MODEL_DIR at a model folder)", model_dir)
         return 2
@@ -157,8 +214,7 @@ def main() -> int:
     app.state.supervisor = supervisor
     supervisor.start()
     try:
-        uvicorn.run(app, host=shim.host, port=shim.port, log_level="warning", timeout_graceful_shutdown=5,
-                    http=hardened_protocol(shim.header_timeout_s), h11_max_incomplete_event_size=shim.max_header_bytes)
+        run_shim(app, shim)
     finally:
         supervisor.stop()
     return 0

@@ -34,13 +34,14 @@ class ShimState:
         self.limits = Limits(shim.max_batch_prompts, shim.max_request_tokens, settings.largest_token_limit)
         runtime = settings.runtime_dir
         self.client = client or EnsembleClient(
-            f"{shim.triton_host}:{shim.triton_http_port}", timeout_s=shim.request_timeout_s,
+            shim.triton_endpoint, timeout_s=shim.request_timeout_s,
             cancel_markers=CancelMarkers(runtime / "cancelled" if runtime else None))
         self.generator = GeneratorState(runtime)
         self.metrics = ShimMetrics()
         self.client.on_failure = self.metrics.model_failures.inc
         self.restart_server = restart_server  # the supervisor's restart, under ./build.sh serve
         self.ready = False
+        self.replicas_up: tuple[int, int] | None = None  # (serving, in all), as the generator says
         self.started = time.monotonic()
         self.ready_after_s: float | None = None
         self.last_wait_report_s = 0.0
@@ -63,8 +64,9 @@ class ShimState:
         goes, and restart tritonserver only when its models are dead (see EnsembleClient)."""
         while True:
             generator_up = self.generator.up()
-            if not generator_up:
-                # The generator is rebuilding its engine by itself: its failures are not a dead server.
+            self.replicas_up = self.generator.replicas_up()
+            if not generator_up or self.degraded:
+                # The generator is rebuilding an engine by itself: failures are not a dead server.
                 self.client.reset_failures()
             if self.restart_server is not None and self.client.persistently_failing():
                 log.error("every request fails although Triton says ready (%d in a row): restarting tritonserver",
@@ -82,6 +84,11 @@ class ShimState:
                 log.warning("the ensemble is not ready any more; health says warming")
                 self.ready = False
             await asyncio.sleep(0.5)
+
+    @property
+    def degraded(self) -> bool:
+        """Some replica is down while others serve: answers still come, health is not ok."""
+        return self.replicas_up is not None and self.replicas_up[0] < self.replicas_up[1]
 
     def _report_waiting(self) -> None:
         """While the model server comes up (engine load: tens of seconds), one line every 5 s."""

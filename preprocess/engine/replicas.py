@@ -18,8 +18,8 @@ log = logging.getLogger("generator")
 
 
 class EngineReplica:
-    """An engine on its GPU group. When its engine dies, `rebuild_if_due` brings up a new
-    one, backing off from `retry_first_s`, doubling, to `retry_max_s`, so a rebuild that
+    """An engine on its GPU group. When its engine dies (`notice_death`), `rebuild_if_due`
+    brings up a new one, backing off from `retry_first_s`, doubling, to `retry_max_s`, so a rebuild that
     keeps failing (out of memory, FORCE_VLLM) never spins; the other replicas keep serving."""
 
     def __init__(self, placement: Replica, start: Callable[[Replica], Runner],
@@ -49,20 +49,23 @@ class EngineReplica:
         with self._lock:
             self.in_flight += count
 
-    def rebuild_if_due(self, now: float) -> bool:
-        """One watchdog step; True when the replica's state changed (publish it)."""
-        if self.runner.healthy and not self.restarting:
+    def notice_death(self) -> bool:
+        """True when the engine has just been found dead: it is shut down and marked
+        restarting (publish that before the rebuild, which takes tens of seconds)."""
+        if self.restarting or self.runner.healthy:
             return False
-        changed = False
-        if not self.restarting:
-            self.restarting = changed = True
-            log.error("replica %d: the %s engine died; starting a new one", self.index, self.runner.backend)
-            try:
-                self.runner.shutdown(timeout_s=5)
-            except Exception as exc:
-                log.warning("replica %d: shutdown of the dead engine: %s", self.index, exc)
-        if now < self._next_attempt:
-            return changed
+        self.restarting = True
+        log.error("replica %d: the %s engine died; starting a new one", self.index, self.runner.backend)
+        try:
+            self.runner.shutdown(timeout_s=5)
+        except Exception as exc:
+            log.warning("replica %d: shutdown of the dead engine: %s", self.index, exc)
+        return True
+
+    def rebuild_if_due(self, now: float) -> bool:
+        """One rebuild attempt when one is due; True when the replica serves again."""
+        if not self.restarting or now < self._next_attempt:
+            return False
         started = time.monotonic()
         try:
             self.runner = self._start(self.placement)
@@ -71,7 +74,7 @@ class EngineReplica:
             self.rebuild_delays.append(self._delay)
             self._next_attempt = time.monotonic() + self._delay
             self._delay = min(self.retry_max_s, self._delay * 2)
-            return changed
+            return False
         with self._lock:
             self.in_flight = 0  # the dead engine's requests were failed with it
         self.restarts += 1

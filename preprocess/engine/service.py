@@ -241,6 +241,8 @@ class GeneratorService:
             for replica in self.replicas:
                 if self._stop.is_set():
                     return
+                if replica.notice_death():
+                    self.publish_state()
                 if replica.rebuild_if_due(time.monotonic()):
                     self.publish_state()
 

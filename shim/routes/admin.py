@@ -28,6 +28,10 @@ async def info(request: Request):
         "engine_args": generator.get("engine_kwargs", {}),
         "scheduler": generator.get("scheduler", {}),
         "engine_restarts": generator.get("restarts", 0),
+        "tensor_parallel_size": generator.get("tensor_parallel_size"),
+        # each engine replica: its index, GPUs, readiness, backend, engine pid, restarts
+        "replicas": generator.get("replicas", []),
+        "triton_url": state.client.url,
         "ready": state.ready,
         "batch_mode": state.batch_mode,
         "routing": {

@@ -11,10 +11,14 @@ router = APIRouter()
 
 @router.get("/")
 async def health(request: Request):
-    """`warming` until the ensemble is up and warmed; then `ok`, or `batch` under BATCH_MODE."""
+    """`warming` until the ensemble is up and warmed; then `ok`, or `batch` under BATCH_MODE.
+    `degraded` while some of the generator's replicas are down and the others serve."""
     state = shim_state(request)
     if not state.ready:
         return {"status": "warming"}
+    if state.degraded:
+        up, total = state.replicas_up
+        return {"status": "degraded", "replicas_up": up, "replicas": total}
     return {"status": "batch" if state.batch_mode else "ok"}
 
 

@@ -164,7 +164,8 @@ def test_a_rebuild_that_keeps_failing_backs_off_with_flat_threads_and_memory(tin
         assert len(replica.rebuild_delays) >= 8, replica.rebuild_delays
         assert replica.rebuild_delays[:5] == [0.05, 0.1, 0.2, 0.4, 0.4]  # doubles, then capped
         assert not s.ready and s.info()["ready"] is False
-        assert max(threads[len(threads) // 2:]) <= threads[0]
+        # an attempt runs a loop thread while it lasts: a leak shows as a floor that rises
+        assert min(threads[len(threads) // 2:]) <= threads[0]
         assert rss[-1] - rss[len(rss) // 2] < 30 * 2**20
     finally:
         s._stop.set()

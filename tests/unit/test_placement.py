@@ -133,11 +133,12 @@ class DeadRunner:
         pass
 
 
-def test_two_replicas_share_a_request_in_order_and_survive_one_down(tiny_model):
+def test_two_replicas_share_a_request_in_order_and_survive_one_down(tiny_model, tmp_path):
     """Two real transformers engines on CPU. A request's prompts are split between them and
     answered in order; with one replica down the other answers everything, health (ready)
     says not ready while `serving` stays true, and the dead one is rebuilt on its own."""
-    environ = {"MODEL_DIR": str(tiny_model), "USE_VLLM": "false", "DATA_PARALLEL_SIZE": "2"}
+    environ = {"MODEL_DIR": str(tiny_model), "USE_VLLM": "false", "DATA_PARALLEL_SIZE": "2",
+               "LLM_RUNTIME_DIR": str(tmp_path)}
     service = GeneratorService(prepare_generator_process(environ))
     try:
         assert [r.placement for r in service.replicas] == [Replica(0), Replica(1)]
@@ -160,12 +161,16 @@ def test_two_replicas_share_a_request_in_order_and_survive_one_down(tiny_model):
         results = submit_and_wait(service, [item(n) for n in limits])
         assert [r.completion_tokens for r in results] == limits
         assert received[0] == [9]  # replica 0 answered everything
-        assert [r["ready"] for r in service.info()["replicas"]] == [True, False]
+        deadline = time.monotonic() + 30  # the watchdog looks every 0.5 s
+        while service.state.replicas_up() != (1, 2) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert service.state.replicas_up() == (1, 2) and service.state.up()  # published for the shim
         second._next_attempt = 0.0  # let the watchdog rebuild it
         deadline = time.monotonic() + 120  # the rebuild loads the tiny model: a bound, not a timing
         while not (service.ready and second.restarts == 1) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert second.restarts == 1 and service.ready and service.info()["restarts"] == 1
+        assert service.state.replicas_up() == (2, 2)
         assert service.replicas[0].restarts == 0
     finally:
         service.shutdown(5)

@@ -1,0 +1,141 @@
+"""A plain tritonserver, started with the README's command, serving two generator replicas
+(two real vLLM engines on CPU), and the shim attached to it by TRITON_URL.
+
+Covers: the documented command works outside `./build.sh serve`; a judge list is shared
+evenly by the replicas and answered in order; health and metrics per replica; one
+replica's engine killed: the other keeps answering, health says `degraded`, and the dead
+one comes back on its own.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .conftest import ARTIFACTS, REPO, free_port, scrape_metrics, server_env, start_server, stop_server
+
+pytestmark = pytest.mark.server
+
+# README, "Triton on its own": the same two lines.
+PLAIN_TRITON = ('eval "$(./build.sh env)" && exec tritonserver --model-repository model_repository '
+                '--backend-directory "$TRITON_HOME/backends"')
+CODE_LIMIT = 3  # a question that routes to code gets 3 tokens, the others 1: the order shows
+
+
+def wait_for(check, timeout_s: float, what: str):
+    """Poll `check` until it returns a truthy value: a bound on the wait, not a timing."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"{what}: not within {timeout_s:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def replicated(tiny_model):
+    env = server_env(tiny_model, DATA_PARALLEL_SIZE="2", MAX_NEW_TOKENS="1", MAX_NEW_TOKENS_CODE="1",
+                     MAX_NEW_TOKENS_CODE_SOFT=str(CODE_LIMIT))
+    http, grpc, metrics = (env[f"TRITON_{p}_PORT"] for p in ("HTTP", "GRPC", "METRICS"))
+    log = open(ARTIFACTS / "plain-tritonserver.log", "w")
+    triton = subprocess.Popen(
+        ["bash", "-c", f"{PLAIN_TRITON} --http-port={http} --grpc-port={grpc} --metrics-port={metrics}"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    shim = None
+    try:
+        # The shim attaches by URL and shares the runtime folder (per-replica health, aborts).
+        shim_env = {**env, "TRITON_URL": f"http://127.0.0.1:{http}", "PORT": str(free_port())}
+        shim = start_server(shim_env, "attached-shim.log", [sys.executable, "-m", "shim.serve"])
+        shim.metrics_url = f"http://127.0.0.1:{metrics}/metrics"
+        shim.triton_process = triton
+        yield shim
+    finally:
+        if shim is not None:
+            stop_server(shim)
+        triton.send_signal(signal.SIGTERM)
+        try:
+            triton.wait(40)
+        except subprocess.TimeoutExpired:
+            os.killpg(triton.pid, signal.SIGKILL)
+        log.close()
+
+
+def per_replica(metrics: dict, name: str) -> list[float]:
+    return [metrics.get(f"{name}{{replica={r}}}", 0.0) for r in "01"]
+
+
+def test_the_plain_tritonserver_serves_the_ensemble(replicated):
+    import numpy as np
+    import tritonclient.http as triton_http
+
+    client = triton_http.InferenceServerClient(replicated.env["TRITON_URL"].removeprefix("http://"))
+    prompt = triton_http.InferInput("prompt", [1, 1], "BYTES")
+    prompt.set_data_from_numpy(np.array([[b"hello"]], dtype=np.object_))
+    answer = client.infer("llm", [prompt]).as_numpy("answer").reshape(-1)[0].decode()
+    assert answer == "GPU"
+    info = replicated.get("/info")[1]
+    assert [(r["replica"], r["gpus"], r["ready"]) for r in info["replicas"]] == [(0, [], True), (1, [], True)]
+    assert info["triton_url"] == replicated.env["TRITON_URL"].removeprefix("http://")
+    assert len({r["engine_pid"] for r in info["replicas"]}) == 2  # two engines
+    assert replicated.get("/")[1] == {"status": "ok"}
+
+
+def test_a_judge_list_is_shared_evenly_and_answered_in_order(replicated):
+    prompts = [f"写一段代码 {i}" if i % 3 == 0 else f"question {i}" for i in range(650)]
+    before = scrape_metrics(replicated.metrics_url)
+    status, body = replicated.post("/predict", {"prompt": prompts}, timeout=300)
+    assert status == 200 and len(body["response"]) == 650
+    expected = [" ".join(["GPU"] * (CODE_LIMIT if i % 3 == 0 else 1)) for i in range(650)]
+    assert body["response"] == expected  # every answer in its question's place
+    def counted():
+        metrics = scrape_metrics(replicated.metrics_url)
+        done = sum(per_replica(metrics, "llm_generator_prompts_total")) - sum(
+            per_replica(before, "llm_generator_prompts_total")) >= 650
+        return metrics if done else None
+
+    after = wait_for(counted, 30, "the generator's figures")
+    shares = [a - b for a, b in zip(per_replica(after, "llm_generator_prompts_total"),
+                                    per_replica(before, "llm_generator_prompts_total"))]
+    # Two even requests of 325, each split by load: 325 each, or 324/326 when the first part
+    # was answered before the second request arrived.
+    assert sum(shares) == 650 and abs(shares[0] - shares[1]) <= 2, shares
+
+
+def test_one_replica_down_the_other_serves_and_it_comes_back(replicated):
+    info = replicated.get("/info")[1]
+    victim = info["replicas"][1]
+    restarts_before = victim["restarts"]
+    os.kill(victim["engine_pid"], signal.SIGKILL)
+    health = wait_for(lambda: (h := replicated.get("/", timeout=5)[1]).get("status") == "degraded" and h,
+                      60, "health saying degraded")
+    assert health == {"status": "degraded", "replicas_up": 1, "replicas": 2}
+    status, body = replicated.post("/predict", {"prompt": [f"while one is down {i}" for i in range(20)]})
+    assert status == 200 and body["response"] == ["GPU"] * 20  # the other replica answered all
+    metrics = scrape_metrics(replicated.metrics_url)
+    if replicated.get("/", timeout=5)[1].get("status") == "degraded":  # still down after the scrape
+        assert per_replica(metrics, "llm_generator_engine_up") == [1, 0]
+    wait_for(lambda: replicated.get("/", timeout=5)[1].get("status") == "ok", 240, "health back to ok")
+    replicas = replicated.get("/info")[1]["replicas"]
+    assert [r["ready"] for r in replicas] == [True, True]
+    assert replicas[1]["restarts"] == restarts_before + 1 and replicas[1]["engine_pid"] != victim["engine_pid"]
+    assert replicas[0]["restarts"] == info["replicas"][0]["restarts"]  # the other one was never touched
+    assert per_replica(scrape_metrics(replicated.metrics_url), "llm_generator_engine_up") == [1, 1]
+
+
+def test_a_placement_that_does_not_fit_stops_start_up_with_one_line(tmp_path, tiny_model):
+    """Fault injection: an nvidia-smi that lists two GPUs (the real output format)."""
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H200 (UUID: GPU-a)'\necho 'GPU 1: NVIDIA H200 (UUID: GPU-b)'\n")
+    fake.chmod(0o755)
+    env = server_env(tiny_model, TENSOR_PARALLEL_SIZE="2", DATA_PARALLEL_SIZE="2",
+                     PATH=f"{tmp_path}:{os.environ['PATH']}")
+    result = subprocess.run([sys.executable, "-m", "shim.serve"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "[serve] ERROR DATA_PARALLEL_SIZE=2 x TENSOR_PARALLEL_SIZE=2 needs 4 GPUs; there are 2 visible GPUs (0,1)")
