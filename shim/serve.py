@@ -71,6 +71,7 @@ def shell_exports(env: dict[str, str], base: dict[str, str], home: Path) -> str:
     `tritonserver --model-repository model_repository` in that shell runs the stubs as
     `./build.sh serve` does."""
     wanted = {name: value for name, value in env.items() if base.get(name) != value}
+    wanted["MODEL_DIR"] = env["MODEL_DIR"]  # always: absolute, as the stubs' cwd is not the shell's
     wanted["PATH"] = f"{home / 'bin'}:{env['PATH']}"
     wanted["TRITON_HOME"] = str(home)
     return "".join(f"export {name}={shlex.quote(value)}\n" for name, value in sorted(wanted.items()))

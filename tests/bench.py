@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import (EMBEDDED_MODEL, http_json, scrape_metrics, server_env, start_server,  # noqa: E402
+from tests.conftest import (EMBEDDED_MODEL, http_json, over_replicas, scrape_metrics, server_env, start_server,  # noqa: E402
                             stop_server)
 from tests.perf_tools import perf_analyzer_command, perf_analyzer_env  # noqa: E402
 from preprocess.progress import Heartbeat  # noqa: E402
@@ -44,7 +44,7 @@ def row(path, tokens, seconds, latencies, baseline=None):
 
 def generated_tokens(metrics_url: str) -> float:
     """The generator's own count of generated tokens (Triton's metrics port)."""
-    return scrape_metrics(metrics_url).get("llm_generator_generation_tokens_total", 0.0)
+    return over_replicas(scrape_metrics(metrics_url)).get("llm_generator_generation_tokens_total", 0.0)
 
 
 def check_generated(metrics_url: str, before: float, expected: int, label: str) -> None:

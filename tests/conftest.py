@@ -111,6 +111,18 @@ def scrape_metrics(url: str) -> dict[str, float]:
     return values
 
 
+def over_replicas(values: dict[str, float]) -> dict[str, float]:
+    """The figures with the generator's `replica` label dropped and its series summed: what
+    all replicas did together."""
+    import re
+
+    summed: dict[str, float] = {}
+    for key, value in values.items():
+        key = re.sub(r"replica=[^,}]*,?", "", key).replace(",}", "}").replace("{}", "")
+        summed[key] = summed.get(key, 0.0) + value
+    return summed
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What one request got: a status and body, or the connection error or timeout it met."""

@@ -5,7 +5,12 @@ import time
 
 import pytest
 
-from .conftest import scrape_metrics as scrape
+from .conftest import over_replicas, scrape_metrics
+
+
+def scrape(url):
+    """All replicas together (this session's server runs one)."""
+    return over_replicas(scrape_metrics(url))
 
 pytestmark = pytest.mark.server
 

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from ..conftest import scrape_metrics
+from ..conftest import over_replicas, scrape_metrics
 from ..test_metrics import scrape_until
 
 pytestmark = pytest.mark.server
@@ -50,7 +50,7 @@ def test_updates_during_batches_never_mix_prompts(server):
     try:
         tokens_a, tokens_b = prompt_tokens_with(server, PROMPT_A), prompt_tokens_with(server, PROMPT_B)
         assert tokens_a != tokens_b
-        before = scrape_metrics(server.metrics_url)
+        before = over_replicas(scrape_metrics(server.metrics_url))
         flipper = threading.Thread(target=flip)
         flipper.start()
         try:

@@ -1,5 +1,6 @@
 """Environment parsing: names, defaults, clip ranges and one-line errors (no server)."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -212,3 +213,40 @@ def test_only_stop_strings_that_can_reach_the_text_are_searched(tokenizer):
     assert text_stop_strings(tokenizer, ["<|im_end|>", "\n\n", "Human:"], ids) == ["\n\n", "Human:"]
     assert text_stop_strings(tokenizer, ["<|im_end|>"], []) == ["<|im_end|>"]
     assert text_stop_strings(None, ["<|im_end|>"], ids) == ["<|im_end|>"]
+
+
+@pytest.mark.parametrize("raw, endpoint", [
+    (None, "127.0.0.1:8010"), ("", "127.0.0.1:8010"), ("http://triton:8000", "triton:8000"),
+    ("http://10.0.0.5:8000/", "10.0.0.5:8000"), ("triton.llm.svc:8000", "triton.llm.svc:8000"),
+])
+def test_triton_url_names_the_server_to_attach_to(raw, endpoint):
+    from preprocess.settings import load_shim
+
+    shim = load_shim({} if raw is None else {"TRITON_URL": raw})
+    assert shim.triton_endpoint == endpoint and (shim.triton_url is None) == (not raw)
+
+
+@pytest.mark.parametrize("raw", ["https://triton:8000", "triton", "http://triton:port", "http://t:8000/v2", ":8000"])
+def test_a_triton_url_that_is_not_host_port_stops_with_one_line(raw):
+    from preprocess.settings import load_shim
+
+    with pytest.raises(SettingsError, match=r"^TRITON_URL=") as refused:
+        load_shim({"TRITON_URL": raw})
+    assert "\n" not in str(refused.value)
+
+
+def test_print_env_exports_what_the_stubs_need(tmp_path):
+    """`./build.sh env`: the venv's python first on PATH, tritonserver on PATH, the model."""
+    import shlex
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "shim.serve", "--print-env"], capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "MODEL_DIR": str(tmp_path)}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    exports = dict(line.removeprefix("export ").split("=", 1) for line in result.stdout.splitlines())
+    exports = {name: shlex.split(value)[0] for name, value in exports.items()}
+    path = exports["PATH"].split(":")
+    assert path[0] == f"{exports['TRITON_HOME']}/bin" and path[1] == str(Path(sys.executable).parent)
+    assert exports["MODEL_DIR"] == str(tmp_path) and "LLM_RUNTIME_DIR" not in exports
+    assert (Path(exports["TRITON_HOME"]) / "bin" / "tritonserver").is_file()
