@@ -192,6 +192,7 @@ class ShimSettings:
     host: str = "0.0.0.0"
     port: int = 8000
     triton_host: str = "127.0.0.1"
+    triton_metrics_host: str = "127.0.0.1"  # TRITON_METRICS_ADDRESS: 0.0.0.0 for a Prometheus in the cluster
     triton_http_port: int = 8010
     triton_grpc_port: int = 8011
     triton_metrics_port: int = 8012
@@ -235,6 +236,7 @@ def load_shim(environ: Mapping[str, str]) -> ShimSettings:
         host=env.str("HOST", "0.0.0.0"),
         port=env.int("PORT", 8000, 1, 65535),
         triton_host=env.str("TRITON_BIND_ADDRESS", "127.0.0.1"),
+        triton_metrics_host=env.str("TRITON_METRICS_ADDRESS", env.str("TRITON_BIND_ADDRESS", "127.0.0.1")),
         triton_http_port=env.int("TRITON_HTTP_PORT", 8010, 1, 65535),
         triton_grpc_port=env.int("TRITON_GRPC_PORT", 8011, 1, 65535),
         triton_metrics_port=env.int("TRITON_METRICS_PORT", 8012, 1, 65535),
@@ -292,6 +294,7 @@ PUBLIC_VARIABLES = (
     "PORT", "TRITON_HTTP_PORT", "TRITON_GRPC_PORT", "TRITON_METRICS_PORT", "SHIM_MAX_BODY_BYTES",
     "SHIM_MAX_BATCH_PROMPTS", "SHIM_MAX_REQUEST_TOKENS", "SHIM_REQUEST_TIMEOUT_S", "SHIM_HEADER_TIMEOUT_S",
     "SHIM_BODY_TIMEOUT_S", "SHIM_MAX_HEADER_BYTES", "TRITON_HOME", "TRITON_URL", "DATA_PARALLEL_SIZE",
+    "TRITON_BIND_ADDRESS", "TRITON_METRICS_ADDRESS",
 )
 _SECRET_WORDS = frozenset({"TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS", "APIKEY"})
 

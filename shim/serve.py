@@ -46,7 +46,7 @@ def triton_command(shim: cfg.ShimSettings, repository: Path) -> list[str]:
         f"--backend-directory={home / 'backends'}",
         f"--http-address={shim.triton_host}", f"--http-port={shim.triton_http_port}",
         f"--grpc-address={shim.triton_host}", f"--grpc-port={shim.triton_grpc_port}",
-        f"--metrics-address={shim.triton_host}", f"--metrics-port={shim.triton_metrics_port}",
+        f"--metrics-address={shim.triton_metrics_host}", f"--metrics-port={shim.triton_metrics_port}",
         "--log-verbose=0", "--exit-timeout-secs=10",
     ]
 

@@ -1,0 +1,83 @@
+"""One replica against two, and tensor parallelism, on a two-GPU host: the product's /predict.
+
+Three products stay resident side by side, so one round measures every path within
+seconds of the others (A B C A B C ...) with no engine start between them:
+
+- `baseline: 1 replica`: CUDA_VISIBLE_DEVICES=0, one engine;
+- `2 replicas`: DATA_PARALLEL_SIZE=2, one engine per GPU, each request's prompts split;
+- `TP=2`: TENSOR_PARALLEL_SIZE=2, one engine sharded over both GPUs.
+
+Each engine gets --memory of each GPU it uses (three engines share the GPUs' memory, so
+their KV caches are smaller than in production; all paths run under the same limit).
+Cases: the judge-sized batch (650 x 128) and the benchmark's larger one (2048 x 256), with
+ignore_eos so that every path generates exactly N x T tokens.
+
+    python -m tests.bench_replicas --model-dir DIR --out FILE
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.bench import device_name  # noqa: E402
+from tests.bench_engine import GpuSampler, Product, Record, gpu_processes, print_table  # noqa: E402
+
+log = logging.getLogger("bench_replicas")
+
+PRODUCT_ENV = {"BATCH_MODE": "1", "WARMUP_NUM_SAMPLES": "0", "DTYPE": "bfloat16",
+               "SHIM_MAX_REQUEST_TOKENS": str(10**8), "SHIM_REQUEST_TIMEOUT_S": "3600"}
+PATHS = {
+    "baseline: 1 replica": {"CUDA_VISIBLE_DEVICES": "0"},
+    "2 replicas": {"DATA_PARALLEL_SIZE": "2"},
+    "TP=2": {"TENSOR_PARALLEL_SIZE": "2"},
+}
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--memory", default="0.28")
+    parser.add_argument("--cases", default="650x128,2048x256")
+    args = parser.parse_args(argv)
+    cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
+    record = Record(Path(args.out), {"device": device_name(), "bench": "replicas", "model_dir": args.model_dir,
+                                     "memory_per_engine": args.memory, "rounds": args.rounds})
+    products: dict[str, Product] = {}
+    try:
+        for path, env in PATHS.items():
+            started = time.perf_counter()
+            products[path] = Product(Path(args.model_dir), {**PRODUCT_ENV, "GPU_MEMORY_UTILIZATION": args.memory, **env})
+            info = products[path].info
+            replicas = [(r["replica"], r["gpus"], r["backend"]) for r in info["replicas"]]
+            log.info("%s up in %.0f s: %s", path, time.perf_counter() - started, replicas)
+            if any(backend != "vllm" for _, _, backend in replicas):
+                raise RuntimeError(f"{path}: not every replica runs vLLM: {replicas}")
+            record.write(**{f"startup_s {path}": round(products[path].startup_s, 1),
+                            f"replicas {path}": info["replicas"], f"scheduler {path}": info["scheduler"]})
+        record.write(gpu_processes_loaded=gpu_processes())
+        with GpuSampler() as sampler:
+            for round_ in range(args.rounds):
+                for n, tokens in cases:
+                    for path, product in products.items():
+                        result = product.batch(n, tokens, f"r{round_}-{path}-{n}")
+                        record.add(f"batch {n}x{tokens}", path, round_, result, "tokens")
+        record.write(gpu_samples=sampler.samples)
+    finally:
+        for product in products.values():
+            product.close()
+        record.write(gpu_processes_after=gpu_processes())
+    print_table(record.table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
