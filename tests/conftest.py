@@ -143,6 +143,18 @@ def request_outcome(method: str, url: str, body=None, timeout=120) -> Outcome:
         return Outcome(None, None, time.monotonic() - started, f"{type(exc).__name__}: {exc}")
 
 
+def wait_for(check, timeout_s: float):
+    """Poll `check` until it returns a truthy value, which is returned; None after
+    `timeout_s`. A bound on the wait, never a timing the verdict depends on."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    return None
+
+
 def run_threads(targets, join_timeout_s: float) -> None:
     """Start one thread per target, join them all, and fail if any is still running."""
     threads = [threading.Thread(target=t, daemon=True) for t in targets]

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import request_outcome, run_threads
+from tests.conftest import request_outcome, run_threads, wait_for
 
 pytestmark = pytest.mark.server
 
@@ -28,16 +28,6 @@ def test_invalid_sampling_never_reaches_the_engine(server):
         status, _ = server.post("/predict", {"prompt": "x", **bad})
         assert 400 <= status < 500
     assert server.post("/predict", {"prompt": "after bad ones"})[0] == 200
-
-
-def wait_for(predicate, timeout_s):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    return None
 
 
 @pytest.mark.faults

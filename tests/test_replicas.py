@@ -12,11 +12,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from .conftest import ARTIFACTS, REPO, free_port, scrape_metrics, server_env, start_server, stop_server
+from .conftest import (ARTIFACTS, REPO, free_port, scrape_metrics, server_env, start_server, stop_server,
+                       wait_for)
 
 pytestmark = pytest.mark.server
 
@@ -26,15 +26,10 @@ PLAIN_TRITON = ('eval "$(./build.sh env)" && exec tritonserver --model-repositor
 CODE_LIMIT = 3  # a question that routes to code gets 3 tokens, the others 1: the order shows
 
 
-def wait_for(check, timeout_s: float, what: str):
-    """Poll `check` until it returns a truthy value: a bound on the wait, not a timing."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"{what}: not within {timeout_s:.0f} s")
+def waited(check, timeout_s: float, what: str):
+    value = wait_for(check, timeout_s)
+    assert value, f"{what}: not within {timeout_s:.0f} s"
+    return value
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +93,7 @@ def test_a_judge_list_is_shared_evenly_and_answered_in_order(replicated):
             per_replica(before, "llm_generator_prompts_total")) >= 650
         return metrics if done else None
 
-    after = wait_for(counted, 30, "the generator's figures")
+    after = waited(counted, 30, "the generator's figures")
     shares = [a - b for a, b in zip(per_replica(after, "llm_generator_prompts_total"),
                                     per_replica(before, "llm_generator_prompts_total"))]
     # Two even requests of 325, each split by load: 325 each, or 324/326 when the first part
@@ -111,7 +106,7 @@ def test_one_replica_down_the_other_serves_and_it_comes_back(replicated):
     victim = info["replicas"][1]
     restarts_before = victim["restarts"]
     os.kill(victim["engine_pid"], signal.SIGKILL)
-    health = wait_for(lambda: (h := replicated.get("/", timeout=5)[1]).get("status") == "degraded" and h,
+    health = waited(lambda: (h := replicated.get("/", timeout=5)[1]).get("status") == "degraded" and h,
                       60, "health saying degraded")
     assert health == {"status": "degraded", "replicas_up": 1, "replicas": 2}
     status, body = replicated.post("/predict", {"prompt": [f"while one is down {i}" for i in range(20)]})
@@ -119,7 +114,7 @@ def test_one_replica_down_the_other_serves_and_it_comes_back(replicated):
     metrics = scrape_metrics(replicated.metrics_url)
     if replicated.get("/", timeout=5)[1].get("status") == "degraded":  # still down after the scrape
         assert per_replica(metrics, "llm_generator_engine_up") == [1, 0]
-    wait_for(lambda: replicated.get("/", timeout=5)[1].get("status") == "ok", 240, "health back to ok")
+    waited(lambda: replicated.get("/", timeout=5)[1].get("status") == "ok", 240, "health back to ok")
     replicas = replicated.get("/info")[1]["replicas"]
     assert [r["ready"] for r in replicas] == [True, True]
     assert replicas[1]["restarts"] == restarts_before + 1 and replicas[1]["engine_pid"] != victim["engine_pid"]

@@ -1,8 +1,11 @@
 """The generator's backend choice and lifecycle, independent of Triton.
 
-Chooses vLLM or transformers (USE_VLLM, FORCE_VLLM, the fallback chain), and when the
-vLLM engine process dies it brings a new engine up in the background, failing requests
-fast meanwhile, so the server recovers without a restart.
+Runs the replicas placement.py plans (DATA_PARALLEL_SIZE engines of TENSOR_PARALLEL_SIZE
+GPUs each), spreads each request over those serving, and chooses each engine's backend:
+vLLM or transformers (USE_VLLM, FORCE_VLLM, the fallback chain). When a replica's engine
+process dies, the watchdog brings a new one up in the background while the other replicas
+keep answering (with one replica, requests fail fast meanwhile), so the server recovers
+without a restart.
 """
 from __future__ import annotations
 
@@ -115,8 +118,7 @@ class GeneratorService:
     retry_first_s = 0.5
     retry_max_s = 30.0
 
-    def __init__(self, settings: cfg.Settings, metrics=None, process_environ: MutableMapping[str, str] | None = None,
-                 device_count: int | None = None):
+    def __init__(self, settings: cfg.Settings, metrics=None, process_environ: MutableMapping[str, str] | None = None):
         """`process_environ`: the process environment, where a replica's GPUs are
         set while its engine process is spawned; needed only with GPUs."""
         self.process_environ = {} if process_environ is None else process_environ
@@ -128,10 +130,9 @@ class GeneratorService:
         self.sampling = settings.sampling
         self.tokenizer = load_tokenizer(self.model_dir)
         self.stop_token_ids = stop_token_ids(self.tokenizer, self.sampling.stop_strings)
-        count = accelerator_count() if device_count is None else device_count
         self.placements = placement.plan_replicas(
             self.engine.data_parallel_size, self.engine.tensor_parallel_size,
-            placement.visible_devices(self.engine.visible_devices, count), self.accelerator)
+            placement.visible_devices(self.engine.visible_devices, accelerator_count()), self.accelerator)
         if self.metrics is not None:
             self.metrics.add_replicas(len(self.placements))
         self.replicas: list[EngineReplica] = []
