@@ -32,32 +32,49 @@ def waited(check, timeout_s: float, what: str):
     return value
 
 
+class PlainTriton:
+    """tritonserver started with the README's command, outside the shim's supervision."""
+
+    def __init__(self, env: dict):
+        self.env = env
+        self.ports = [env[f"TRITON_{p}_PORT"] for p in ("HTTP", "GRPC", "METRICS")]
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        http, grpc, metrics = self.ports
+        with open(ARTIFACTS / "plain-tritonserver.log", "a") as log:
+            self.process = subprocess.Popen(
+                ["bash", "-c", f"{PLAIN_TRITON} --http-port={http} --grpc-port={grpc} --metrics-port={metrics}"],
+                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(40)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+
 @pytest.fixture(scope="module")
 def replicated(tiny_model):
     env = server_env(tiny_model, DATA_PARALLEL_SIZE="2", MAX_NEW_TOKENS="1", MAX_NEW_TOKENS_CODE="1",
                      MAX_NEW_TOKENS_CODE_SOFT=str(CODE_LIMIT))
-    http, grpc, metrics = (env[f"TRITON_{p}_PORT"] for p in ("HTTP", "GRPC", "METRICS"))
-    log = open(ARTIFACTS / "plain-tritonserver.log", "w")
-    triton = subprocess.Popen(
-        ["bash", "-c", f"{PLAIN_TRITON} --http-port={http} --grpc-port={grpc} --metrics-port={metrics}"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    (ARTIFACTS / "plain-tritonserver.log").write_text("")
+    triton = PlainTriton(env)
+    triton.start()
     shim = None
     try:
         # The shim attaches by URL and shares the runtime folder (per-replica health, aborts).
-        shim_env = {**env, "TRITON_URL": f"http://127.0.0.1:{http}", "PORT": str(free_port())}
+        shim_env = {**env, "TRITON_URL": f"http://127.0.0.1:{triton.ports[0]}", "PORT": str(free_port())}
         shim = start_server(shim_env, "attached-shim.log", [sys.executable, "-m", "shim.serve"])
-        shim.metrics_url = f"http://127.0.0.1:{metrics}/metrics"
-        shim.triton_process = triton
+        shim.metrics_url = f"http://127.0.0.1:{triton.ports[2]}/metrics"
+        shim.triton = triton
         yield shim
     finally:
         if shim is not None:
             stop_server(shim)
-        triton.send_signal(signal.SIGTERM)
-        try:
-            triton.wait(40)
-        except subprocess.TimeoutExpired:
-            os.killpg(triton.pid, signal.SIGKILL)
-        log.close()
+        triton.stop()
 
 
 def per_replica(metrics: dict, name: str) -> list[float]:
@@ -134,3 +151,16 @@ def test_a_placement_that_does_not_fit_stops_start_up_with_one_line(tmp_path, ti
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         "[serve] ERROR DATA_PARALLEL_SIZE=2 x TENSOR_PARALLEL_SIZE=2 needs 4 GPUs; there are 2 visible GPUs (0,1)")
+
+
+def test_the_attached_shim_follows_its_triton_away_and_back(replicated):
+    """Same health, warm-up and recovery as under ./build.sh serve, except that the shim does
+    not restart a server it did not start: its owner does (here, the test)."""
+    replicated.triton.stop()
+    waited(lambda: replicated.get("/", timeout=5)[1].get("status") == "warming", 60, "health leaving ok")
+    status, body = replicated.post("/predict", {"prompt": "while Triton is gone"}, timeout=60)
+    assert status == 503 and "unavailable" in body["error"], body
+    assert "restarting tritonserver" not in replicated.log_text()
+    replicated.triton.start()
+    waited(lambda: replicated.get("/", timeout=5)[1].get("status") == "ok", 240, "health back to ok")
+    assert replicated.post("/predict", {"prompt": ["back", "again"]}) == (200, {"response": ["GPU", "GPU"]})
