@@ -19,8 +19,9 @@ log = logging.getLogger("generator")
 
 class EngineReplica:
     """An engine on its GPU group. When its engine dies (`notice_death`), `rebuild_if_due`
-    brings up a new one, backing off from `retry_first_s`, doubling, to `retry_max_s`, so a rebuild that
-    keeps failing (out of memory, FORCE_VLLM) never spins; the other replicas keep serving."""
+    brings up a new one, backing off from `retry_first_s`, doubling, to `retry_max_s`, so
+    a rebuild that keeps failing (out of memory, FORCE_VLLM) never spins; the other
+    replicas keep serving meanwhile."""
 
     def __init__(self, placement: Replica, start: Callable[[Replica], Runner],
                  retry_first_s: float = 0.5, retry_max_s: float = 30.0):
@@ -36,6 +37,7 @@ class EngineReplica:
         self._next_attempt = 0.0
         self._lock = threading.Lock()
         self.in_flight = 0  # prompts submitted and not yet answered: what the split levels
+        self.engine_generation = 0  # +1 per rebuild: answers of a dead engine no longer count
 
     @property
     def index(self) -> int:
@@ -45,9 +47,11 @@ class EngineReplica:
     def ready(self) -> bool:
         return not self.restarting and self.runner.healthy
 
-    def add_in_flight(self, count: int) -> None:
+    def add_in_flight(self, count: int, generation: int) -> None:
+        """`count` prompts more (or fewer) in flight on the engine of `generation`."""
         with self._lock:
-            self.in_flight += count
+            if generation == self.engine_generation:
+                self.in_flight += count
 
     def notice_death(self) -> bool:
         """True when the engine has just been found dead: it is shut down and marked
@@ -75,8 +79,9 @@ class EngineReplica:
             self._next_attempt = time.monotonic() + self._delay
             self._delay = min(self.retry_max_s, self._delay * 2)
             return False
-        with self._lock:
-            self.in_flight = 0  # the dead engine's requests were failed with it
+        with self._lock:  # what the dead engine held is gone with it, answered or not
+            self.in_flight = 0
+            self.engine_generation += 1
         self.restarts += 1
         self.restarting = False
         self._delay = self.retry_first_s

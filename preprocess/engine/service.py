@@ -226,15 +226,18 @@ class GeneratorService:
         for part, (replica, (start, end)) in enumerate(assigned):
             if split.answered:  # an earlier part failed at once: the request is answered
                 break
-            replica.add_in_flight(end - start)
-            handle = replica.runner.submit(items[start:end], self._part_done(split, part, replica, end - start))
+            generation = replica.engine_generation
+            replica.add_in_flight(end - start, generation)
+            handle = replica.runner.submit(items[start:end],
+                                           self._part_done(split, part, replica, end - start, generation))
             parts.append((replica, handle))
         return joined_handle(parts)
 
-    def _part_done(self, split: SplitRequest, part: int, replica: EngineReplica, count: int) -> Completion:
+    def _part_done(self, split: SplitRequest, part: int, replica: EngineReplica, count: int,
+                   generation: int) -> Completion:
         def done(outcome):
             # On the replica's engine thread: bookkeeping only, the adapter sends elsewhere.
-            replica.add_in_flight(-count)
+            replica.add_in_flight(-count, generation)
             if self.metrics is not None and not isinstance(outcome, BaseException):
                 self.metrics.finished(outcome, replica.index)
             split.part_done(part, outcome)

@@ -171,6 +171,10 @@ def test_two_replicas_share_a_request_in_order_and_survive_one_down(tiny_model, 
             time.sleep(0.05)
         assert second.restarts == 1 and service.ready and service.info()["restarts"] == 1
         assert service.state.replicas_up() == (2, 2)
+        # Every answer is off the count, and a late answer of the dead engine does not count.
+        assert [r.in_flight for r in service.replicas] == [0, 0] and second.engine_generation == 1
+        second.add_in_flight(-5, generation=0)
+        assert second.in_flight == 0
         assert service.replicas[0].restarts == 0
     finally:
         service.shutdown(5)
