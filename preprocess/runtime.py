@@ -40,16 +40,20 @@ class GeneratorState:
     def up(self) -> bool:
         """Whether the generator answers requests: False while every replica is rebuilding
         its engine (no state: Triton's own readiness decides)."""
-        state = self.read()
-        return state is None or bool(state.get("serving", state.get("ready", True)))
+        return self.status()[0]
 
     def replicas_up(self) -> tuple[int, int] | None:
         """(replicas serving, replicas in all), or None without a state."""
+        return self.status()[1]
+
+    def status(self) -> tuple[bool, tuple[int, int] | None]:
+        """`up()` and `replicas_up()` from one read of the state file."""
         state = self.read()
-        if not state or not state.get("replicas"):
-            return None
-        replicas = state["replicas"]
-        return sum(1 for r in replicas if r.get("ready")), len(replicas)
+        if state is None:
+            return True, None
+        up = bool(state.get("serving", state.get("ready", True)))
+        replicas = state.get("replicas") or []
+        return up, ((sum(1 for r in replicas if r.get("ready")), len(replicas)) if replicas else None)
 
     def describe(self) -> str:
         state = self.read()

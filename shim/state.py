@@ -63,8 +63,7 @@ class ShimState:
         """Follows the ensemble: warm up whenever it (re)appears, fall back to warming when it
         goes, and restart tritonserver only when its models are dead (see EnsembleClient)."""
         while True:
-            generator_up = self.generator.up()
-            self.replicas_up = self.generator.replicas_up()
+            generator_up, self.replicas_up = self.generator.status()
             if not generator_up or self.degraded:
                 # The generator is rebuilding an engine by itself: failures are not a dead server.
                 self.client.reset_failures()

@@ -247,14 +247,19 @@ def start_server(env: dict, log_name: str, command: list[str] | None = None) -> 
     raise TimeoutError(f"server not ok after 240 s:\n{server.log_text()[-3000:]}")
 
 
-def stop_server(server: Server) -> None:
-    if server.process.poll() is None:
-        server.process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+def stop_process(process: subprocess.Popen, sig: int, timeout_s: float = 40) -> None:
+    """Send `sig`; if the process has not exited within `timeout_s`, kill its whole group."""
+    if process.poll() is None:
+        process.send_signal(sig)
         try:
-            server.process.wait(40)
+            process.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(server.process.pid, signal.SIGKILL)
-            server.process.wait(5)
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(5)
+
+
+def stop_server(server: Server) -> None:
+    stop_process(server.process, signal.SIGINT)  # what Ctrl-C sends
 
 
 @pytest.fixture(scope="session")

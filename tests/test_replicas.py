@@ -15,8 +15,8 @@ import sys
 
 import pytest
 
-from .conftest import (ARTIFACTS, REPO, free_port, scrape_metrics, server_env, start_server, stop_server,
-                       wait_for)
+from .conftest import (ARTIFACTS, REPO, free_port, scrape_metrics, server_env, start_server, stop_process,
+                       stop_server, wait_for)
 
 pytestmark = pytest.mark.server
 
@@ -48,12 +48,7 @@ class PlainTriton:
                 cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(40)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
+        stop_process(self.process, signal.SIGTERM)
 
 
 @pytest.fixture(scope="module")
