@@ -48,7 +48,16 @@ class PlainTriton:
                 cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def stop(self) -> None:
+        """SIGTERM, then whatever of its process group is left. With the shim's keep-alive
+        connections open, tritonserver waits its exit timeout (30 s) and then ends the stubs
+        hard, and their vLLM engine processes outlive them (seen in plain-tritonserver.log:
+        "Exit timeout expired", "Non-graceful termination"): ./build.sh serve kills the
+        group for the same reason."""
         stop_process(self.process, signal.SIGTERM)
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.fixture(scope="module")
