@@ -19,6 +19,7 @@ import numpy as np
 MAX_NEW_TOKENS_LIMIT = 4096  # the replaced service clipped max_new_tokens to 1..4096
 PAD_ID = -1  # never a token id: pads the shorter prompts of PROMPT_IDS
 ENSEMBLE = "llm"
+STREAM_ENSEMBLE = "llm_stream"  # the same inputs; decoupled, one response per piece (gRPC streaming)
 PREPROCESS = "preprocess"
 MAX_BATCH_SIZE = 512  # every config.pbtxt's max_batch_size; the shim reads Triton's and uses this until then
 
@@ -127,6 +128,9 @@ TEXT_INPUTS = ("prompt", "system_prompt", "messages", "stop", "response_format")
 # only go out when requested.
 OUTPUTS = ("answer", "prompt_tokens", "completion_tokens", "finish_reason")
 OPTIONAL_OUTPUTS = ("logprobs", "prompt_ids")
+# llm_stream's outputs, per response: the text and tokens since the previous one; the
+# finish reason ("" until the last); logprobs of the piece's tokens (JSON, "" when not asked for).
+STREAM_OUTPUTS = ("text", "prompt_tokens", "completion_tokens", "finish_reason", "logprobs")
 EXPLAIN_OUTPUTS = ("ROUTE", "MAX_TOKENS", "IS_CODE", "PROMPT_TEXT", "PROMPT_IDS")
 
 # What preprocess hands the generator: (tensor name, dtype) per sampling value.

@@ -208,25 +208,37 @@ class ShimSettings:
     # TRITON_URL: a Triton the shim did not start (host:port of its HTTP endpoint); the shim
     # then attaches to it instead of launching and supervising its own.
     triton_url: str | None = None
+    # TRITON_GRPC_URL: that Triton's gRPC endpoint (streamed answers); by default the
+    # TRITON_URL host on Triton's default gRPC port, 8001.
+    triton_grpc_url: str | None = None
 
     @property
     def triton_endpoint(self) -> str:
         """host:port of Triton's HTTP endpoint, for tritonclient."""
         return self.triton_url or f"{self.triton_host}:{self.triton_http_port}"
 
+    @property
+    def triton_grpc_endpoint(self) -> str:
+        """host:port of Triton's gRPC endpoint, where `llm_stream` is reached."""
+        if self.triton_grpc_url:
+            return self.triton_grpc_url
+        if self.triton_url:
+            return f"{self.triton_url.rpartition(':')[0]}:8001"
+        return f"{self.triton_host}:{self.triton_grpc_port}"
 
-def parse_triton_url(value: str | None) -> str | None:
-    """`http://host:port` or `host:port` (a trailing slash is dropped) to host:port."""
+
+def parse_triton_url(value: str | None, name: str = "TRITON_URL", scheme: str = "http") -> str | None:
+    """`scheme://host:port` or `host:port` (a trailing slash is dropped) to host:port."""
     if value is None or not value.strip():
         return None
     text = value.strip().rstrip("/")
     if "://" in text:
-        scheme, text = text.split("://", 1)
-        if scheme != "http":
-            raise SettingsError(f"TRITON_URL={value!r}: only http:// is supported (Triton's HTTP endpoint)")
+        given, text = text.split("://", 1)
+        if given != scheme:
+            raise SettingsError(f"{name}={value!r}: only {scheme}:// is supported (Triton's {scheme} endpoint)")
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit() or not 1 <= int(port) <= 65535 or "/" in text:
-        raise SettingsError(f"TRITON_URL={value!r} is not host:port or http://host:port")
+        raise SettingsError(f"{name}={value!r} is not host:port or {scheme}://host:port")
     return text
 
 
@@ -250,6 +262,7 @@ def load_shim(environ: Mapping[str, str]) -> ShimSettings:
         request_timeout_s=env.float("SHIM_REQUEST_TIMEOUT_S", 600.0, 1.0),
         triton_home=Path(home) if (home := env.raw("TRITON_HOME")) else None,
         triton_url=parse_triton_url(env.raw("TRITON_URL")),
+        triton_grpc_url=parse_triton_url(env.raw("TRITON_GRPC_URL"), "TRITON_GRPC_URL", "grpc"),
     )
 
 

@@ -4,11 +4,11 @@ Batched tensors have shape [batch, 1] for scalars and strings, [batch, width] fo
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .contract import PAD_ID, InvalidRequest
+from .contract import GENERATOR_SCALARS, GENERATOR_TEXTS, PAD_ID, InvalidRequest
 
 
 def decode_strings(array: np.ndarray, what: str) -> list[str]:
@@ -71,3 +71,20 @@ def answer_each(requests: Sequence, answer, invalid, internal) -> list:
         except Exception as exc:
             responses.append(internal(request, exc))
     return responses
+
+
+def generator_columns(tensor: Callable[[str], np.ndarray | None]) -> tuple[list[list[int]], dict[str, list[Any]]]:
+    """The generator's inputs (`tensor(name)` gives one, or None when absent): the prompts'
+    token ids, and one list of values per SamplingSettings field. The request controls are
+    optional: absent means off."""
+    prompts = unpad_token_ids(tensor("PROMPT_IDS"))
+    values: dict[str, list[Any]] = {}
+    for name, _, field in GENERATOR_SCALARS:
+        array = tensor(name)
+        if array is not None:
+            values[field] = array.reshape(-1).tolist()
+    for name, field in GENERATOR_TEXTS:
+        array = tensor(name)
+        if array is not None:
+            values[field] = decode_strings(array, name)
+    return prompts, values

@@ -38,6 +38,7 @@ def create_app(settings: cfg.Settings | None = None, client: EnsembleClient | No
         yield
         monitor.cancel()
         await state.client.close()
+        await state.streams.close()
         if on_shutdown is not None:
             on_shutdown()
 

@@ -74,9 +74,14 @@ class Message(BaseModel):
     content: StrictStr
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: StrictBool = False  # a last chunk with the usage and no choices
+
+
 class OpenAIParams(SamplingFields):
-    # A field this server does not implement (tools, logit_bias, stream_options...) is
-    # refused by name, never ignored: a client must not believe it was applied.
+    # A field this server does not implement (tools, logit_bias, echo...) is refused by
+    # name, never ignored: a client must not believe it was applied.
     model_config = ConfigDict(extra="forbid")
     model: StrictStr | None = None
     user: StrictStr | None = None  # the caller's end-user id: metadata, no effect on generation
@@ -84,6 +89,7 @@ class OpenAIParams(SamplingFields):
     max_tokens: StrictInt | None = Field(default=None, ge=1)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     stream: StrictBool = False
+    stream_options: StreamOptions | None = None
     raw: StrictBool = False  # skip routing and clean-up
     stop: StrictStr | list[StrictStr] | None = None
     seed: StrictInt | None = None
@@ -92,6 +98,16 @@ class OpenAIParams(SamplingFields):
 
     def top_logprobs_wanted(self) -> int | None:
         return None
+
+    def check_stream(self, prompts: int) -> None:
+        """A stream is one answer: one prompt, one choice; stream_options only with stream."""
+        if self.stream_options is not None and not self.stream:
+            raise ApiError(400, "stream_options: only allowed with stream: true")
+        if self.stream and self.n * prompts != 1:
+            raise ApiError(400, f"stream: streams one answer; n={self.n} with {prompts} prompt(s) asks for "
+                                f"{self.n * prompts} (set n to 1 and send one prompt)")
+        if self.stream and self.return_token_ids:
+            raise ApiError(400, "return_token_ids: not available with stream: true")
 
     def overrides(self) -> dict[str, Any]:
         return {**self.sampling(), "max_new_tokens": self.max_completion_tokens or self.max_tokens,
@@ -160,7 +176,7 @@ async def parse_body(request: Request, model: type[BaseModel]):
         return model.model_validate(data)
     except ValidationError as exc:
         errors = exc.errors()
-        unsupported = [str(e["loc"][-1]) for e in errors if e.get("type") == "extra_forbidden"]
+        unsupported = [".".join(str(p) for p in e["loc"]) for e in errors if e.get("type") == "extra_forbidden"]
         if unsupported and len(unsupported) == len(errors):
             raise ApiError(400, f"unsupported field{'s' if len(unsupported) > 1 else ''} "
                                 f"{', '.join(unsupported)}: this server does not implement "

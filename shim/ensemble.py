@@ -19,7 +19,7 @@ import tritonclient.http.aio as triton_http
 from tritonclient.utils import InferenceServerException
 
 from preprocess.contract import (ENSEMBLE, EXPLAIN_OUTPUTS, MAX_BATCH_SIZE, OPTIONAL_OUTPUTS, OUTPUTS, PAD_ID,
-                                 PREPROCESS, SETTINGS)
+                                 PREPROCESS, SETTINGS, STREAM_ENSEMBLE)
 from preprocess.runtime import CancelMarkers
 
 from .errors import ApiError
@@ -41,9 +41,9 @@ class Answer:
     prompt_ids: list[int] | None = None  # when asked for
 
 
-def _text_input(name: str, texts: Sequence[str]):
+def _text_input(name: str, texts: Sequence[str], client=triton_http):
     array = np.array([[t.encode("utf-8", "surrogatepass")] for t in texts], dtype=np.object_)
-    tensor = triton_http.InferInput(name, list(array.shape), "BYTES")
+    tensor = client.InferInput(name, list(array.shape), "BYTES")
     tensor.set_data_from_numpy(array)
     return tensor
 
@@ -59,15 +59,16 @@ def fits(value: Any, numpy_type) -> bool:
 
 
 def build_inputs(prompts: Sequence[str], system_prompt: str | None, overrides: dict[str, Any],
-                 row_input: str = "prompt", texts: Mapping[str, str] | None = None) -> list:
+                 row_input: str = "prompt", texts: Mapping[str, str] | None = None, client=triton_http) -> list:
     """`prompts` go in as `row_input` ("prompt", or "messages" for conversations as JSON);
-    `texts` (stop, response_format) and the overrides apply to every row."""
-    inputs = [_text_input(row_input, prompts)]
+    `texts` (stop, response_format) and the overrides apply to every row. `client`: the
+    tritonclient module whose InferInput to build (HTTP, or gRPC for streams)."""
+    inputs = [_text_input(row_input, prompts, client)]
     if system_prompt is not None:
-        inputs.append(_text_input("system_prompt", [system_prompt] * len(prompts)))
+        inputs.append(_text_input("system_prompt", [system_prompt] * len(prompts), client))
     for name, text in (texts or {}).items():
         if text:
-            inputs.append(_text_input(name, [text] * len(prompts)))
+            inputs.append(_text_input(name, [text] * len(prompts), client))
     for name, value in overrides.items():
         if value is None:
             continue
@@ -75,7 +76,7 @@ def build_inputs(prompts: Sequence[str], system_prompt: str | None, overrides: d
         if not fits(value, numpy_type):  # NumPy would wrap it silently (2**32 - 1 -> top_k -1)
             raise EnsembleError(400, f"{name}: {value!r} is out of range for {triton_type}")
         array = np.full((len(prompts), 1), value, dtype=numpy_type)
-        tensor = triton_http.InferInput(name, list(array.shape), triton_type)
+        tensor = client.InferInput(name, list(array.shape), triton_type)
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     return inputs
@@ -94,10 +95,16 @@ def even_chunks(items: Sequence, limit: int) -> list[Sequence]:
 
 
 def map_triton_error(exc: InferenceServerException) -> EnsembleError:
-    """Triton's status to the shim's: bad input stays a 4xx, the rest is a 5xx."""
-    status = str(exc.status() or "")
+    """Triton's status to the shim's: bad input stays a 4xx, the rest is a 5xx. A streamed
+    response carries no status, only its message: generator_stream starts its messages
+    with the status ("[400] ", "[503] ")."""
     message = exc.message() or str(exc)
-    for prefix in (f"in ensemble '{ENSEMBLE}', ", "[400] ", "[503] "):
+    status = str(exc.status() or "")
+    for code in ("400", "503"):
+        if not status and f"[{code}] " in message:
+            status = code
+    for prefix in (f"in ensemble '{ENSEMBLE}', ", f"in ensemble '{STREAM_ENSEMBLE}', ", "[400] ", "[503] ",
+                   "[500] "):
         message = message.replace(prefix, "")
     if status == "400":
         return EnsembleError(400, message)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Mapping
+from typing import Any, AsyncIterator, Mapping
 
 from fastapi import Request
 
@@ -18,6 +18,7 @@ from .bodies import Limits
 from .ensemble import Answer, EnsembleClient, EnsembleError
 from .errors import ClientGone
 from .guards import ShimMetrics
+from .streaming import Piece, StreamClient
 
 log = logging.getLogger("shim")
 
@@ -36,6 +37,8 @@ class ShimState:
         self.client = client or EnsembleClient(
             shim.triton_endpoint, timeout_s=shim.request_timeout_s,
             cancel_markers=CancelMarkers(runtime / "cancelled" if runtime else None))
+        self.streams = StreamClient(shim.triton_grpc_endpoint, timeout_s=shim.request_timeout_s,
+                                    cancel_markers=self.client.cancel_markers)
         self.generator = GeneratorState(runtime)
         self.metrics = ShimMetrics()
         self.client.on_failure = self.metrics.model_failures.inc
@@ -58,6 +61,11 @@ class ShimState:
         work = self.client.generate(prompts, self.system_prompt if system_prompt is None else system_prompt,
                                     overrides, **options)
         return await run_until_disconnect(request, work)
+
+    def stream(self, prompt: str, overrides: dict[str, Any], **options) -> AsyncIterator[Piece]:
+        """One answer's pieces from llm_stream (see StreamClient.stream), with the system
+        prompt of the moment."""
+        return self.streams.stream(prompt, self.system_prompt, overrides, **options)
 
     async def monitor(self) -> None:
         """Follows the ensemble: warm up whenever it (re)appears, fall back to warming when it

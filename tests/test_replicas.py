@@ -70,7 +70,8 @@ def replicated(tiny_model):
     shim = None
     try:
         # The shim attaches by URL and shares the runtime folder (per-replica health, aborts).
-        shim_env = {**env, "TRITON_URL": f"http://127.0.0.1:{triton.ports[0]}", "PORT": str(free_port())}
+        shim_env = {**env, "TRITON_URL": f"http://127.0.0.1:{triton.ports[0]}", "PORT": str(free_port()),
+                    "TRITON_GRPC_URL": f"grpc://127.0.0.1:{triton.ports[1]}"}
         shim = start_server(shim_env, "attached-shim.log", [sys.executable, "-m", "shim.serve"])
         shim.metrics_url = f"http://127.0.0.1:{triton.ports[2]}/metrics"
         shim.triton = triton
@@ -99,6 +100,15 @@ def test_the_plain_tritonserver_serves_the_ensemble(replicated):
     assert info["triton_url"] == replicated.env["TRITON_URL"].removeprefix("http://")
     assert len({r["engine_pid"] for r in info["replicas"]}) == 2  # two engines
     assert replicated.get("/")[1] == {"status": "ok"}
+
+
+def test_the_attached_shim_streams_through_the_grpc_url(replicated):
+    import openai
+
+    client = openai.OpenAI(base_url=replicated.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    chunks = list(client.completions.create(model="any", prompt="hello", max_tokens=3, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == " GPU" * 3
+    assert chunks[-1].choices[0].finish_reason == "length"
 
 
 def test_a_judge_list_is_shared_evenly_and_answered_in_order(replicated):

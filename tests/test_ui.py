@@ -33,21 +33,38 @@ def page(server):
         browser.close()
 
 
-def test_chat_answer_uses_the_controls(page, server):
-    page.fill("#max_new_tokens", "4")
+def test_chat_answer_streams_and_uses_the_controls(page, server):
+    page.fill("#max_new_tokens", "12")
     page.fill("#temperature", "0")
     page.fill("#top_k", "1")
     page.fill("#chat-input", QUESTION)
-    with page.expect_request("**/predict") as sent:
+    # Every text the answer shows, in order, recorded by the page itself as it changes.
+    page.evaluate("""() => {
+        window.shownAnswers = [];
+        new MutationObserver((records) => {
+            for (const record of records)
+                for (const node of record.addedNodes)
+                    if (node.nodeType === Node.TEXT_NODE && record.target.classList.contains("a"))
+                        window.shownAnswers.push(node.data);
+        }).observe(document.getElementById("chat-log"), {childList: true, subtree: true});
+    }""")
+    with page.expect_request("**/v1/chat/completions") as sent:
         page.click("#chat-send")
-    assert json.loads(sent.value.post_data) == {"prompt": QUESTION, "max_new_tokens": 4, "temperature": 0, "top_k": 1}
+    assert json.loads(sent.value.post_data) == {
+        "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 12, "temperature": 0, "top_k": 1,
+        "stream": True}
     page.wait_for_selector("#chat-log .turn.done", timeout=60_000)
     shown = page.get_attribute("#chat-log .turn.done .a", "data-answer")
     page.screenshot(path=str(ARTIFACTS / "ui-chat.png"), full_page=True)
-    # Greedy decoding: the page's answer is the one /predict gives for the same settings.
-    status, direct = server.post("/predict", {"prompt": QUESTION, "max_new_tokens": 4, "temperature": 0, "top_k": 1})
-    assert status == 200 and shown is not None and shown == direct["response"]
-    assert shown == (TINY_ANSWER * 4).strip()  # the tiny model's known answer: never empty
+    # Greedy decoding: the page's answer is the one the API gives whole for the same settings.
+    status, direct = server.post("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 12, "temperature": 0, "top_k": 1,
+        "raw": True})
+    assert status == 200 and shown == direct["choices"][0]["message"]["content"] == TINY_ANSWER * 12
+    # It grew on the page: partial answers, each extending the one before, then the whole.
+    growth = [text for text in page.evaluate("window.shownAnswers") if text not in ("…",)]
+    assert len(set(growth)) >= 3 and growth[-1] == shown, growth
+    assert all(later.startswith(earlier) for earlier, later in zip(growth, growth[1:])), growth
 
 
 def test_system_prompt_applied_and_seen_in_the_explainer(page, server):

@@ -35,6 +35,22 @@ class GenerationResult:
         return "" if self.logprobs is None else json.dumps(self.logprobs, ensure_ascii=False)
 
 
+@dataclass(frozen=True)
+class StreamDelta:
+    """A piece of one streamed answer: the text and tokens generated since the last piece.
+    The last piece has `finish_reason` set; a stream ends with it or with an error."""
+    text: str
+    tokens: int
+    prompt_tokens: int
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprobs] | None = None
+
+    @classmethod
+    def whole(cls, result: GenerationResult) -> "StreamDelta":
+        """A whole answer as one last piece (a backend that cannot stream)."""
+        return cls(result.text, result.completion_tokens, result.prompt_tokens, result.finish_reason, result.logprobs)
+
+
 def generation_items(prompts: Sequence[list[int]], columns: dict[str, list[Any]]) -> list[GenerationItem]:
     """One item per prompt from the generator's input columns (SamplingSettings field ->
     one value per row; STOP as JSON text), each checked, or InvalidRequest naming the row.
@@ -55,6 +71,7 @@ def generation_items(prompts: Sequence[list[int]], columns: dict[str, list[Any]]
 
 
 Completion = Callable[[list[GenerationResult] | BaseException], None]
+StreamListener = Callable[[StreamDelta | BaseException], None]
 
 
 class Runner(Protocol):
@@ -73,9 +90,9 @@ class Runner(Protocol):
     def shutdown(self, timeout_s: float) -> None: ...
 
 
-@dataclass
+@dataclass(eq=False)
 class BatchHandle:
-    """One Triton request's prompts, as the backend tracks them."""
+    """One Triton request's prompts, as the backend tracks them (compared by identity)."""
     batch_id: str
     request_ids: list[str] = field(default_factory=list)
     future: object | None = None

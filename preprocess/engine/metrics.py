@@ -108,6 +108,7 @@ class ReplicaFigures:
         self.ttft = families["ttft"].Metric(labels=labels, buckets=LATENCY_BUCKETS) if histograms else None
         self.e2e = families["e2e"].Metric(labels=labels, buckets=LATENCY_BUCKETS) if histograms else None
         self.buckets: dict[int, object] = {}
+        self.streams: dict[str, object] = {}  # by outcome
 
     def update_kv(self) -> None:
         kv = self.kv
@@ -148,6 +149,8 @@ class GeneratorMetrics:
             "kv_concurrency": ("llm_generator_kv_cache_concurrency", gauge,
                                "Requests the KV cache holds at the current average request length"),
             "engine_up": ("llm_generator_engine_up", gauge, "1 when the replica's engine serves, 0 while it restarts"),
+            "streams": ("llm_generator_streams_total", counter,
+                        "Streamed answers by outcome: finished, cancelled (aborted in vLLM) or failed"),
         }
         if histogram is not None:
             described["ttft"] = ("llm_generator_time_to_first_token_seconds", histogram, "Time to first token")
@@ -176,6 +179,12 @@ class GeneratorMetrics:
     def finished(self, results: Sequence[GenerationResult], replica: int = 0) -> None:
         self._events.put(("finished", replica, results))
 
+    def stream_ended(self, outcome: str, result: GenerationResult, replica: int = 0) -> None:
+        """A streamed answer ended ("finished", "cancelled" or "failed"); `result` has the
+        tokens it generated, which count as any answer's do."""
+        self._events.put(("finished", replica, [result]))
+        self._events.put(("stream", replica, outcome))
+
     def _apply_events(self) -> None:
         while True:
             events = [self._events.get()]
@@ -203,6 +212,12 @@ class GeneratorMetrics:
                 continue
             figures = self._replicas[replica]
             total = sums.setdefault(replica, Counter())
+            if kind == "stream":
+                if payload not in figures.streams:
+                    figures.streams[payload] = self._families["streams"].Metric(
+                        labels={**figures.labels, "outcome": payload})
+                figures.streams[payload].increment(1)
+                continue
             if kind == "submitted":
                 limits, groups = payload
                 total["prompts"] += len(limits)

@@ -26,8 +26,8 @@ from . import config as engine_config
 from . import placement
 from .fallback import EngineStartError
 from .metrics import unscraped_prometheus_logger
-from .generation import (ENGINE_REFUSALS, BatchHandle, Completion, GenerationItem, PromptTooLong, Runner,
-                         check_prompt_lengths)
+from .generation import (ENGINE_REFUSALS, BatchHandle, Completion, GenerationItem, GenerationResult, PromptTooLong,
+                         Runner, StreamDelta, StreamListener, check_prompt_lengths)
 from .replicas import EngineReplica, SplitRequest, joined_handle, slices
 
 log = logging.getLogger("generator")
@@ -242,6 +242,49 @@ class GeneratorService:
                 self.metrics.finished(outcome, replica.index)
             split.part_done(part, outcome)
         return done
+
+    def stream(self, item: GenerationItem, on_delta: StreamListener) -> BatchHandle | None:
+        """One answer, piece by piece, from the least loaded serving replica (see
+        VllmRunner.stream). A backend that cannot stream (transformers) gives the whole
+        answer as one last piece."""
+        serving = [r for r in self.replicas if r.ready]
+        if not serving:
+            on_delta(EngineUnavailable("the generator engine is restarting; retry shortly"))
+            return None
+        replica = min(serving, key=lambda r: r.in_flight)
+        try:
+            check_prompt_lengths([item], replica.runner.max_model_len)
+        except PromptTooLong as exc:
+            on_delta(exc)
+            return None
+        generation = replica.engine_generation
+        replica.add_in_flight(1, generation)
+        started, tokens, first_token_s = time.perf_counter(), 0, None
+
+        def relay(event: StreamDelta | BaseException) -> None:
+            # On the replica's engine thread: bookkeeping, then the listener (which only enqueues).
+            nonlocal tokens, first_token_s
+            if isinstance(event, StreamDelta):
+                tokens += event.tokens
+                if first_token_s is None and event.tokens:
+                    first_token_s = time.perf_counter() - started
+            if isinstance(event, BaseException) or event.finish_reason is not None:
+                replica.add_in_flight(-1, generation)
+                if self.metrics is not None:
+                    outcome = ("finished" if isinstance(event, StreamDelta) else
+                               "cancelled" if isinstance(event, asyncio.CancelledError) else "failed")
+                    self.metrics.stream_ended(outcome, GenerationResult(
+                        "", len(item.token_ids), tokens, getattr(event, "finish_reason", outcome),
+                        ttft_s=first_token_s, e2e_s=time.perf_counter() - started), replica.index)
+            on_delta(event)
+
+        runner = replica.runner
+        if hasattr(runner, "stream"):
+            part = runner.stream(item, relay)
+        else:
+            part = runner.submit([item], lambda outcome: relay(
+                outcome if isinstance(outcome, BaseException) else StreamDelta.whole(outcome[0])))
+        return joined_handle([(replica, part)])
 
     def cancel(self, handle: BatchHandle) -> None:
         for replica, part in handle.parts:

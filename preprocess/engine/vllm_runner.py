@@ -18,8 +18,8 @@ from typing import Any, Sequence
 
 from .config import EngineSettings, accepted_kwargs, engine_kwargs
 from .fallback import build_with_fallbacks
-from .generation import (ENGINE_REFUSALS, BatchHandle, Completion, GenerationItem, GenerationResult, TokenLogprobs,
-                         group_by_sampling, new_batch_id)
+from .generation import (ENGINE_REFUSALS, BatchHandle, Completion, GenerationItem, GenerationResult, StreamDelta,
+                         StreamListener, TokenLogprobs, group_by_sampling, new_batch_id)
 from .. import controls
 from ..contract import NOT_SET, InvalidRequest
 from ..sampling import SamplingSettings
@@ -120,6 +120,7 @@ class VllmRunner:
         self._StructuredOutputsParams = StructuredOutputsParams
         self._TokensPrompt = TokensPrompt
         self._final_only = RequestOutputKind.FINAL_ONLY
+        self._delta = RequestOutputKind.DELTA
         self._stop_strings = list(stop_strings)
         self._stop_token_ids = list(stop_token_ids)
         self._params_cache: dict[SamplingSettings, Any] = {}
@@ -244,6 +245,43 @@ class VllmRunner:
         handle.future = future
         return handle
 
+    def stream(self, item: GenerationItem, on_delta: StreamListener) -> BatchHandle:
+        """Generate one answer, handing each new piece to `on_delta` (on the loop thread)
+        as vLLM produces it; the last piece has its finish reason, or an error comes
+        instead. `cancel(handle)` aborts it in vLLM."""
+        handle = BatchHandle(new_batch_id())
+        future: Future = asyncio.run_coroutine_threadsafe(self._stream_one(item, handle, on_delta), self._loop)
+
+        def failed(done: Future) -> None:
+            if done.cancelled():
+                on_delta(asyncio.CancelledError("request cancelled"))
+            elif done.exception() is not None:
+                on_delta(done.exception())
+
+        future.add_done_callback(failed)
+        handle.future = future
+        return handle
+
+    async def _stream_one(self, item: GenerationItem, handle: BatchHandle, on_delta: StreamListener) -> None:
+        params = self.sampling_params(item.sampling).clone()
+        params.output_kind = self._delta  # each output carries only what is new
+        request_id = f"{handle.batch_id}-s"
+        handle.request_ids.append(request_id)
+        if self.on_submit is not None:
+            self.on_submit([item], 1)
+        received = False
+        try:
+            async for output in self.engine.generate(self._TokensPrompt(prompt_token_ids=item.token_ids), params,
+                                                     request_id):
+                received = True
+                completion = output.outputs[0]
+                on_delta(StreamDelta(
+                    text=completion.text, tokens=len(completion.token_ids), prompt_tokens=len(item.token_ids),
+                    finish_reason=(completion.finish_reason or "stop") if output.finished else None,
+                    logprobs=None if params.logprobs is None else token_logprobs(completion, params.logprobs)))
+        except Exception as exc:
+            raise self._refusal(exc, params, received) from None
+
     async def _generate_batch(self, items: Sequence[GenerationItem], handle: BatchHandle) -> list[GenerationResult]:
         results: list[GenerationResult | None] = [None] * len(items)
         tasks = []
@@ -275,12 +313,7 @@ class VllmRunner:
                                                      request_id):
                 final = output
         except Exception as exc:
-            if final is None and params.structured_outputs is not None and (
-                    isinstance(exc, ValueError) or type(exc).__name__ in ENGINE_REFUSALS):
-                # vLLM checks a structured-output spec (the schema, its grammar) before the
-                # request is queued: the request's fault, not a bug.
-                raise InvalidRequest(f"response_format: {exc}") from None
-            raise
+            raise self._refusal(exc, params, final is not None) from None
         completion = final.outputs[0]
         results[index] = GenerationResult(
             text=completion.text,
@@ -291,6 +324,15 @@ class VllmRunner:
             e2e_s=time.perf_counter() - started,
             logprobs=None if params.logprobs is None else token_logprobs(completion, params.logprobs),
         )
+
+    @staticmethod
+    def _refusal(exc: Exception, params, produced: bool) -> Exception:
+        """vLLM checks a structured-output spec (the schema, its grammar) before the request
+        is queued: a failure there is the request's fault (InvalidRequest), not a bug."""
+        if not produced and params.structured_outputs is not None and (
+                isinstance(exc, ValueError) or type(exc).__name__ in ENGINE_REFUSALS):
+            return InvalidRequest(f"response_format: {exc}")
+        return exc
 
     def cancel(self, handle: BatchHandle) -> None:
         """Abort a batch (client gone): cancelling the tasks aborts their vLLM requests."""

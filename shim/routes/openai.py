@@ -8,24 +8,32 @@
   most 20), response_format (json_object, json_schema). Any other field is a 400 naming it.
 - `n` choices are n rows of one batched request, under the same limits as /predict
   (prompts x n x max tokens).
-- `stream: true` is answered as server-sent events in the OpenAI chunk format, but the
-  ensemble is not decoupled: the answer arrives as one content chunk once it is complete.
+- `stream: true` sends the tokens as vLLM makes them (server-sent events in OpenAI's
+  chunk format, `[DONE]` last), through the decoupled `llm_stream` ensemble. One answer per
+  stream (n=1, one prompt). Streamed chat text is the model's own: routing picks the token
+  limit, but clean-up cannot take back text already sent, so it does not apply.
+  `stream_options.include_usage` adds a last chunk with the usage. A refusal before the
+  first token is an HTTP error as usual; a failure later is an `error` event, then the end.
+  A client that disconnects aborts its generation.
 """
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from ..state import shim_state
+from ..state import run_until_disconnect, shim_state
 from ..bodies import ChatRequest, CompletionRequest, OpenAIParams, first_non_text, json_body, parse_body
 from ..ensemble import Answer
 from ..errors import ApiError
+from ..streaming import Piece
 
+log = logging.getLogger("shim.openai")
 router = APIRouter()
 
 
@@ -37,16 +45,46 @@ def usage(answers: list[Answer], prompts: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
-def sse(chunks: list[dict]) -> StreamingResponse:
+def event(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def streamed(request: Request, body: OpenAIParams, row: str, row_input: str, extra: dict[str, Any],
+                   chunk: Callable[[Piece, bool], dict], head: dict[str, Any]) -> StreamingResponse:
+    """SSE of one streamed answer: `chunk(piece, first)` makes each piece's chunk choice. The
+    first piece is awaited before the response starts, so a refusal is still an HTTP error."""
+    state = shim_state(request)
+    field = "messages" if row_input == "messages" else "prompt"
+    overrides = state.limits.admit([row], {**body.overrides(), **extra}, field=field, indexed=False)
+    pieces = state.stream(row, overrides, row_input=row_input, texts=body.texts())
+    first = await run_until_disconnect(request, anext(pieces))
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+
     async def events():
-        for chunk in chunks:
-            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        piece, generated = first, 0
+        try:
+            while True:
+                generated += piece.completion_tokens
+                yield event({**head, "choices": [chunk(piece, piece is first)]})
+                if piece.finish_reason is not None:
+                    break
+                piece = await anext(pieces)
+        except ApiError as exc:
+            log.warning("stream ended by an error: %s", exc.message)
+            yield event({"error": {"message": exc.message, "type": "server_error", "code": exc.status}})
+        else:
+            if include_usage:
+                yield event({**head, "choices": [], "usage": {
+                    "prompt_tokens": piece.prompt_tokens, "completion_tokens": generated,
+                    "total_tokens": piece.prompt_tokens + generated}})
+        finally:
+            await pieces.aclose()  # a client gone mid-stream: cancels the generation
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-def chat_logprobs(answer: Answer) -> dict | None:
+def chat_logprobs(answer: Answer | Piece) -> dict | None:
     """OpenAI's chat form: per token its text, logprob, UTF-8 bytes and top alternatives."""
     if answer.logprobs is None:
         return None
@@ -58,7 +96,7 @@ def chat_logprobs(answer: Answer) -> dict | None:
                         for token, logprob, top in answer.logprobs]}
 
 
-def completion_logprobs(answer: Answer) -> dict | None:
+def completion_logprobs(answer: Answer | Piece) -> dict | None:
     """The legacy completions form: parallel lists, top alternatives as {token: logprob}."""
     if answer.logprobs is None:
         return None
@@ -97,17 +135,17 @@ async def chat(request: Request):
     if broken is not None:
         raise ApiError(400, f"messages[{broken}].content is not valid UTF-8 text (a lone surrogate)")
     conversation = json.dumps([{"role": m.role, "content": m.content} for m in body.messages], ensure_ascii=False)
-    answers = await generate(request, [conversation], body, field="messages", indexed=False, row_input="messages")
+    body.check_stream(1)
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    extra = {"prompt_token_ids": answers[0].prompt_ids} if body.return_token_ids else {}
     if body.stream:
+        def chat_chunk(piece: Piece, first: bool) -> dict:
+            delta = {"role": "assistant", "content": piece.text} if first else {"content": piece.text}
+            return {"index": 0, "delta": delta, "logprobs": chat_logprobs(piece), "finish_reason": piece.finish_reason}
+
         head = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model_name}
-        chunks = [{**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": a.text},
-                                        "logprobs": chat_logprobs(a), "finish_reason": None}]}
-                  for i, a in enumerate(answers)]
-        chunks += [{**head, "choices": [{"index": i, "delta": {}, "finish_reason": a.finish_reason}]}
-                   for i, a in enumerate(answers)]
-        return sse(chunks)
+        return await streamed(request, body, conversation, "messages", {}, chat_chunk, head)
+    answers = await generate(request, [conversation], body, field="messages", indexed=False, row_input="messages")
+    extra = {"prompt_token_ids": answers[0].prompt_ids} if body.return_token_ids else {}
     return {"id": ident, "object": "chat.completion", "created": created, "model": model_name,
             "choices": [{"index": i, "message": {"role": "assistant", "content": a.text},
                          "logprobs": chat_logprobs(a), "finish_reason": a.finish_reason}
@@ -120,14 +158,19 @@ async def completions(request: Request):
     body: CompletionRequest = await parse_body(request, CompletionRequest)
     model_name = shim_state(request).settings.model_dir.name
     prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
+    body.check_stream(len(prompts))
+    ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        def completion_chunk(piece: Piece, first: bool) -> dict:
+            return {"index": 0, "text": piece.text, "finish_reason": piece.finish_reason,
+                    "logprobs": completion_logprobs(piece)}
+
+        head = {"id": ident, "object": "text_completion", "created": created, "model": model_name}
+        return await streamed(request, body, prompts[0], "prompt", {"verbatim": True}, completion_chunk, head)
     answers = await generate(request, prompts, body, field="prompt", indexed=isinstance(body.prompt, list),
                              extra={"verbatim": True})
-    ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     choices = [{"index": i, "text": a.text, "finish_reason": a.finish_reason, "logprobs": completion_logprobs(a),
                 **({"prompt_token_ids": a.prompt_ids} if body.return_token_ids else {})}
                for i, a in enumerate(answers)]
-    if body.stream:
-        head = {"id": ident, "object": "text_completion", "created": created, "model": model_name}
-        return sse([{**head, "choices": [choice]} for choice in choices])
     return {"id": ident, "object": "text_completion", "created": created, "model": model_name,
             "choices": choices, "usage": usage(answers, len(prompts))}

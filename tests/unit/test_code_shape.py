@@ -16,7 +16,7 @@ ENVIRONMENT_READERS = {
     "preprocess/settings.py", "preprocess/envparse.py", "preprocess/engine/config.py", "preprocess/__main__.py",
     "shim/serve.py", "shim/app.py",
     "model_repository/generator/1/model.py", "model_repository/preprocess/1/model.py",
-    "model_repository/postprocess/1/model.py",
+    "model_repository/postprocess/1/model.py", "model_repository/generator_stream/1/model.py",
 }
 TEXT_STAGES = ("chat", "cleanup", "routing", "sampling", "pipeline", "warmup", "tokenizer")
 

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from preprocess.contract import (GENERATOR_SCALARS, GENERATOR_TEXTS, MAX_BATCH_SIZE, OPTIONAL_OUTPUTS, OUTPUTS,
-                                 SETTINGS, TEXT_INPUTS, OutOfRange)
+                                 SETTINGS, STREAM_ENSEMBLE, STREAM_OUTPUTS, TEXT_INPUTS, OutOfRange)
 from tests.conftest import REPO
 
 CONFIGS = REPO / "model_repository"
@@ -36,6 +36,16 @@ def test_generator_inputs_and_preprocess_outputs_are_the_table():
     assert generator.pop("PROMPT_IDS") == "INT32" and generator == scalars
     assert scalars.items() <= tensors("preprocess", "output").items()
     assert list(tensors("llm", "output")) == [*OUTPUTS, *OPTIONAL_OUTPUTS]
+
+
+def test_the_streaming_pair_takes_what_the_batch_pair_takes():
+    """llm_stream has llm's inputs and generator_stream the generator's: one contract."""
+    assert tensors(STREAM_ENSEMBLE, "input") == tensors("llm", "input")
+    assert tensors("generator_stream", "input") == tensors("generator", "input")
+    assert list(tensors(STREAM_ENSEMBLE, "output")) == list(STREAM_OUTPUTS)
+    assert list(tensors("generator_stream", "output")) == list(tensors("generator", "output"))
+    text = (CONFIGS / "generator_stream" / "config.pbtxt").read_text()
+    assert "decoupled: true" in text and max_batch_size("generator_stream") == max_batch_size(STREAM_ENSEMBLE) == 1
 
 
 def test_every_model_batches_the_same_rows():

@@ -235,6 +235,27 @@ def test_a_triton_url_that_is_not_host_port_stops_with_one_line(raw):
     assert "\n" not in str(refused.value)
 
 
+@pytest.mark.parametrize("environ, endpoint", [
+    ({}, "127.0.0.1:8011"), ({"TRITON_GRPC_PORT": "9001"}, "127.0.0.1:9001"),
+    ({"TRITON_URL": "http://triton:8000"}, "triton:8001"),  # an attached Triton: its default gRPC port
+    ({"TRITON_URL": "http://triton:8000", "TRITON_GRPC_URL": "grpc://triton:9001"}, "triton:9001"),
+    ({"TRITON_GRPC_URL": "g:7"}, "g:7"),
+])
+def test_the_grpc_endpoint_for_streams(environ, endpoint):
+    from preprocess.settings import load_shim
+
+    assert load_shim(environ).triton_grpc_endpoint == endpoint
+
+
+@pytest.mark.parametrize("raw", ["http://triton:8001", "triton", "grpc://triton:x"])
+def test_a_grpc_url_that_is_not_host_port_stops_with_one_line(raw):
+    from preprocess.settings import load_shim
+
+    with pytest.raises(SettingsError, match=r"^TRITON_GRPC_URL=") as refused:
+        load_shim({"TRITON_GRPC_URL": raw})
+    assert "\n" not in str(refused.value)
+
+
 def test_print_env_exports_what_the_stubs_need(tmp_path):
     """`./build.sh env`: the venv's python first on PATH, tritonserver on PATH, the model."""
     import shlex

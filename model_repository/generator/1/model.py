@@ -20,10 +20,10 @@ from preprocess.stub import prepare_stub_process
 log = prepare_stub_process("generator")
 
 from preprocess import triton_io as io  # noqa: E402
-from preprocess.contract import GENERATOR_SCALARS, GENERATOR_TEXTS  # noqa: E402
 from preprocess.engine.generation import generation_items  # noqa: E402
 from preprocess.engine.service import GeneratorService, classify_error, prepare_generator_process  # noqa: E402
 from preprocess.engine.metrics import GeneratorMetrics  # noqa: E402
+from preprocess.engine.stream_socket import StreamServer, socket_path  # noqa: E402
 from preprocess.runtime import CancelMarkers  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -46,17 +46,11 @@ def error_response(exc, engine_healthy=True):
 
 
 def read_items(request):
-    prompts = io.unpad_token_ids(pb_utils.get_input_tensor_by_name(request, "PROMPT_IDS").as_numpy())
-    values = {}
-    for name, _, field in GENERATOR_SCALARS:
-        tensor = pb_utils.get_input_tensor_by_name(request, name)
-        if tensor is not None:  # the request controls are optional: absent means off
-            values[field] = tensor.as_numpy().reshape(-1).tolist()
-    for name, field in GENERATOR_TEXTS:
-        tensor = pb_utils.get_input_tensor_by_name(request, name)
-        if tensor is not None:
-            values[field] = io.decode_strings(tensor.as_numpy(), name)
-    return generation_items(prompts, values)
+    def tensor(name):
+        found = pb_utils.get_input_tensor_by_name(request, name)
+        return None if found is None else found.as_numpy()
+
+    return generation_items(*io.generator_columns(tensor))
 
 
 class TritonPythonModel:
@@ -75,6 +69,9 @@ class TritonPythonModel:
         self.stopping = threading.Event()
         self.watcher = threading.Thread(target=self._watch_cancellations, name="cancel-watcher", daemon=True)
         self.watcher.start()
+        # Token streaming for the decoupled `generator_stream` model (see stream_socket.py).
+        self.stream_server = StreamServer(self.service, socket_path(runtime), classify_error)
+        self.stream_server.start()
         log.info("ready: %s", self.service.info())
 
     def execute(self, requests):
@@ -148,6 +145,7 @@ class TritonPythonModel:
         """Abort what is still generating and answer it, within a bounded time, before the
         engine goes: a response sender outliving the stub's shutdown crashes the stub."""
         self.stopping.set()
+        self.stream_server.stop()
         with self.in_flight_lock:
             pending = [handle for _, handle, _ in self.in_flight.values() if handle is not None]
         for handle in pending:

@@ -1,0 +1,110 @@
+"""Triton adapter of generator_stream: one answer, sent piece by piece (decoupled).
+
+It holds no engine. `execute` starts one thread per request and returns at once: a
+stream lasts as long as its generation, and Triton must go on handing over new requests
+meanwhile. Each thread relays its request to the generator's engines over a local socket
+(preprocess/engine/stream_socket.py) and sends every piece as a response, the last one
+with the FINAL flag. A client that cancels (gRPC; or the shim's cancel marker) ends the
+relay, and closing the socket aborts the generation in vLLM.
+"""
+import json
+import os
+import threading
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from preprocess.stub import prepare_stub_process
+
+log = prepare_stub_process("generator_stream")
+
+from preprocess import triton_io as io  # noqa: E402
+from preprocess.contract import InvalidRequest  # noqa: E402
+from preprocess.engine.stream_socket import StreamFailed, socket_path, stream_events  # noqa: E402
+from preprocess.runtime import CancelMarkers  # noqa: E402
+from preprocess.settings import load  # noqa: E402
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+MAX_STREAMS = 256  # relays at once; more get UNAVAILABLE rather than a thread each
+# kind -> (Triton's code, the status the message starts with: a streamed error reaches a
+# gRPC client as its message only, and the shim reads the status from there).
+ERROR_CODES = {"invalid": ("INVALID_ARG", 400), "unavailable": ("UNAVAILABLE", 503), "internal": ("INTERNAL", 500)}
+
+
+def error_response(message, kind):
+    code, status = ERROR_CODES.get(kind, ERROR_CODES["internal"])
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"[{status}] {message}",
+                                                                 getattr(pb_utils.TritonError, code)))
+
+
+def piece_response(piece):
+    logprobs = piece.get("logprobs")
+    tensors = [
+        pb_utils.Tensor("TEXT", io.encode_strings([piece["text"]])),
+        pb_utils.Tensor("PROMPT_TOKENS", io.scalars([piece["prompt_tokens"]], np.int32)),
+        pb_utils.Tensor("COMPLETION_TOKENS", io.scalars([piece["tokens"]], np.int32)),
+        pb_utils.Tensor("FINISH_REASON", io.encode_strings([piece.get("finish_reason") or ""])),
+        pb_utils.Tensor("LOGPROBS", io.encode_strings([json.dumps(logprobs, ensure_ascii=False) if logprobs is not None else ""])),
+    ]
+    return pb_utils.InferenceResponse(output_tensors=tensors)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        runtime = load(os.environ).runtime_dir
+        self.path = socket_path(runtime)
+        self.cancel_markers = CancelMarkers(runtime / "cancelled" if runtime else None)
+        self.slots = threading.BoundedSemaphore(MAX_STREAMS)
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            if not self.slots.acquire(blocking=False):
+                sender.send(error_response(f"more than {MAX_STREAMS} streams at once; retry shortly",
+                                           "unavailable"), flags=FINAL)
+                continue
+            threading.Thread(target=self._relay, args=(request, sender), name="stream-relay", daemon=True).start()
+        return None
+
+    def _relay(self, request, sender):
+        """Send every piece, then FINAL exactly once. is_cancelled() is only asked before
+        the final response: asking after it crashes tritonserver (measured on 2.51)."""
+        try:
+            prompt_ids, values = self._read(request)
+            request_id = request.request_id()
+
+            def cancelled():
+                return request.is_cancelled() or self.cancel_markers.take(request_id)
+
+            for piece in stream_events(self.path, prompt_ids, values, cancelled):
+                last = piece.get("finish_reason") is not None
+                if not last and cancelled():
+                    break
+                sender.send(piece_response(piece), flags=FINAL if last else 0)
+                if last:
+                    return
+            log.info("request %s cancelled by the client; stream aborted", request_id)
+            sender.send(error_response("the request was cancelled", "unavailable"), flags=FINAL)
+        except InvalidRequest as exc:
+            sender.send(error_response(str(exc), "invalid"), flags=FINAL)
+        except StreamFailed as exc:
+            if exc.kind == "internal":
+                log.error("stream failed: %s", exc)
+            sender.send(error_response(str(exc), exc.kind), flags=FINAL)
+        except Exception as exc:  # a bug: logged here, the client gets no internals
+            log.error("internal error streaming a request: %s: %s", type(exc).__name__, exc)
+            sender.send(error_response("internal error in generator_stream (see the server log)", "internal"),
+                        flags=FINAL)
+        finally:
+            self.slots.release()
+
+    @staticmethod
+    def _read(request):
+        def tensor(name):
+            found = pb_utils.get_input_tensor_by_name(request, name)
+            return None if found is None else found.as_numpy()
+
+        prompts, columns = io.generator_columns(tensor)
+        if len(prompts) != 1:
+            raise InvalidRequest(f"generator_stream takes one prompt per request, got {len(prompts)}")
+        return prompts[0], {field: values[0] for field, values in columns.items()}

@@ -1,0 +1,192 @@
+"""Token streaming from the generator's engines to the `generator_stream` model.
+
+Triton runs every model in its own stub process, and the engines live in the generator's.
+A Triton model that streams must be decoupled, and an ensemble with a decoupled step is
+decoupled as a whole, which Triton's HTTP /infer refuses: the judge's path and plain
+tritonclient HTTP would have to move to gRPC streaming. So `llm` stays as it is, and the
+streaming ensemble `llm_stream` ends in `generator_stream`, a decoupled model that holds
+no engine: it relays each request over a local socket to this server, which runs in the
+generator's process and feeds the same engines (no second copy of the weights).
+
+Protocol, one connection per answer, newline-delimited JSON:
+- the client sends one line: {"prompt_ids": [...], "values": {SamplingSettings field: value}};
+- the server sends {"text", "tokens", "prompt_tokens", "finish_reason", "logprobs"} per
+  piece (finish_reason null until the last), or one {"error", "kind"} line;
+- the client closing the connection aborts the generation in vLLM.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import tempfile
+import threading
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from ..contract import InvalidRequest
+from .generation import StreamDelta, generation_items
+
+log = logging.getLogger("generator.stream")
+
+MAX_REQUEST_BYTES = 4 * 1024 * 1024  # one prompt's ids and its settings
+UNIX_PATH_MAX = 100  # sun_path holds 108 bytes on Linux; keep a margin
+
+
+def socket_path(runtime_dir: Path | None) -> Path:
+    """Where the generator listens. Both models' stubs are children of the same
+    tritonserver: its pid tells this server's socket from another Triton's on the host.
+    The runtime folder (under ./build.sh serve) is used when its path is short enough."""
+    if runtime_dir is not None and len(str(runtime_dir / "stream.sock")) < UNIX_PATH_MAX:
+        return runtime_dir / "stream.sock"
+    return Path(tempfile.gettempdir()) / f"llm-{os.getuid()}" / f"stream-{os.getppid()}.sock"
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return (json.dumps(message, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def delta_message(delta: StreamDelta) -> dict[str, Any]:
+    return asdict(delta)
+
+
+def error_message(exc: BaseException, kind: str) -> dict[str, Any]:
+    return {"error": str(exc) or type(exc).__name__, "kind": kind}
+
+
+class StreamServer:
+    """Serves `service.stream` (GeneratorService) on a Unix socket, on its own asyncio
+    thread: the engines' threads hand pieces over with call_soon_threadsafe, and a slow
+    reader holds up only its own connection, never an engine."""
+
+    def __init__(self, service, path: Path, classify: Callable[[BaseException, bool], str]):
+        self.service = service
+        self.path = path
+        self.classify = classify  # service.classify_error: "invalid", "unavailable" or "internal"
+        self._loop = asyncio.new_event_loop()
+        self._server: asyncio.AbstractServer | None = None
+        self._streaming: set = set()  # handles of the answers being streamed (loop thread only)
+        self._thread = threading.Thread(target=self._loop.run_forever, name="stream-socket", daemon=True)
+
+    def start(self) -> None:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path.unlink(missing_ok=True)  # a socket left by a server that was killed
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_unix_server(self._serve, path=str(self.path), limit=MAX_REQUEST_BYTES), self._loop
+        ).result(10)
+        os.chmod(self.path, 0o600)  # this user's processes only
+        log.info("streaming on %s", self.path)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        async def close():
+            if self._server is not None:
+                self._server.close()
+            for handle in list(self._streaming):  # the engines are about to go
+                self.service.cancel(handle)
+
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(close(), self._loop).result(timeout_s)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout_s)
+        self.path.unlink(missing_ok=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handle = None
+        gone: asyncio.Future | None = None
+        try:
+            try:
+                request = json.loads(await reader.readline())
+                item = generation_items([request["prompt_ids"]], {k: [v] for k, v in request["values"].items()})[0]
+            except InvalidRequest as exc:
+                writer.write(encode(error_message(exc, "invalid")))
+                return
+            except (ValueError, KeyError, TypeError) as exc:  # not our client: say so and stop
+                writer.write(encode(error_message(InvalidRequest(f"bad stream request: {exc}"), "invalid")))
+                return
+            pieces: asyncio.Queue = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+            handle = self.service.stream(item, lambda event: loop.call_soon_threadsafe(pieces.put_nowait, event))
+            if handle is not None:
+                self._streaming.add(handle)
+            gone = asyncio.ensure_future(reader.read(1))  # EOF: the client closed, abort
+            while True:
+                piece = asyncio.ensure_future(pieces.get())
+                await asyncio.wait({piece, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not piece.done():
+                    piece.cancel()
+                    if handle is not None:
+                        log.info("stream %s: the client went away; aborting", handle.batch_id)
+                        self.service.cancel(handle)
+                    return
+                event = piece.result()
+                if isinstance(event, BaseException):
+                    writer.write(encode(error_message(event, self.classify(event, self.service.serving))))
+                    return
+                writer.write(encode(delta_message(event)))
+                await writer.drain()
+                if event.finish_reason is not None:
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            if handle is not None:
+                log.info("stream %s: connection lost (%s); aborting", handle.batch_id, exc)
+                self.service.cancel(handle)
+        finally:
+            self._streaming.discard(handle)
+            if gone is not None:
+                gone.cancel()
+            try:
+                await writer.drain()
+                writer.close()
+            except ConnectionError:
+                pass
+
+
+class StreamFailed(Exception):
+    """The server answered with an error: `kind` is "invalid", "unavailable" or "internal"."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def stream_events(path: Path, prompt_ids: list[int], values: dict[str, Any],
+                  stop_asked: Callable[[], bool], poll_s: float = 0.5) -> Iterator[dict[str, Any]]:
+    """The pieces of one answer from the server at `path`, as dicts (see the protocol
+    above), until the one with a finish reason. `stop_asked` is polled every `poll_s`
+    while waiting: when it says yes the connection is closed (the server aborts the
+    generation) and the iterator ends. StreamFailed for an error line; a server that is
+    not there or goes away gives StreamFailed("unavailable")."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        try:
+            conn.connect(str(path))
+            conn.sendall(encode({"prompt_ids": prompt_ids, "values": values}))
+        except OSError as exc:
+            raise StreamFailed(f"the generator is not serving streams ({exc})", "unavailable") from None
+        conn.settimeout(poll_s)
+        buffer = b""
+        while True:
+            newline = buffer.find(b"\n")
+            if newline >= 0:
+                line, buffer = buffer[:newline], buffer[newline + 1:]
+                message = json.loads(line)
+                if "error" in message:
+                    raise StreamFailed(message["error"], message.get("kind", "internal"))
+                yield message
+                if message.get("finish_reason") is not None:
+                    return
+                continue
+            if stop_asked():
+                return
+            try:
+                chunk = conn.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError as exc:
+                raise StreamFailed(f"the generator's stream broke off ({exc})", "unavailable") from None
+            if not chunk:
+                raise StreamFailed("the generator closed the stream before the answer ended", "unavailable")
+            buffer += chunk
