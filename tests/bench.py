@@ -235,6 +235,7 @@ async def _product_paths(server, model_dir, n, max_tokens, concurrency_levels):
                 latencies.append(await one(q))
         rows.append(row(f"{path} single request (c=1)", len(latencies) * max_tokens, sum(latencies), latencies,
                         baseline="async c=1"))
+    rows.append(await stream_row(server, questions["shim1"][0][:16], max_tokens))
     for concurrency in concurrency_levels[1:]:
         for path, tag, one, column in (("generator", "gen", one_generator, 1), ("ensemble", "ens", one_ensemble, 0)):
             batch = questions[f"{tag}{concurrency}"][column][:requests_at(concurrency, n)]
@@ -244,6 +245,32 @@ async def _product_paths(server, model_dir, n, max_tokens, concurrency_levels):
                             latencies, baseline=f"async c={concurrency}"))
     await client.close()
     return rows
+
+
+async def stream_row(server, questions, max_tokens):
+    """Streamed chat, one at a time: the time to the first piece (p50/p99 columns) against
+    the whole answer's time (the single-request rows' p50)."""
+    import httpx
+
+    first_piece, seconds, tokens = [], 0.0, 0
+    async with httpx.AsyncClient(timeout=600) as http:
+        for question in questions:
+            body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "stream": True,
+                    "temperature": 0, "stream_options": {"include_usage": True}}
+            started, first = time.perf_counter(), None
+            async with http.stream("POST", server.url + "/v1/chat/completions", json=body) as reply:
+                async for line in reply.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                        first = time.perf_counter() - started
+                    if chunk.get("usage"):
+                        tokens += chunk["usage"]["completion_tokens"]
+            seconds += time.perf_counter() - started
+            if first is not None:
+                first_piece.append(first)
+    return row("shim stream, time to first piece (c=1)", tokens, seconds, first_piece, baseline="async c=1")
 
 
 def print_table(rows):

@@ -1,11 +1,13 @@
 """No request can hurt the engine, and a killed engine comes back on its own."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 
 from tests.conftest import request_outcome, run_threads, wait_for
@@ -45,6 +47,13 @@ def test_killed_engine_comes_back_without_a_restart(server):
                                         {"prompt": [f"in flight {i} {k}" for k in range(8)], "max_new_tokens": 200,
                                          "ignore_eos": True}, timeout=120))
 
+    def stream_client():
+        # A stream in flight when the engine dies ends with an error event and [DONE]: no hang.
+        body = {"messages": [{"role": "user", "content": "stream on"}], "max_tokens": 900, "stream": True, "raw": True}
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120) as reply:
+            streamed.append(reply.status_code)
+            streamed.extend(line.removeprefix("data: ") for line in reply.iter_lines() if line.startswith("data: "))
+
     def kill_then_probe():
         time.sleep(1.0)
         os.kill(engine_pid, signal.SIGKILL)
@@ -55,11 +64,16 @@ def test_killed_engine_comes_back_without_a_restart(server):
         assert wait_for(lambda: health(server) == "ok", 180), server.log_text()[-3000:]
         probe.append(time.monotonic() - killed_at)
 
-    probe = []
-    run_threads([kill_then_probe, *(lambda i=i: batch_client(i) for i in range(4))], join_timeout_s=300)
+    probe, streamed = [], []
+    run_threads([kill_then_probe, stream_client, *(lambda i=i: batch_client(i) for i in range(4))],
+                join_timeout_s=300)
     during, recovered_s = probe
     assert during.status == 503 and "error" in during.body and during.seconds < 10, during
     assert all(o.error is None and o.status in (200, 503) for o in outcomes), outcomes
+    status, *events = streamed
+    assert status == 200 and events[-1] == "[DONE]", streamed[:3] + streamed[-3:]
+    last = json.loads(events[-2])
+    assert "error" in last and last["error"]["code"] == 503, last  # the engine died under it: retry
     new_state = server.generator_state()
     assert new_state["pid"] == stub_pid  # same stub, same tritonserver: no restart
     assert new_state["engine_pid"] != engine_pid and new_state["restarts"] == 1
