@@ -2,9 +2,9 @@
 
 `llm_stream` is decoupled, so it is reached over Triton's gRPC streaming. The request side
 of the gRPC stream stays open until the last piece has come (a client that half-closes
-early may lose the stream's tail); leaving early (the HTTP client went away) cancels the
-call, which Triton passes on to the models as a cancellation, and drops a cancel marker
-as /predict does, so the generation is aborted in vLLM either way.
+early may lose the stream's tail). Leaving early (the HTTP client went away) cancels the
+call and drops a cancel marker, as /predict does. The marker is what aborts the generation
+in vLLM: Triton 2.51's ensemble does not pass a cancellation on to a step already running.
 """
 from __future__ import annotations
 

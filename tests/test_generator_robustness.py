@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -49,13 +50,21 @@ def test_killed_engine_comes_back_without_a_restart(server):
 
     def stream_client():
         # A stream in flight when the engine dies ends with an error event and [DONE]: no hang.
+        # The kill waits for its first piece; 900 tokens take far longer than the kill does.
         body = {"messages": [{"role": "user", "content": "stream on"}], "max_tokens": 900, "stream": True, "raw": True}
-        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120) as reply:
-            streamed.append(reply.status_code)
-            streamed.extend(line.removeprefix("data: ") for line in reply.iter_lines() if line.startswith("data: "))
+        try:
+            with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120) as reply:
+                streamed.append(reply.status_code)
+                for line in reply.iter_lines():
+                    if line.startswith("data: "):
+                        streamed.append(line.removeprefix("data: "))
+                        stream_started.set()
+        finally:
+            stream_started.set()
 
     def kill_then_probe():
-        time.sleep(1.0)
+        assert stream_started.wait(60), "the stream never started"
+        time.sleep(0.2)  # the batch requests are in flight by now too
         os.kill(engine_pid, signal.SIGKILL)
         killed_at = time.monotonic()
         assert wait_for(lambda: health(server) == "warming", 15), "health never left ok after the engine died"
@@ -64,7 +73,7 @@ def test_killed_engine_comes_back_without_a_restart(server):
         assert wait_for(lambda: health(server) == "ok", 180), server.log_text()[-3000:]
         probe.append(time.monotonic() - killed_at)
 
-    probe, streamed = [], []
+    probe, streamed, stream_started = [], [], threading.Event()
     run_threads([kill_then_probe, stream_client, *(lambda i=i: batch_client(i) for i in range(4))],
                 join_timeout_s=300)
     during, recovered_s = probe

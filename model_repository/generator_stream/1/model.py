@@ -4,8 +4,10 @@ It holds no engine. `execute` starts one thread per request and returns at once:
 stream lasts as long as its generation, and Triton must go on handing over new requests
 meanwhile. Each thread relays its request to the generator's engines over a local socket
 (preprocess/engine/stream_socket.py) and sends every piece as a response, the last one
-with the FINAL flag. A client that cancels (gRPC; or the shim's cancel marker) ends the
-relay, and closing the socket aborts the generation in vLLM.
+with the FINAL flag. A cancelled request ends the relay, and closing the socket aborts
+the generation in vLLM. Cancelled means the shim's cancel marker, or Triton's own flag,
+which a direct call to this model gets but a call through llm_stream does not (Triton
+2.51's ensemble checks for cancellation only between steps).
 """
 import json
 import os
