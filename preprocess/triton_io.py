@@ -88,3 +88,16 @@ def generator_columns(tensor: Callable[[str], np.ndarray | None]) -> tuple[list[
         if array is not None:
             values[field] = decode_strings(array, name)
     return prompts, values
+
+
+def generator_outputs(texts: Sequence[str], prompt_tokens: Sequence[int], completion_tokens: Sequence[int],
+                      finish_reasons: Sequence[str], logprobs: Sequence[str]) -> dict[str, np.ndarray]:
+    """The output tensors of the generator and of generator_stream, one row per answer (or
+    piece): the same names and dtypes in both config.pbtxt files."""
+    return {
+        "TEXT": encode_strings(texts),
+        "PROMPT_TOKENS": scalars(prompt_tokens, np.int32),
+        "COMPLETION_TOKENS": scalars(completion_tokens, np.int32),
+        "FINISH_REASON": encode_strings(finish_reasons),
+        "LOGPROBS": encode_strings(logprobs),
+    }

@@ -44,6 +44,13 @@ def test_the_streaming_pair_takes_what_the_batch_pair_takes():
     assert tensors("generator_stream", "input") == tensors("generator", "input")
     assert list(tensors(STREAM_ENSEMBLE, "output")) == list(STREAM_OUTPUTS)
     assert list(tensors("generator_stream", "output")) == list(tensors("generator", "output"))
+    from preprocess.triton_io import generator_outputs
+
+    written = generator_outputs(["a"], [1], [2], ["stop"], [""])  # what both adapters send
+    assert {name: str(array.dtype) for name, array in written.items()} == {
+        "TEXT": "object", "PROMPT_TOKENS": "int32", "COMPLETION_TOKENS": "int32", "FINISH_REASON": "object",
+        "LOGPROBS": "object"}
+    assert list(written) == list(tensors("generator", "output"))
     text = (CONFIGS / "generator_stream" / "config.pbtxt").read_text()
     assert "decoupled: true" in text and max_batch_size("generator_stream") == max_batch_size(STREAM_ENSEMBLE) == 1
 

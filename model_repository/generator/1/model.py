@@ -12,7 +12,6 @@ import queue
 import threading
 import time
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from preprocess.stub import prepare_stub_process
@@ -130,13 +129,11 @@ class TritonPythonModel:
                 if isinstance(outcome, BaseException):
                     sender.send(error_response(outcome, self.service.serving), flags=FINAL)
                     continue
-                tensors = [
-                    pb_utils.Tensor("TEXT", io.encode_strings([r.text for r in outcome])),
-                    pb_utils.Tensor("PROMPT_TOKENS", io.scalars([r.prompt_tokens for r in outcome], np.int32)),
-                    pb_utils.Tensor("COMPLETION_TOKENS", io.scalars([r.completion_tokens for r in outcome], np.int32)),
-                    pb_utils.Tensor("FINISH_REASON", io.encode_strings([r.finish_reason for r in outcome])),
-                    pb_utils.Tensor("LOGPROBS", io.encode_strings([r.logprobs_json() for r in outcome])),
-                ]
+                outputs = io.generator_outputs(
+                    [r.text for r in outcome], [r.prompt_tokens for r in outcome],
+                    [r.completion_tokens for r in outcome], [r.finish_reason for r in outcome],
+                    [r.logprobs_json() for r in outcome])
+                tensors = [pb_utils.Tensor(name, array) for name, array in outputs.items()]
                 sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL)
             except Exception as exc:  # a client that went away must not stop the sender
                 log.warning("could not send a response: %s", exc)

@@ -13,7 +13,6 @@ import json
 import os
 import threading
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from preprocess.stub import prepare_stub_process
@@ -41,14 +40,10 @@ def error_response(message, kind):
 
 def piece_response(piece):
     logprobs = piece.get("logprobs")
-    tensors = [
-        pb_utils.Tensor("TEXT", io.encode_strings([piece["text"]])),
-        pb_utils.Tensor("PROMPT_TOKENS", io.scalars([piece["prompt_tokens"]], np.int32)),
-        pb_utils.Tensor("COMPLETION_TOKENS", io.scalars([piece["tokens"]], np.int32)),
-        pb_utils.Tensor("FINISH_REASON", io.encode_strings([piece.get("finish_reason") or ""])),
-        pb_utils.Tensor("LOGPROBS", io.encode_strings([json.dumps(logprobs, ensure_ascii=False) if logprobs is not None else ""])),
-    ]
-    return pb_utils.InferenceResponse(output_tensors=tensors)
+    outputs = io.generator_outputs(
+        [piece["text"]], [piece["prompt_tokens"]], [piece["tokens"]], [piece.get("finish_reason") or ""],
+        [json.dumps(logprobs, ensure_ascii=False) if logprobs is not None else ""])
+    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, array) for name, array in outputs.items()])
 
 
 class TritonPythonModel:
