@@ -28,12 +28,14 @@ def stream_figures(server) -> dict[str, float]:
 
 
 def test_a_streamed_chat_comes_in_pieces_and_equals_the_whole_answer(client):
-    settings = dict(model="any", messages=QUESTION, max_tokens=12, temperature=0, extra_body={"raw": True})
+    settings = dict(model="any", messages=QUESTION, max_tokens=48, temperature=0, extra_body={"raw": True})
     whole = client.chat.completions.create(**settings)
     chunks = list(client.chat.completions.create(**settings, stream=True, stream_options={"include_usage": True}))
     pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
-    assert len(pieces) >= 2  # not one chunk after the fact: the tokens came as they were made
-    assert "".join(pieces) == whole.choices[0].message.content == TINY_ANSWER * 12
+    # Not one chunk after the fact: the tokens came as they were made. (vLLM merges the pieces
+    # a lagging reader has not taken, so a starved CPU may give fewer pieces than tokens.)
+    assert len(pieces) >= 2
+    assert "".join(pieces) == whole.choices[0].message.content == TINY_ANSWER * 48
     assert chunks[0].choices[0].delta.role == "assistant"
     ends = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert ends == ["length"] == [whole.choices[0].finish_reason]

@@ -34,7 +34,7 @@ def page(server):
 
 
 def test_chat_answer_streams_and_uses_the_controls(page, server):
-    page.fill("#max_new_tokens", "12")
+    page.fill("#max_new_tokens", "32")
     page.fill("#temperature", "0")
     page.fill("#top_k", "1")
     page.fill("#chat-input", QUESTION)
@@ -51,16 +51,16 @@ def test_chat_answer_streams_and_uses_the_controls(page, server):
     with page.expect_request("**/v1/chat/completions") as sent:
         page.click("#chat-send")
     assert json.loads(sent.value.post_data) == {
-        "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 12, "temperature": 0, "top_k": 1,
+        "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 32, "temperature": 0, "top_k": 1,
         "stream": True}
     page.wait_for_selector("#chat-log .turn.done", timeout=60_000)
     shown = page.get_attribute("#chat-log .turn.done .a", "data-answer")
     page.screenshot(path=str(ARTIFACTS / "ui-chat.png"), full_page=True)
     # Greedy decoding: the page's answer is the one the API gives whole for the same settings.
     status, direct = server.post("/v1/chat/completions", {
-        "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 12, "temperature": 0, "top_k": 1,
+        "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 32, "temperature": 0, "top_k": 1,
         "raw": True})
-    assert status == 200 and shown == direct["choices"][0]["message"]["content"] == TINY_ANSWER * 12
+    assert status == 200 and shown == direct["choices"][0]["message"]["content"] == TINY_ANSWER * 32
     # It grew on the page: partial answers, each extending the one before, then the whole.
     growth = [text for text in page.evaluate("window.shownAnswers") if text not in ("…",)]
     assert len(set(growth)) >= 3 and growth[-1] == shown, growth
