@@ -37,17 +37,10 @@ class GeneratorState:
         except (OSError, ValueError):
             return None
 
-    def up(self) -> bool:
-        """Whether the generator answers requests: False while every replica is rebuilding
-        its engine (no state: Triton's own readiness decides)."""
-        return self.status()[0]
-
-    def replicas_up(self) -> tuple[int, int] | None:
-        """(replicas serving, replicas in all), or None without a state."""
-        return self.status()[1]
-
     def status(self) -> tuple[bool, tuple[int, int] | None]:
-        """`up()` and `replicas_up()` from one read of the state file."""
+        """From one read of the state file: whether the generator answers requests (False
+        while every replica is rebuilding its engine; with no state, Triton's own readiness
+        decides), and (replicas serving, replicas in all), or None without replicas."""
         state = self.read()
         if state is None:
             return True, None

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..contract import InvalidRequest
-from .generation import StreamDelta, generation_items
+from .generation import generation_items
 
 log = logging.getLogger("generator.stream")
 
@@ -47,10 +47,6 @@ def socket_path(runtime_dir: Path | None) -> Path:
 
 def encode(message: dict[str, Any]) -> bytes:
     return (json.dumps(message, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def delta_message(delta: StreamDelta) -> dict[str, Any]:
-    return asdict(delta)
 
 
 def error_message(exc: BaseException, kind: str) -> dict[str, Any]:
@@ -126,7 +122,7 @@ class StreamServer:
                 if isinstance(event, BaseException):
                     writer.write(encode(error_message(event, self.classify(event, self.service.serving))))
                     return
-                writer.write(encode(delta_message(event)))
+                writer.write(encode(asdict(event)))
                 await writer.drain()
                 if event.finish_reason is not None:
                     return
