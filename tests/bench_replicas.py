@@ -5,7 +5,9 @@ seconds of the others (A B C A B C ...) with no engine start between them:
 
 - `baseline: 1 replica`: CUDA_VISIBLE_DEVICES=0, one engine;
 - `2 replicas`: DATA_PARALLEL_SIZE=2, one engine per GPU, each request's prompts split;
-- `TP=2`: TENSOR_PARALLEL_SIZE=2, one engine sharded over both GPUs.
+- `TP=2`: TENSOR_PARALLEL_SIZE=2, one engine sharded over both GPUs;
+- `2 replicas (in-stub front ends)`: two replicas with both AsyncLLMs in the generator stub
+  (ENGINE_FRONTEND=thread), as before each got a process of its own.
 
 Each engine gets --memory of each GPU it uses (three engines share the GPUs' memory, so
 their KV caches are smaller than in production; all paths run under the same limit).
@@ -36,6 +38,8 @@ PATHS = {
     "baseline: 1 replica": {"CUDA_VISIBLE_DEVICES": "0"},
     "2 replicas": {"DATA_PARALLEL_SIZE": "2"},
     "TP=2": {"TENSOR_PARALLEL_SIZE": "2"},
+    # Before each replica's AsyncLLM had a process of its own (process_runner.py).
+    "2 replicas (in-stub front ends)": {"DATA_PARALLEL_SIZE": "2", "ENGINE_FRONTEND": "thread"},
 }
 
 

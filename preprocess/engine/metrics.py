@@ -88,6 +88,16 @@ def unscraped_prometheus_logger():
     return Unscraped
 
 
+def engine_stat_loggers(engine_stats: bool, kv_gauge: KvCacheGauge | None) -> list:
+    """The stat loggers an engine gets: a silent stand-in for vLLM's Prometheus recorder,
+    and the recorder of `kv_gauge`; none when VLLM_ENGINE_STATS=0 (a custom logger would
+    turn vLLM's statistics back on)."""
+    if not engine_stats:
+        return []
+    loggers = [unscraped_prometheus_logger(), kv_gauge.stat_logger_factory() if kv_gauge is not None else None]
+    return [logger for logger in loggers if logger is not None]
+
+
 class ReplicaFigures:
     """One replica's metrics, each labelled replica="<index>", and its KV-cache gauge."""
 

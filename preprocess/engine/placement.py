@@ -3,7 +3,9 @@
 One generator stub runs `DATA_PARALLEL_SIZE` independent engines (replicas), each on its
 own group of `TENSOR_PARALLEL_SIZE` GPUs. Replica i gets the visible GPUs
 [i*TP, (i+1)*TP). A replica's engine process is started with CUDA_VISIBLE_DEVICES set to
-its group only (`devices_for`), so vLLM inside it sees GPUs 0..TP-1 as usual.
+its group only (`devices_for`), so vLLM inside it sees GPUs 0..TP-1 as usual. With more
+than one replica, each replica's AsyncLLM runs in a child process of the stub
+(process_runner.py), spawned the same way, so each has a core for its output handling.
 
 Why engines in one stub and not Triton instance groups: Triton 2.51 takes the instance
 count only from config.pbtxt (a Python model's `auto_complete_config` cannot change it,
@@ -98,8 +100,9 @@ def devices_for(replica: Replica, environ: MutableMapping[str, str]) -> Iterator
 
     vLLM's engine core is a spawned process that inherits this process's environment at
     spawn time, so narrowing the variable while the engine is built is what places it.
-    The variable is process-wide: the lock makes engine builds one at a time, and the old
-    value comes back afterwards. Nothing is changed on CPU (no devices)."""
+    The variable is process-wide: the lock makes in-process engine builds one at a time (a
+    child front end holds it only while it is spawned), and the old value comes back
+    afterwards. Nothing is changed on CPU (no devices)."""
     if not replica.devices:
         yield
         return

@@ -96,6 +96,7 @@ class EngineReplica:
             "ready": self.ready,
             "backend": runner.backend,
             "engine_pid": getattr(runner, "engine_pid", None),
+            "frontend_pid": getattr(runner, "frontend_pid", None),
             "restarts": self.restarts,
             "in_flight": self.in_flight,
         }

@@ -10,6 +10,7 @@ without a restart.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import os
@@ -19,39 +20,17 @@ from pathlib import Path
 from typing import Any, MutableMapping, Sequence
 
 from .. import settings as cfg
-from ..contract import InvalidRequest
 from ..runtime import GeneratorState
 from ..tokenizer import load_tokenizer
 from . import config as engine_config
 from . import placement
 from .fallback import EngineStartError
-from .metrics import unscraped_prometheus_logger
-from .generation import (ENGINE_REFUSALS, BatchHandle, Completion, GenerationItem, GenerationResult, PromptTooLong,
+from .metrics import engine_stat_loggers
+from .generation import (BatchHandle, Completion, EngineUnavailable, GenerationItem, GenerationResult, PromptTooLong,
                          Runner, StreamDelta, StreamListener, check_prompt_lengths)
 from .replicas import EngineReplica, SplitRequest, joined_handle, slices
 
 log = logging.getLogger("generator")
-
-
-class EngineUnavailable(RuntimeError):
-    """The engine is down or restarting: the caller gets a 503 and may retry."""
-
-
-# vLLM's own exception classes, named rather than imported: vLLM may be absent (transformers).
-ENGINE_DEATHS = ("EngineDeadError",)  # the engine process is gone; the watchdog rebuilds it
-
-
-def classify_error(exc: BaseException, engine_healthy: bool = True) -> str:
-    """"invalid" (the request's fault: 4xx), "unavailable" (the engine is down or being
-    rebuilt, or the request was cancelled: 503, retry) or "internal" (a bug: 5xx, which the
-    shim counts toward restarting a dead server). A plain ValueError is internal: our own
-    code raising it is a bug, not bad input."""
-    if isinstance(exc, (InvalidRequest, PromptTooLong)) or type(exc).__name__ in ENGINE_REFUSALS:
-        return "invalid"
-    if (isinstance(exc, (EngineUnavailable, asyncio.CancelledError)) or type(exc).__name__ in ENGINE_DEATHS
-            or not engine_healthy):
-        return "unavailable"
-    return "internal"
 
 
 def stop_token_ids(tokenizer, stop_strings: Sequence[str]) -> list[int]:
@@ -135,18 +114,37 @@ class GeneratorService:
             placement.visible_devices(self.engine.visible_devices, accelerator_count()), self.accelerator)
         if self.metrics is not None:
             self.metrics.add_replicas(len(self.placements))
-        self.replicas: list[EngineReplica] = []
-        for where in self.placements:  # one at a time: a placement narrows the process environment
-            self.replicas.append(EngineReplica(where, self._start_backend, self.retry_first_s, self.retry_max_s))
-            log.info("replica %d up on %s", where.index, ",".join(where.devices) or "CPU")
+        frontend = self.engine.frontend
+        self.process_frontends = frontend == "process" or (frontend == "auto" and len(self.placements) > 1)
+        self.replicas = self._start_replicas()
         self.publish_state()
         self._stop = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, name="engine-watchdog", daemon=True)
         self._watchdog.start()
 
+    def _start_replicas(self) -> list[EngineReplica]:
+        """Every replica's engine, up. Engines in processes of their own start side by side
+        (each child gets its GPUs); in-process engines one at a time, since a placement
+        narrows the process environment. If one fails, those already up are shut down."""
+        def start(where: placement.Replica) -> EngineReplica:
+            replica = EngineReplica(where, self._start_backend, self.retry_first_s, self.retry_max_s)
+            log.info("replica %d up on %s", where.index, ",".join(where.devices) or "CPU")
+            return replica
+
+        workers = len(self.placements) if self.process_frontends else 1
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="replica-start") as pool:
+            starts = [pool.submit(start, where) for where in self.placements]
+            concurrent.futures.wait(starts)
+        failed = [f.exception() for f in starts if f.exception() is not None]
+        if failed:
+            for done in starts:
+                if done.exception() is None:
+                    done.result().runner.shutdown(timeout_s=10)
+            raise failed[0]
+        return [done.result() for done in starts]
+
     def _start_backend(self, where: placement.Replica) -> Runner:
-        with placement.devices_for(where, self.process_environ):
-            return self._hooked(self._new_runner(where), where.index)
+        return self._hooked(self._new_runner(where), where.index)
 
     def _new_runner(self, where: placement.Replica) -> Runner:
         try:
@@ -159,13 +157,8 @@ class GeneratorService:
         use, reason = engine_config.should_try_vllm(
             self.engine, importable, engine_config.has_c_compiler(), self.accelerator)
         if use:
-            from .vllm_runner import VllmRunner
-
             try:
-                return VllmRunner(
-                    self.engine, str(self.model_dir),
-                    text_stop_strings(self.tokenizer, self.sampling.stop_strings, self.stop_token_ids),
-                    self.stop_token_ids, model_max_len(self.model_dir), stat_loggers=self._stat_loggers(where))
+                return self._vllm_runner(where)
             except EngineStartError as exc:
                 if self.engine.force_vllm:
                     raise RuntimeError(f"FORCE_VLLM=1 and vLLM did not start: {exc}") from None
@@ -180,15 +173,21 @@ class GeneratorService:
         return TransformersRunner(str(self.model_dir), self.tokenizer, self.sampling.stop_strings,
                                   self.stop_token_ids, device=device)
 
-    def _stat_loggers(self, where: placement.Replica) -> list:
-        """Our KV-cache gauge, and a silent stand-in for vLLM's Prometheus recorder; none
-        when VLLM_ENGINE_STATS=0 (a custom logger would turn vLLM's statistics back on)."""
-        if not self.engine.engine_stats:
-            return []
-        loggers = [unscraped_prometheus_logger()]
-        if self.metrics is not None:
-            loggers.append(self.metrics.kv_gauge(where.index).stat_logger_factory())
-        return [logger for logger in loggers if logger is not None]
+    def _vllm_runner(self, where: placement.Replica) -> Runner:
+        stop_strings = text_stop_strings(self.tokenizer, self.sampling.stop_strings, self.stop_token_ids)
+        kv_gauge = self.metrics.kv_gauge(where.index) if self.metrics is not None else None
+        if self.process_frontends:
+            from .process_runner import ProcessRunner, RunnerSpec
+
+            spec = RunnerSpec(self.engine, str(self.model_dir), tuple(stop_strings), tuple(self.stop_token_ids),
+                              model_max_len(self.model_dir), where.index)
+            return ProcessRunner(spec, kv_gauge, placed=lambda: placement.devices_for(where, self.process_environ))
+        from .vllm_runner import VllmRunner
+
+        with placement.devices_for(where, self.process_environ):
+            return VllmRunner(self.engine, str(self.model_dir), stop_strings, self.stop_token_ids,
+                              model_max_len(self.model_dir),
+                              stat_loggers=engine_stat_loggers(self.engine.engine_stats, kv_gauge))
 
     def _hooked(self, runner: Runner, replica: int) -> Runner:
         if self.metrics is not None:
@@ -316,7 +315,8 @@ class GeneratorService:
             "ready": self.ready,
             "serving": self.serving,
             "backend": runner.backend,
-            "engine_mode": getattr(runner, "engine_class", type(runner)).__name__,
+            "engine_mode": getattr(runner, "engine_mode", type(runner).__name__),
+            "frontend": "process" if self.process_frontends else "thread",
             "model_dir": str(self.model_dir),
             "engine_kwargs": getattr(runner, "engine_kwargs", {}),
             "scheduler": getattr(runner, "scheduler", {}),

@@ -126,6 +126,7 @@ class VllmRunner:
         self._params_cache: dict[SamplingSettings, Any] = {}
         self.on_submit = None  # metrics hook: (items, number of sampling groups)
         self.engine_class = self._engine_class(settings.engine_mode)
+        self.engine_mode = self.engine_class.__name__  # shown in /info
 
         wanted = {**engine_kwargs(settings, model_dir), **compact_json_outputs()}
         kwargs, dropped = accepted_kwargs(wanted, AsyncEngineArgs.__init__)

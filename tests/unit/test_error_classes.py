@@ -13,7 +13,7 @@ from vllm.v1.engine.exceptions import EngineDeadError
 
 from preprocess.contract import InvalidRequest
 from preprocess.engine.generation import PromptTooLong
-from preprocess.engine.service import EngineUnavailable, classify_error
+from preprocess.engine.generation import EngineUnavailable, classify_error
 from preprocess.runtime import CancelMarkers
 from shim.ensemble import EnsembleClient, map_triton_error
 

@@ -174,17 +174,14 @@ def test_a_rebuild_that_keeps_failing_backs_off_with_flat_threads_and_memory(tin
         s._stop.set()
 
 
-def test_engine_stats_off_passes_no_logger(tiny_model):
+def test_engine_stats_off_passes_no_logger():
     """VLLM_ENGINE_STATS=0: vLLM's statistics off, and no logger of ours turns them back on."""
-    s = service(tiny_model, USE_VLLM="false", VLLM_ENGINE_STATS="0")
-    try:
-        assert s._stat_loggers(s.placements[0]) == []
-        assert engine_config.engine_kwargs(s.engine, "/m")["disable_log_stats"] is True
-    finally:
-        s.shutdown(5)
-    on = service(tiny_model, USE_VLLM="false")
-    try:
-        assert [f.__name__ for f in on._stat_loggers(on.placements[0])] == ["Unscraped"]
-        assert engine_config.engine_kwargs(on.engine, "/m")["disable_log_stats"] is False
-    finally:
-        on.shutdown(5)
+    from preprocess.engine.metrics import KvCacheGauge, engine_stat_loggers
+
+    off = engine_config.load_engine({"VLLM_ENGINE_STATS": "0"})
+    assert engine_stat_loggers(off.engine_stats, KvCacheGauge()) == []
+    assert engine_config.engine_kwargs(off, "/m")["disable_log_stats"] is True
+    on = engine_config.load_engine({})
+    assert [f.__name__ for f in engine_stat_loggers(on.engine_stats, None)] == ["Unscraped"]
+    assert [f.__name__ for f in engine_stat_loggers(on.engine_stats, KvCacheGauge())] == ["Unscraped", "Recorder"]
+    assert engine_config.engine_kwargs(on, "/m")["disable_log_stats"] is False

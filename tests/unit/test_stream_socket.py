@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from preprocess.engine.service import classify_error
+from preprocess.engine.generation import classify_error
 from preprocess.engine.stream_socket import UNIX_PATH_MAX, StreamFailed, StreamServer, socket_path, stream_events
 
 

@@ -19,8 +19,8 @@ from preprocess.stub import prepare_stub_process
 log = prepare_stub_process("generator")
 
 from preprocess import triton_io as io  # noqa: E402
-from preprocess.engine.generation import generation_items  # noqa: E402
-from preprocess.engine.service import GeneratorService, classify_error, prepare_generator_process  # noqa: E402
+from preprocess.engine.generation import classify_error, generation_items  # noqa: E402
+from preprocess.engine.service import GeneratorService, prepare_generator_process  # noqa: E402
 from preprocess.engine.metrics import GeneratorMetrics  # noqa: E402
 from preprocess.engine.stream_socket import StreamServer, socket_path  # noqa: E402
 from preprocess.runtime import CancelMarkers  # noqa: E402
