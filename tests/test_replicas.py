@@ -99,6 +99,8 @@ def test_the_plain_tritonserver_serves_the_ensemble(replicated):
     assert [(r["replica"], r["gpus"], r["ready"]) for r in info["replicas"]] == [(0, [], True), (1, [], True)]
     assert info["triton_url"] == replicated.env["TRITON_URL"].removeprefix("http://")
     assert len({r["engine_pid"] for r in info["replicas"]}) == 2  # two engines
+    # ENGINE_FRONTEND=auto: with two replicas, each AsyncLLM in a process of its own
+    assert info["frontend"] == "process" and len({r["frontend_pid"] for r in info["replicas"]} - {None}) == 2
     assert replicated.get("/")[1] == {"status": "ok"}
 
 

@@ -21,6 +21,7 @@ def test_info_names_backend_model_and_settings_without_secrets(server, tiny_mode
     status, info = server.get("/info")
     assert status == 200
     assert info["backend"] == "vllm" and info["engine_mode"] == "AsyncLLM"
+    assert info["frontend"] == "thread" and info["replicas"][0]["frontend_pid"] is None  # one replica: in the stub
     assert info["model_dir"] == str(tiny_model)
     assert info["engine_args"]["model"] == str(tiny_model)
     assert info["routing"]["max_new_tokens"] == 8

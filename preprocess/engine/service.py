@@ -114,8 +114,7 @@ class GeneratorService:
             placement.visible_devices(self.engine.visible_devices, accelerator_count()), self.accelerator)
         if self.metrics is not None:
             self.metrics.add_replicas(len(self.placements))
-        frontend = self.engine.frontend
-        self.process_frontends = frontend == "process" or (frontend == "auto" and len(self.placements) > 1)
+        self.process_frontends = placement.process_frontends(self.engine.frontend, len(self.placements))
         self.replicas = self._start_replicas()
         self.publish_state()
         self._stop = threading.Event()

@@ -24,12 +24,13 @@ async def info(request: Request):
     return {
         "backend": generator.get("backend"),
         "engine_mode": generator.get("engine_mode"),
+        "frontend": generator.get("frontend"),  # where each replica's AsyncLLM runs: process or thread
         "model_dir": generator.get("model_dir") or str(settings.model_dir),
         "engine_args": generator.get("engine_kwargs", {}),
         "scheduler": generator.get("scheduler", {}),
         "engine_restarts": generator.get("restarts", 0),
         "tensor_parallel_size": generator.get("tensor_parallel_size"),
-        # each engine replica: its index, GPUs, readiness, backend, engine pid, restarts
+        # each engine replica: its index, GPUs, readiness, backend, engine and front-end pids, restarts
         "replicas": generator.get("replicas", []),
         "triton_url": state.client.url,
         "ready": state.ready,

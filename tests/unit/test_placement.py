@@ -10,7 +10,8 @@ from hypothesis import given, settings, strategies as st
 
 from preprocess.engine import config as engine_config
 from preprocess.engine.generation import GenerationItem
-from preprocess.engine.placement import AUTO, Replica, devices_for, plan_replicas, split_evenly, visible_devices
+from preprocess.engine.placement import (AUTO, Replica, devices_for, plan_replicas, process_frontends, split_evenly,
+                                         visible_devices)
 from preprocess.engine.service import GeneratorService, prepare_generator_process
 from preprocess.envparse import SettingsError
 from preprocess.sampling import SamplingSettings
@@ -69,6 +70,18 @@ def test_data_parallel_size_setting(raw, expected):
 def test_data_parallel_size_refuses_a_word():
     with pytest.raises(SettingsError, match=r"^DATA_PARALLEL_SIZE='two' is not an integer"):
         engine_config.load_engine({"DATA_PARALLEL_SIZE": "two"})
+
+
+@pytest.mark.parametrize("raw, replicas, expected", [
+    (None, 1, False), (None, 2, True), ("auto", 4, True), ("process", 1, True), ("thread", 2, False)])
+def test_engine_frontend_setting(raw, replicas, expected):
+    environ = {} if raw is None else {"ENGINE_FRONTEND": raw}
+    assert process_frontends(engine_config.load_engine(environ).frontend, replicas) is expected
+
+
+def test_engine_frontend_refuses_other_words():
+    with pytest.raises(SettingsError, match=r"^ENGINE_FRONTEND='fork' is not one of auto, process, thread$"):
+        engine_config.load_engine({"ENGINE_FRONTEND": "fork"})
 
 
 def test_devices_for_narrows_and_restores_the_environment():
