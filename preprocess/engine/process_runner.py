@@ -115,7 +115,9 @@ class ProcessRunner:
             return message[1]
         self._process.join(10)
         _, exception_class, text = message
-        raise (EngineStartError if exception_class == "EngineStartError" else RuntimeError)(text)
+        if exception_class == "EngineStartError":  # the fallback chain gave up: the caller may fall back
+            raise EngineStartError(text)
+        raise RuntimeError(f"{exception_class}: {text}")
 
     @property
     def healthy(self) -> bool:
