@@ -2,7 +2,7 @@
 engine behind GeneratorService, as the generator stub runs it.
 
 Covers: answers in the items' order, streamed pieces, a refusal keeps its kind across the
-process boundary, a cancel aborts, and a killed front-end process fails what it held (no
+process boundary, a cancel aborts a batch or a stream, and a killed front-end process fails what it held (no
 request is left unanswered) and is rebuilt by the watchdog.
 """
 import json
@@ -97,6 +97,21 @@ def test_a_cancel_aborts_the_request_in_the_child(service):
     service.cancel(handle)
     error = outcome.wait()
     assert classify_error(error) == "unavailable" and "cancelled" in str(error), repr(error)
+
+
+def test_a_cancelled_stream_ends_with_the_cancel(service):
+    first_piece, outcome = threading.Event(), Outcome()
+
+    def listener(event):
+        first_piece.set()
+        outcome(event)
+
+    handle = service.stream(GenerationItem([1, 2, 3], settings(900)), listener)
+    assert first_piece.wait(120)
+    service.cancel(handle)
+    error = outcome.wait()
+    assert classify_error(error) == "unavailable" and "cancelled" in str(error), repr(error)
+    assert sum(p.tokens for p in outcome.events[:-1]) < 900  # aborted, not run to the end
 
 
 @pytest.mark.parametrize("exc", [InvalidRequest("prompt 3: bad"), EngineUnavailable("restarting"),
