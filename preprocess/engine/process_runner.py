@@ -114,6 +114,7 @@ class ProcessRunner:
         if message[0] == "ready":
             return message[1]
         self._process.join(10)
+        self._conn.close()
         _, exception_class, text = message
         if exception_class == "EngineStartError":  # the fallback chain gave up: the caller may fall back
             raise EngineStartError(text)
@@ -217,6 +218,8 @@ class ProcessRunner:
         memory (measured on CPU: 7 GB per orphan)."""
         for process in self._engine_processes:
             try:
+                if process.status() == "zombie":  # exited, not yet reaped: nothing holds memory
+                    continue
                 process.kill()  # psutil checks that the pid is still that process
                 log.warning("replica engine process %d outlived its front end; killed", process.pid)
             except Exception:  # gone already
@@ -293,24 +296,20 @@ def serve(conn, spec: RunnerSpec) -> None:
     watcher.start()
     handles = RequestHandles()
 
+    # The callbacks below run on the engine's loop thread: bookkeeping and enqueueing only.
     def answer_to(batch_id: str) -> Completion:
-        def done(outcome) -> None:  # on the engine's loop thread: enqueue only
+        def done(outcome) -> None:
             handles.finished(batch_id)
-            if isinstance(outcome, BaseException):
-                outbox.put(("error", batch_id, *error_message(outcome, runner.healthy)))
-            else:
-                outbox.put(("answer", batch_id, outcome))
+            outbox.put(("error", batch_id, *error_message(outcome, runner.healthy))
+                       if isinstance(outcome, BaseException) else ("answer", batch_id, outcome))
         return done
 
     def pieces_to(batch_id: str) -> StreamListener:
         def relay(event) -> None:
-            if isinstance(event, BaseException):
+            if isinstance(event, BaseException) or event.finish_reason is not None:
                 handles.finished(batch_id)
-                outbox.put(("error", batch_id, *error_message(event, runner.healthy)))
-                return
-            if event.finish_reason is not None:
-                handles.finished(batch_id)
-            outbox.put(("piece", batch_id, event))
+            outbox.put(("error", batch_id, *error_message(event, runner.healthy))
+                       if isinstance(event, BaseException) else ("piece", batch_id, event))
         return relay
 
     try:
