@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.conftest import TINY_ANSWER, request_outcome, run_threads, wait_for
+from tests.conftest import request_outcome, run_threads, wait_for
 
 pytestmark = pytest.mark.server
 
@@ -51,7 +51,8 @@ def test_killed_engine_comes_back_without_a_restart(server):
     def stream_client():
         # A stream in flight when the engine dies ends with an error event and [DONE]: no hang.
         # The kill comes as soon as its first piece arrives, with 899 tokens still to make.
-        body = {"messages": [{"role": "user", "content": "stream on"}], "max_tokens": 900, "stream": True, "raw": True}
+        body = {"messages": [{"role": "user", "content": "stream on"}], "max_tokens": 900, "stream": True, "raw": True,
+                "stream_options": {"include_usage": True}}
         try:
             with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120) as reply:
                 streamed.append(reply.status_code)
@@ -83,9 +84,12 @@ def test_killed_engine_comes_back_without_a_restart(server):
     last = json.loads(events[-2])
     if "error" in last:  # the engine died under it: the client is told to retry
         assert last["error"]["code"] == 503, last
-    else:  # CI twice saw the stream end before the kill landed: then it must be whole, never cut short
-        text = "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1])
-        assert last["choices"][0]["finish_reason"] == "length" and text == TINY_ANSWER * 900, (len(events), last)
+    else:  # CI saw the stream end before the kill landed: then it must be whole, never cut short.
+        # Counted in tokens: the default FREQUENCY_PENALTY (0.1 per repeat) pushes the tiny model off
+        # its one answer token after some hundreds of tokens (seen in CI), so the text is not 900 of them.
+        final_piece = json.loads(events[-3])
+        assert final_piece["choices"][0]["finish_reason"] == "length", final_piece
+        assert last["usage"]["completion_tokens"] == 900, (len(events), last)
     print(f"stream in flight at the kill: {'error event' if 'error' in last else 'had already finished'}")
     new_state = server.generator_state()
     assert new_state["pid"] == stub_pid  # same stub, same tritonserver: no restart

@@ -132,6 +132,9 @@ def test_a_judge_list_is_shared_evenly_and_answered_in_order(replicated):
     # Two even requests of 325, each split by load: 325 each, or 324/326 when the first part
     # was answered before the second request arrived.
     assert sum(shares) == 650 and abs(shares[0] - shares[1]) <= 2, shares
+    # The KV-cache figures come from each replica's front-end process (its "kv" messages).
+    blocks = replicated.get("/info")[1]["scheduler"]["kv_cache_blocks"]
+    assert blocks > 0 and per_replica(after, "llm_generator_kv_cache_blocks_total") == [blocks, blocks]
 
 
 def test_one_replica_down_the_other_serves_and_it_comes_back(replicated):
