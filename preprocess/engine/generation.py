@@ -22,6 +22,11 @@ class GenerationItem:
     sampling: SamplingSettings
 
 
+def logprobs_json(rows: Sequence[TokenLogprobs] | None) -> str:
+    """The LOGPROBS tensor's text for one answer or piece: "" when none were asked for."""
+    return "" if rows is None else json.dumps(rows, ensure_ascii=False)
+
+
 @dataclass(frozen=True)
 class GenerationResult:
     text: str
@@ -33,7 +38,7 @@ class GenerationResult:
     logprobs: list[TokenLogprobs] | None = None  # when the request asked for them
 
     def logprobs_json(self) -> str:
-        return "" if self.logprobs is None else json.dumps(self.logprobs, ensure_ascii=False)
+        return logprobs_json(self.logprobs)
 
 
 @dataclass(frozen=True)

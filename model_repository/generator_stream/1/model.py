@@ -9,7 +9,6 @@ the generation in vLLM. Cancelled means the shim's cancel marker, or Triton's ow
 which a direct call to this model gets but a call through llm_stream does not (Triton
 2.51's ensemble checks for cancellation only between steps).
 """
-import json
 import os
 import threading
 
@@ -21,6 +20,7 @@ log = prepare_stub_process("generator_stream")
 
 from preprocess import triton_io as io  # noqa: E402
 from preprocess.contract import InvalidRequest  # noqa: E402
+from preprocess.engine.generation import logprobs_json  # noqa: E402
 from preprocess.engine.stream_socket import StreamFailed, socket_path, stream_events  # noqa: E402
 from preprocess.runtime import CancelMarkers  # noqa: E402
 from preprocess.settings import load  # noqa: E402
@@ -39,10 +39,9 @@ def error_response(message, kind):
 
 
 def piece_response(piece):
-    logprobs = piece.get("logprobs")
     outputs = io.generator_outputs(
         [piece["text"]], [piece["prompt_tokens"]], [piece["tokens"]], [piece.get("finish_reason") or ""],
-        [json.dumps(logprobs, ensure_ascii=False) if logprobs is not None else ""])
+        [logprobs_json(piece.get("logprobs"))])
     return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, array) for name, array in outputs.items()])
 
 
