@@ -84,16 +84,16 @@ def test_a_client_that_leaves_mid_stream_has_its_generation_aborted(server):
 
     On a starved CPU the engine can finish all its tokens before the first piece reaches
     the client (vLLM merges the pieces a lagging reader has not taken): such a stream ended
-    before anyone left, so it is whole (counted finished, every token made) and proves
-    nothing; the test then tries again, a bounded number of times."""
+    before anyone left (counted finished, at max_tokens or at a stop: CI saw 878 tokens)
+    and proves nothing; the test then tries again, a bounded number of times."""
     max_tokens = 900  # the tiny model's length is 1024; generating all of it takes seconds
     attempts = []
     for _ in range(5):
         figures = leave_after_the_first_piece(server, max_tokens)
         attempts.append(figures)
         cancelled, finished, generated = figures.values()
-        if finished:  # ended before the client left: whole, never cut short
-            assert (cancelled, finished, generated) == (0, 1, max_tokens), attempts
+        if finished:  # ended by the engine (max_tokens or a stop) before the client left
+            assert cancelled == 0 and finished == 1 and 1 <= generated <= max_tokens, attempts
             continue
         assert cancelled == 1 and 1 <= generated < max_tokens, attempts
         break
