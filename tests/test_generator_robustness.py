@@ -87,9 +87,10 @@ def test_killed_engine_comes_back_without_a_restart(server):
     else:  # CI saw the stream end before the kill landed: then it must be whole, never cut short.
         # Counted in tokens: the default FREQUENCY_PENALTY (0.1 per repeat) pushes the tiny model off
         # its one answer token after some hundreds of tokens (seen in CI), so the text is not 900 of them.
-        final_piece = json.loads(events[-3])
-        assert final_piece["choices"][0]["finish_reason"] == "length", final_piece
-        assert last["usage"]["completion_tokens"] == 900, (len(events), last)
+        # It ends where the engine ended it: at max_tokens, or at a stop (CI saw 881 tokens).
+        reason = json.loads(events[-3])["choices"][0]["finish_reason"]
+        tokens = last["usage"]["completion_tokens"]
+        assert (reason == "length" and tokens == 900) or (reason == "stop" and 1 <= tokens < 900), (reason, last)
     print(f"stream in flight at the kill: {'error event' if 'error' in last else 'had already finished'}")
     new_state = server.generator_state()
     assert new_state["pid"] == stub_pid  # same stub, same tritonserver: no restart
