@@ -5,6 +5,7 @@ real model_repository, vLLM on CPU, and the shim, on free ports.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -155,6 +156,44 @@ def wait_for(check, timeout_s: float):
     return None
 
 
+@contextlib.contextmanager
+def engine_in_slices(server, run_s: float = 0.02, pause_s: float = 0.2):
+    """The server's vLLM engines (core processes and their workers) run only in slices of
+    `run_s` with `pause_s` stopped between them (SIGSTOP/SIGCONT). The tokens an engine can
+    make then stay few per slice, while every other process gets the pauses to react: a
+    test can then tell "the client left before the end" from "the engine was faster", on
+    any machine. Always continued on exit; a process the test kills meanwhile is skipped."""
+    import psutil
+
+    engines = [psutil.Process(r["engine_pid"]) for r in server.get("/info")[1]["replicas"] if r.get("engine_pid")]
+    processes = [p for core in engines for p in (core, *core.children(recursive=True))]
+    assert processes, "no engine process to slice"
+    stop = threading.Event()
+
+    def signal_all(sig):
+        for process in processes:
+            try:
+                process.send_signal(sig)
+            except psutil.NoSuchProcess:  # killed by the test itself
+                pass
+
+    def slices():
+        while not stop.is_set():
+            signal_all(signal.SIGCONT)
+            time.sleep(run_s)
+            signal_all(signal.SIGSTOP)
+            stop.wait(pause_s)
+
+    slicer = threading.Thread(target=slices, daemon=True)
+    slicer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        slicer.join(5)
+        signal_all(signal.SIGCONT)
+
+
 def run_threads(targets, join_timeout_s: float) -> None:
     """Start one thread per target, join them all, and fail if any is still running."""
     threads = [threading.Thread(target=t, daemon=True) for t in targets]
@@ -221,11 +260,11 @@ def server_env(model_dir: Path, **extra: str) -> dict:
     return env
 
 
-def start_server(env: dict, log_name: str, command: list[str] | None = None) -> Server:
+def start_server(env: dict, log_name: str, command: list[str] | None = None, cwd: Path = REPO) -> Server:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     log_path = ARTIFACTS / log_name
     log_file = open(log_path, "w")
-    process = subprocess.Popen(command or [sys.executable, "-m", "shim.serve"], cwd=REPO, env=env,
+    process = subprocess.Popen(command or [sys.executable, "-m", "shim.serve"], cwd=cwd, env=env,
                                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     server = Server(
         url=f"http://127.0.0.1:{env['PORT']}", triton_url=f"127.0.0.1:{env['TRITON_HTTP_PORT']}",
