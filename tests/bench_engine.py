@@ -23,7 +23,6 @@ in production; every path runs under the same limit.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -37,8 +36,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.bench import (QUESTIONS, at_concurrency, check_generated, device_name, generated_tokens,  # noqa: E402
-                         percentile, tagged_questions)
+from tests.bench import QUESTIONS, check_generated, device_name, generated_tokens, tagged_questions  # noqa: E402
+from tests.bench_clients import online_load  # noqa: E402
 from tests.bench_workers import Worker  # noqa: E402
 from tests.conftest import http_json, server_env, start_server, stop_server  # noqa: E402
 
@@ -60,9 +59,12 @@ def judge_questions(n: int, tag: str) -> list[str]:
 class Product:
     """The product behind its shim, and its ensemble reached over tritonclient."""
 
-    def __init__(self, model_dir: Path, env: dict):
+    def __init__(self, model_dir: Path, env: dict, checkout: Path = REPO, log_name: str = "bench-engine-server.log"):
+        """`checkout`: the source tree whose shim, model repository and package it runs."""
         started = time.perf_counter()
-        self.server = start_server(server_env(model_dir, **env), "bench-engine-server.log")
+        if checkout != REPO:
+            env = {**env, "PYTHONPATH": str(checkout)}
+        self.server = start_server(server_env(model_dir, **env), log_name, cwd=checkout)
         self.startup_s = time.perf_counter() - started
         self.info = self.server.get("/info")[1]
 
@@ -85,28 +87,10 @@ class Product:
         answers, seconds = self.predict(questions, {})
         return {"chars": sum(len(a) for a in answers), "seconds": seconds}
 
-    def online(self, concurrency: int, requests: int, tokens: int, tag: str) -> dict:
-        return asyncio.run(self._online(concurrency, tagged_questions(requests, tag), tokens))
-
-    async def _online(self, concurrency: int, questions: list[str], tokens: int) -> dict:
-        import tritonclient.http.aio as triton_aio
-
-        from shim.ensemble import build_inputs
-
-        client = triton_aio.InferenceServerClient(self.server.triton_url, conn_limit=1024, conn_timeout=3600)
-        overrides = {"max_new_tokens": tokens, **EXACT}
-
-        async def one(question):
-            started = time.perf_counter()
-            await client.infer("llm", build_inputs([question], None, overrides))
-            return time.perf_counter() - started
-
-        try:
-            latencies, seconds = await at_concurrency(one, questions, concurrency)
-        finally:
-            await client.close()
-        return {"tokens": len(questions) * tokens, "seconds": seconds,
-                "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99)}
+    def online(self, concurrency: int, requests: int, tokens: int, tag: str, processes: int = 1) -> dict:
+        result = online_load(self.server.triton_url, tagged_questions(requests, tag), concurrency,
+                             {"max_new_tokens": tokens, **EXACT}, processes)
+        return {"tokens": requests * tokens, **result}
 
     def close(self) -> None:
         stop_server(self.server)
@@ -219,6 +203,11 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--memory", type=float, default=0.28, help="GPU memory share of each engine")
     parser.add_argument("--product-env", nargs="*", default=[], help="NAME=VALUE for the product and baseline 2")
+    parser.add_argument("--compare-checkout", type=Path, help="a second source tree (another commit, or other "
+                        "model configs): its product runs beside the first, path `ensemble B` (online plan)")
+    parser.add_argument("--client-processes", type=int, nargs="+", default=[1],
+                        help="ensemble online paths, one per count of client processes (tests/bench_clients.py)")
+    parser.add_argument("--skip-judge", action="store_true", help="online plan: no judge-shaped row")
     parser.add_argument("--py-spy", help="folder for py-spy profiles of the three stubs (round 2: the "
                         "largest batch, or the ensemble at c=256)")
     parser.add_argument("--out", required=True)
@@ -231,11 +220,12 @@ def main(argv=None):
     # The baselines read the same routing and engine variables the product does.
     worker_env = {**os.environ, **product_env}
     kinds = (("baseline1-offline", "offline-vllm"), ("baseline2-product", "offline-product")) \
-        if args.plan == "batch" else (("baseline3-serve", "async-serve"), ("baseline1-offline", "offline-vllm"))
+        if args.plan == "batch" else (("baseline3-serve", "async-serve"),) + \
+        ((("baseline1-offline", "offline-vllm"),) if not args.skip_judge else ())
     record = Record(Path(args.out), {"device": device_name(), "plan": args.plan, "model_dir": str(model_dir),
                                      "memory_each": args.memory, "product_env": product_env,
                                      "gpu_before": gpu_processes()})
-    workers, product = {}, None
+    workers, product, product_b = {}, None, None
     try:
         for name, kind in kinds:
             started = time.perf_counter()
@@ -243,6 +233,10 @@ def main(argv=None):
             log.info("%s up in %.1f s: %s", name, time.perf_counter() - started, workers[name].scheduler)
         product = Product(model_dir, product_env)
         log.info("product up in %.1f s: %s", product.startup_s, product.info.get("scheduler"))
+        if args.compare_checkout:
+            product_b = Product(model_dir, product_env, args.compare_checkout.resolve(), "bench-engine-server-b.log")
+            log.info("product B (%s) up in %.1f s", args.compare_checkout, product_b.startup_s)
+            record.write(compare_checkout=str(args.compare_checkout), product_b_startup_s=product_b.startup_s)
         record.write(schedulers={name: w.scheduler for name, w in workers.items()},
                      product_scheduler=product.info.get("scheduler"), product_engine_args=product.info.get("engine_args"),
                      product_startup_s=product.startup_s, gpu_with_all=gpu_processes())
@@ -250,10 +244,11 @@ def main(argv=None):
             if args.plan == "batch":
                 run_batch_plan(args, workers, product, record)
             else:
-                run_online_plan(args, workers, product, record)
+                run_online_plan(args, workers, {"ensemble": product, "ensemble B": product_b}, record)
     finally:
-        if product is not None:
-            product.close()
+        for each in (product, product_b):
+            if each is not None:
+                each.close()
         for worker in workers.values():
             worker.close()
     record.write(gpu_samples=sampler.samples, gpu_after=gpu_processes())
@@ -311,28 +306,38 @@ def profiler(args, product, record, case: str, path: str = "shim /predict") -> l
     return spies
 
 
-def run_online_plan(args, workers, product, record) -> None:
-    b3, b1 = workers["baseline3-serve"], workers["baseline1-offline"]
+def run_online_plan(args, workers, products: dict, record) -> None:
+    b3, b1 = workers["baseline3-serve"], workers.get("baseline1-offline")
+    products = {name: p for name, p in products.items() if p is not None}
+    # The first product runs once per --client-processes count, product B with the last one.
+    counts = {"ensemble": args.client_processes, "ensemble B": args.client_processes[-1:]}
+    paths = {f"{name}{'' if k == 1 else f' x{k} clients'}": (p, k)
+             for name, p in products.items() for k in counts[name]}
     b3.run(op="online", c=16, requests=32, tokens=8, tag="warm")
-    product.online(16, 32, 8, "warm")
+    for product in products.values():
+        product.online(16, 32, 8, "warm")
     for round_ in range(args.rounds):
         for concurrency, requests in (tuple(int(x) for x in w.split(":")) for w in args.online):
             case = f"online c={concurrency}"
             record.add(case, "baseline3-serve", round_,
                        b3.run(op="online", c=concurrency, requests=requests, tokens=args.tokens,
                               tag=f"r{round_}c{concurrency}b3"), "tokens")
-            spies = profiler(args, product, record, case, "ensemble") if round_ == 1 and concurrency == 256 else []
-            record.add(case, "ensemble", round_,
-                       product.online(concurrency, requests, args.tokens, f"r{round_}c{concurrency}ens"), "tokens")
-            for spy in spies:
-                spy.wait(120)
-        judge_round(args, b1, product, record, round_, "judge shipped")
+            for number, (path, (product, processes)) in enumerate(paths.items()):
+                profiled = round_ == 1 and concurrency == 256 and number == 0  # stubs found by model name
+                spies = profiler(args, product, record, case, path) if profiled else []
+                record.add(case, path, round_, product.online(concurrency, requests, args.tokens,
+                                                              f"r{round_}c{concurrency}e{number}", processes), "tokens")
+                for spy in spies:
+                    spy.wait(120)
+        if not args.skip_judge:
+            judge_round(args, b1, products["ensemble"], record, round_, "judge shipped")
 
 
 def judge_round(args, replica, product, record, round_: int, case: str) -> None:
     """The judge's batch: the product's shim against the replaced service's batch path in process."""
-    record.add(case, "baseline1-offline", round_,
-               replica.run(op="judge", questions=judge_questions(args.judge_n, f"r{round_}j1")), "chars")
+    anchor = replica.run(op="judge", questions=judge_questions(args.judge_n, f"r{round_}j1"))
+    record.add(case, "baseline1-offline", round_, anchor, "chars")
+    record.add(case, "baseline1-from-ids", round_, {**anchor, "seconds": anchor["from_ids_s"]}, "chars")
     record.add(case, "shim /predict", round_, product.judge(judge_questions(args.judge_n, f"r{round_}js")), "chars")
 
 

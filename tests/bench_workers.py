@@ -17,6 +17,7 @@ service's batch path, in process).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import subprocess
@@ -47,13 +48,15 @@ def scheduler_of(vllm_config) -> dict:
             "kv_cache_blocks": getattr(vllm_config.cache_config, "num_gpu_blocks", None)}
 
 
-def judge_rows(model_dir: str, questions: list[str]):
-    """Token ids and per-prompt sampling exactly as the product's preprocess stage makes them."""
+@functools.cache
+def judge_stage(model_dir: str):
+    """The product's preprocess stage (routing, template, token ids), built once, as a
+    service holds its tokenizer."""
     from preprocess.pipeline import PreprocessStage
     from preprocess.settings import load
     from preprocess.tokenizer import load_tokenizer
 
-    return PreprocessStage(load(os.environ), load_tokenizer(model_dir)).run(questions)
+    return PreprocessStage(load(os.environ), load_tokenizer(model_dir))
 
 
 def judge_params(rows):
@@ -101,14 +104,19 @@ def offline_worker(kind: str, model_dir: str, memory: float) -> None:
             seconds = time.perf_counter() - started
             reply({"tokens": sum(len(o.outputs[0].token_ids) for o in outputs), "seconds": seconds})
         elif command["op"] == "judge":
-            rows = judge_rows(model_dir, command["questions"])
+            # Timed from the questions, as the judge times a request to the replaced service
+            # (it formats and tokenizes inside its request); `from_ids_s` leaves that out.
+            stage = judge_stage(model_dir)
             started = time.perf_counter()
+            rows = stage.run(command["questions"])
+            tokenized = time.perf_counter()
             outputs = llm.generate([TokensPrompt(prompt_token_ids=r.token_ids) for r in rows], judge_params(rows),
                                    use_tqdm=False)
             texts = [o.outputs[0].text for o in outputs]
             chars = cleaned_chars(rows, texts)
             seconds = time.perf_counter() - started
-            reply({"chars": chars, "seconds": seconds, "tokens": sum(len(o.outputs[0].token_ids) for o in outputs)})
+            reply({"chars": chars, "seconds": seconds, "from_ids_s": seconds - (tokenized - started),
+                   "tokens": sum(len(o.outputs[0].token_ids) for o in outputs)})
         else:
             reply({"error": f"{kind} does not run {command['op']}"})
 

@@ -1,0 +1,93 @@
+"""Closed-loop load on the ensemble over tritonclient, from one or several client processes.
+
+A client process pays Python CPU for every request it sends and every answer it reads
+(tritonclient builds and parses each HTTP message). When that CPU reaches the window's
+length, the client and not the server sets the figure. `processes` > 1 spreads the same
+concurrency over that many processes, as that many users' machines would; each reports
+the CPU it spent (`client_cpu_s`, the busiest one's), so a window shows whether its client
+was the limit.
+
+Every process builds its client and imports first, then waits on one start event; the
+window runs from that event until the last answer of the last process.
+"""
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import time
+
+from tests.bench import at_concurrency, percentile
+
+
+async def _closed_loop(triton_url: str, questions: list[str], concurrency: int, overrides: dict,
+                       ready=None, start=None) -> dict:
+    import tritonclient.http.aio as triton_aio
+
+    from shim.ensemble import build_inputs
+
+    client = triton_aio.InferenceServerClient(triton_url, conn_limit=1024, conn_timeout=3600)
+
+    async def one(question):
+        started = time.perf_counter()
+        await client.infer("llm", build_inputs([question], None, overrides))
+        return time.perf_counter() - started
+
+    try:
+        if ready is not None:
+            ready.set()
+            await asyncio.to_thread(start.wait)
+        cpu = time.process_time()
+        latencies, seconds = await at_concurrency(one, questions, concurrency)
+        return {"latencies": latencies, "seconds": seconds, "cpu_s": time.process_time() - cpu}
+    finally:
+        await client.close()
+
+
+def _client_process(triton_url, questions, concurrency, overrides, ready, start, results) -> None:
+    try:
+        results.put(asyncio.run(_closed_loop(triton_url, questions, concurrency, overrides, ready, start)))
+    except BaseException as exc:  # the parent must hear of it, not wait for ever
+        results.put({"error": f"{type(exc).__name__}: {exc}"})
+        raise
+
+
+def online_load(triton_url: str, questions: list[str], concurrency: int, overrides: dict,
+                processes: int = 1) -> dict:
+    """`questions` at `concurrency` in flight in all, over `processes` client processes."""
+    if processes <= 1:
+        done = asyncio.run(_closed_loop(triton_url, questions, concurrency, overrides))
+        return _summary(done["latencies"], done["seconds"], [done["cpu_s"]])
+    context = multiprocessing.get_context("spawn")  # no inherited event loop or sockets
+    start, results = context.Event(), context.Queue()
+    readies, workers = [], []
+    for k in range(processes):
+        ready = context.Event()
+        share = concurrency // processes + (k < concurrency % processes)
+        workers.append(context.Process(target=_client_process, daemon=True, args=(
+            triton_url, questions[k::processes], max(1, share), overrides, ready, start, results)))
+        readies.append(ready)
+    for worker in workers:
+        worker.start()
+    try:
+        for ready, worker in zip(readies, workers):
+            while not ready.wait(1.0):
+                if not worker.is_alive():
+                    raise RuntimeError(f"a client process exited with {worker.exitcode} before the start")
+        started = time.perf_counter()
+        start.set()
+        done = [results.get(timeout=3600) for _ in workers]
+        seconds = time.perf_counter() - started
+    finally:
+        for worker in workers:
+            worker.join(10)
+            if worker.is_alive():
+                worker.kill()
+    errors = [d["error"] for d in done if "error" in d]
+    if errors:
+        raise RuntimeError(f"client processes failed: {errors}")
+    return _summary([s for d in done for s in d["latencies"]], seconds, [d["cpu_s"] for d in done])
+
+
+def _summary(latencies: list[float], seconds: float, cpu: list[float]) -> dict:
+    return {"seconds": seconds, "p50_ms": 1000 * percentile(latencies, 50),
+            "p99_ms": 1000 * percentile(latencies, 99), "client_cpu_s": max(cpu), "client_processes": len(cpu)}
