@@ -108,6 +108,27 @@ async def at_concurrency(call, items, concurrency):
     return results, time.perf_counter() - started
 
 
+def exact_generator_inputs(batch_ids, max_tokens: int, client) -> list:
+    """The generator model's inputs for token ids, exactly `max_tokens` each (greedy,
+    ignore_eos): the generator alone, without the ensemble around it."""
+    import numpy as np
+    from tritonclient.utils import np_to_triton_dtype
+
+    from preprocess.triton_io import pad_token_ids
+
+    count = len(batch_ids)
+    tensors = {"PROMPT_IDS": pad_token_ids(batch_ids), "MAX_TOKENS": np.full((count, 1), max_tokens, np.int32),
+               "TEMPERATURE": np.zeros((count, 1), np.float32), "TOP_P": np.ones((count, 1), np.float32),
+               "TOP_K": np.ones((count, 1), np.int32), "REPETITION_PENALTY": np.ones((count, 1), np.float32),
+               "FREQUENCY_PENALTY": np.zeros((count, 1), np.float32), "IGNORE_EOS": np.ones((count, 1), np.bool_)}
+    inputs = []
+    for name, array in tensors.items():
+        tensor = client.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
 def engine_overrides():
     from preprocess.engine.config import engine_kwargs, load_engine
     from preprocess.engine.service import accelerator_available
@@ -160,7 +181,6 @@ def product_paths(server, model_dir, n, max_tokens, concurrency_levels):
 async def _product_paths(server, model_dir, n, max_tokens, concurrency_levels):
     import numpy as np
     import tritonclient.http.aio as triton_aio
-    from tritonclient.utils import np_to_triton_dtype
 
     from preprocess.triton_io import pad_token_ids
     from shim.ensemble import build_inputs
@@ -174,17 +194,7 @@ async def _product_paths(server, model_dir, n, max_tokens, concurrency_levels):
                  "frequency_penalty": 0.0}
 
     def generator_inputs(batch_ids):
-        count = len(batch_ids)
-        tensors = {"PROMPT_IDS": pad_token_ids(batch_ids), "MAX_TOKENS": np.full((count, 1), max_tokens, np.int32),
-                   "TEMPERATURE": np.zeros((count, 1), np.float32), "TOP_P": np.ones((count, 1), np.float32),
-                   "TOP_K": np.ones((count, 1), np.int32), "REPETITION_PENALTY": np.ones((count, 1), np.float32),
-                   "FREQUENCY_PENALTY": np.zeros((count, 1), np.float32), "IGNORE_EOS": np.ones((count, 1), np.bool_)}
-        inputs = []
-        for name, array in tensors.items():
-            tensor = triton_aio.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-            tensor.set_data_from_numpy(array)
-            inputs.append(tensor)
-        return inputs
+        return exact_generator_inputs(batch_ids, max_tokens, triton_aio)
 
     async def in_chunks(model, make_inputs, items, size=512):
         """Batches above max_batch_size go as concurrent requests of at most `size`, as the shim does."""

@@ -19,17 +19,24 @@ import time
 from tests.bench import at_concurrency, percentile
 
 
-async def _closed_loop(triton_url: str, questions: list[str], concurrency: int, overrides: dict,
+async def _closed_loop(triton_url: str, items: list, concurrency: int, overrides: dict,
                        ready=None, start=None) -> dict:
+    """`items`: questions for the ensemble (`llm`); token-id lists for the generator alone."""
     import tritonclient.http.aio as triton_aio
 
     from shim.ensemble import build_inputs
+    from tests.bench import exact_generator_inputs
 
     client = triton_aio.InferenceServerClient(triton_url, conn_limit=1024, conn_timeout=3600)
 
-    async def one(question):
+    def inputs(item):
+        if isinstance(item, str):
+            return "llm", build_inputs([item], None, overrides)
+        return "generator", exact_generator_inputs([item], overrides["max_new_tokens"], triton_aio)
+
+    async def one(item):
         started = time.perf_counter()
-        await client.infer("llm", build_inputs([question], None, overrides))
+        await client.infer(*inputs(item))
         return time.perf_counter() - started
 
     try:
@@ -51,9 +58,10 @@ def _client_process(triton_url, questions, concurrency, overrides, ready, start,
         raise
 
 
-def online_load(triton_url: str, questions: list[str], concurrency: int, overrides: dict,
+def online_load(triton_url: str, questions: list, concurrency: int, overrides: dict,
                 processes: int = 1) -> dict:
-    """`questions` at `concurrency` in flight in all, over `processes` client processes."""
+    """`questions` (or token-id lists) at `concurrency` in flight in all, over `processes`
+    client processes."""
     if processes <= 1:
         done = asyncio.run(_closed_loop(triton_url, questions, concurrency, overrides))
         return _summary(done["latencies"], done["seconds"], [done["cpu_s"]])

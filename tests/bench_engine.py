@@ -36,7 +36,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.bench import QUESTIONS, check_generated, device_name, generated_tokens, tagged_questions  # noqa: E402
+from tests.bench import (QUESTIONS, check_generated, device_name, generated_tokens, prompts_and_ids,  # noqa: E402
+                         tagged_questions)
 from tests.bench_clients import online_load  # noqa: E402
 from tests.bench_workers import Worker  # noqa: E402
 from tests.conftest import http_json, server_env, start_server, stop_server  # noqa: E402
@@ -62,6 +63,7 @@ class Product:
     def __init__(self, model_dir: Path, env: dict, checkout: Path = REPO, log_name: str = "bench-engine-server.log"):
         """`checkout`: the source tree whose shim, model repository and package it runs."""
         started = time.perf_counter()
+        self.model_dir = model_dir
         if checkout != REPO:
             env = {**env, "PYTHONPATH": str(checkout)}
         self.server = start_server(server_env(model_dir, **env), log_name, cwd=checkout)
@@ -87,9 +89,12 @@ class Product:
         answers, seconds = self.predict(questions, {})
         return {"chars": sum(len(a) for a in answers), "seconds": seconds}
 
-    def online(self, concurrency: int, requests: int, tokens: int, tag: str, processes: int = 1) -> dict:
-        result = online_load(self.server.triton_url, tagged_questions(requests, tag), concurrency,
-                             {"max_new_tokens": tokens, **EXACT}, processes)
+    def online(self, concurrency: int, requests: int, tokens: int, tag: str, processes: int = 1,
+               generator_only: bool = False) -> dict:
+        """Closed-loop requests to the ensemble, or with `generator_only` to the generator
+        model alone (the same prompts as token ids: what the ensemble adds, split off)."""
+        items = prompts_and_ids(self.model_dir, requests, tag)[1] if generator_only else tagged_questions(requests, tag)
+        result = online_load(self.server.triton_url, items, concurrency, {"max_new_tokens": tokens, **EXACT}, processes)
         return {"tokens": requests * tokens, **result}
 
     def close(self) -> None:
@@ -207,6 +212,8 @@ def main(argv=None):
                         "model configs): its product runs beside the first, path `ensemble B` (online plan)")
     parser.add_argument("--client-processes", type=int, nargs="+", default=[1],
                         help="ensemble online paths, one per count of client processes (tests/bench_clients.py)")
+    parser.add_argument("--generator-alone", action="store_true",
+                        help="online plan: also the generator model alone, same prompts as token ids")
     parser.add_argument("--skip-judge", action="store_true", help="online plan: no judge-shaped row")
     parser.add_argument("--py-spy", help="folder for py-spy profiles of the three stubs (round 2: the "
                         "largest batch, or the ensemble at c=256)")
@@ -311,8 +318,10 @@ def run_online_plan(args, workers, products: dict, record) -> None:
     products = {name: p for name, p in products.items() if p is not None}
     # The first product runs once per --client-processes count, product B with the last one.
     counts = {"ensemble": args.client_processes, "ensemble B": args.client_processes[-1:]}
-    paths = {f"{name}{'' if k == 1 else f' x{k} clients'}": (p, k)
+    paths = {f"{name}{'' if k == 1 else f' x{k} clients'}": (p, k, False)
              for name, p in products.items() for k in counts[name]}
+    if args.generator_alone:
+        paths["generator alone"] = (products["ensemble"], 1, True)
     b3.run(op="online", c=16, requests=32, tokens=8, tag="warm")
     for product in products.values():
         product.online(16, 32, 8, "warm")
@@ -322,11 +331,12 @@ def run_online_plan(args, workers, products: dict, record) -> None:
             record.add(case, "baseline3-serve", round_,
                        b3.run(op="online", c=concurrency, requests=requests, tokens=args.tokens,
                               tag=f"r{round_}c{concurrency}b3"), "tokens")
-            for number, (path, (product, processes)) in enumerate(paths.items()):
+            for number, (path, (product, processes, generator_only)) in enumerate(paths.items()):
                 profiled = round_ == 1 and concurrency == 256 and number == 0  # stubs found by model name
                 spies = profiler(args, product, record, case, path) if profiled else []
                 record.add(case, path, round_, product.online(concurrency, requests, args.tokens,
-                                                              f"r{round_}c{concurrency}e{number}", processes), "tokens")
+                                                              f"r{round_}c{concurrency}e{number}", processes,
+                                                              generator_only), "tokens")
                 for spy in spies:
                     spy.wait(120)
         if not args.skip_judge:
