@@ -162,7 +162,7 @@ def engine_in_slices(server, run_s: float = 0.02, pause_s: float = 0.2):
     `run_s` with `pause_s` stopped between them (SIGSTOP/SIGCONT). The tokens an engine can
     make then stay few per slice, while every other process gets the pauses to react: a
     test can then tell "the client left before the end" from "the engine was faster", on
-    any machine. Always continued on exit; a process the test kills meanwhile is skipped."""
+    any machine. Always continued on exit; a process that died meanwhile is skipped."""
     import psutil
 
     engines = [psutil.Process(r["engine_pid"]) for r in server.get("/info")[1]["replicas"] if r.get("engine_pid")]
@@ -174,7 +174,7 @@ def engine_in_slices(server, run_s: float = 0.02, pause_s: float = 0.2):
         for process in processes:
             try:
                 process.send_signal(sig)
-            except psutil.NoSuchProcess:  # killed by the test itself
+            except psutil.NoSuchProcess:  # an engine that died meanwhile (the generator rebuilds it)
                 pass
 
     def slices():
