@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "tests" / ".artifacts"
 EMBEDDED_MODEL = REPO / "model" / EMBEDDED_MODEL_ID
 TINY_MODEL = ARTIFACTS / "tiny-llama-answers-gpu"
+TINY_MODEL_LEN = 1024  # tokens, prompt and answer together: vLLM ends an answer there ("length")
 TINY_ANSWER = " GPU"  # what the tiny model says, greedily, to any prompt: once per generated token
 LEAK_CANARY = "canary-secret-4b1d"
 SESSION_TOKEN_BUDGET = 16_000  # set as HF_TOKEN etc.; must never be echoed
@@ -52,7 +53,7 @@ def build_tiny_model(dest: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=1024,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=TINY_MODEL_LEN,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
     )
