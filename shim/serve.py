@@ -118,7 +118,10 @@ class TritonSupervisor:
         while not self._stopping.is_set():
             log.info("starting tritonserver")
             started = time.monotonic()
-            self.process = subprocess.Popen(self.command, env=self.env, start_new_session=True, cwd=REPO)
+            # Its own process group, so it is killed whole, but the shim's session: Linux's
+            # autogroup schedules a session as one group, and an engine in another session
+            # kept the shim off the CPU for seconds on a 2-core machine (streams held to the end).
+            self.process = subprocess.Popen(self.command, env=self.env, process_group=0, cwd=REPO)
             code = self.process.wait()
             if self._stopping.is_set():
                 return

@@ -266,7 +266,7 @@ def start_server(env: dict, log_name: str, command: list[str] | None = None, cwd
     log_path = ARTIFACTS / log_name
     log_file = open(log_path, "w")
     process = subprocess.Popen(command or [sys.executable, "-m", "shim.serve"], cwd=cwd, env=env,
-                               stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+                               stdout=log_file, stderr=subprocess.STDOUT, process_group=0)
     server = Server(
         url=f"http://127.0.0.1:{env['PORT']}", triton_url=f"127.0.0.1:{env['TRITON_HTTP_PORT']}",
         metrics_url=f"http://127.0.0.1:{env['TRITON_METRICS_PORT']}/metrics",

@@ -33,6 +33,18 @@ def test_invalid_sampling_never_reaches_the_engine(server):
     assert server.post("/predict", {"prompt": "after bad ones"})[0] == 200
 
 
+def test_the_engine_shares_the_shims_session(server):
+    """Linux with autogroup (the default) schedules each session as one group. With the engine
+    in a session of its own (a setsid'd tritonserver), a 2-core machine left a process of
+    another session waiting on the run queue for 1-4 s while the engine generated, so every
+    piece of a stream reached the shim at once, at its end. So the shim starts tritonserver
+    in a process group of its own, for killing it whole, but in its own session."""
+    state = server.generator_state()
+    shim_session = os.getsid(server.process.pid)
+    assert os.getsid(state["pid"]) == shim_session and os.getsid(state["engine_pid"]) == shim_session
+    assert os.getpgid(state["pid"]) != os.getpgid(server.process.pid)  # Ctrl-C reaches the shim only
+
+
 @pytest.mark.faults
 def test_killed_engine_comes_back_without_a_restart(server):
     """The generator rebuilds its engine by itself; the failures of the requests in flight

@@ -45,7 +45,7 @@ class PlainTriton:
         with open(ARTIFACTS / "plain-tritonserver.log", "a") as log:
             self.process = subprocess.Popen(
                 ["bash", "-c", f"{PLAIN_TRITON} --http-port={http} --grpc-port={grpc} --metrics-port={metrics}"],
-                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, process_group=0)
 
     def stop(self) -> None:
         """SIGTERM, then whatever of its process group is left. With the shim's keep-alive
