@@ -179,10 +179,8 @@ def product_paths(server, model_dir, n, max_tokens, concurrency_levels):
 
 
 async def _product_paths(server, model_dir, n, max_tokens, concurrency_levels):
-    import numpy as np
     import tritonclient.http.aio as triton_aio
 
-    from preprocess.triton_io import pad_token_ids
     from shim.ensemble import build_inputs
 
     client = triton_aio.InferenceServerClient(server.triton_url, conn_limit=512, conn_timeout=3600)

@@ -44,7 +44,7 @@ async def _closed_loop(triton_url: str, items: list, concurrency: int, overrides
             ready.set()
             await asyncio.to_thread(start.wait)
         cpu = time.process_time()
-        latencies, seconds = await at_concurrency(one, questions, concurrency)
+        latencies, seconds = await at_concurrency(one, items, concurrency)
         return {"latencies": latencies, "seconds": seconds, "cpu_s": time.process_time() - cpu}
     finally:
         await client.close()

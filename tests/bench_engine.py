@@ -210,6 +210,8 @@ def main(argv=None):
     parser.add_argument("--product-env", nargs="*", default=[], help="NAME=VALUE for the product and baseline 2")
     parser.add_argument("--compare-checkout", type=Path, help="a second source tree (another commit, or other "
                         "model configs): its product runs beside the first, path `ensemble B` (online plan)")
+    parser.add_argument("--product-b-env", nargs="*", help="NAME=VALUE on top of --product-env for a second "
+                        "product, path `ensemble B` (with --compare-checkout, that tree's; else this one)")
     parser.add_argument("--client-processes", type=int, nargs="+", default=[1],
                         help="ensemble online paths, one per count of client processes (tests/bench_clients.py)")
     parser.add_argument("--generator-alone", action="store_true",
@@ -240,10 +242,14 @@ def main(argv=None):
             log.info("%s up in %.1f s: %s", name, time.perf_counter() - started, workers[name].scheduler)
         product = Product(model_dir, product_env)
         log.info("product up in %.1f s: %s", product.startup_s, product.info.get("scheduler"))
-        if args.compare_checkout:
-            product_b = Product(model_dir, product_env, args.compare_checkout.resolve(), "bench-engine-server-b.log")
-            log.info("product B (%s) up in %.1f s", args.compare_checkout, product_b.startup_s)
-            record.write(compare_checkout=str(args.compare_checkout), product_b_startup_s=product_b.startup_s)
+        if args.compare_checkout or args.product_b_env is not None:
+            env_b = {**product_env, **dict(item.split("=", 1) for item in args.product_b_env or [])}
+            checkout_b = args.compare_checkout.resolve() if args.compare_checkout else REPO
+            product_b = Product(model_dir, env_b, checkout_b, "bench-engine-server-b.log")
+            log.info("product B (%s, %s) up in %.1f s: %s", checkout_b, args.product_b_env, product_b.startup_s,
+                     product_b.info.get("scheduler"))
+            record.write(compare_checkout=str(checkout_b), product_b_env=env_b, product_b_startup_s=product_b.startup_s,
+                         product_b_scheduler=product_b.info.get("scheduler"))
         record.write(schedulers={name: w.scheduler for name, w in workers.items()},
                      product_scheduler=product.info.get("scheduler"), product_engine_args=product.info.get("engine_args"),
                      product_startup_s=product.startup_s, gpu_with_all=gpu_processes())
