@@ -98,6 +98,14 @@ def restart_delay(base_s: float, failures_in_a_row: int) -> float:
     return min(30.0, base_s * 2 ** min(failures_in_a_row - 1, 5))
 
 
+# Popen arguments for tritonserver: a process group of its own, so it is killed whole and
+# Ctrl-C reaches the shim only, but the shim's session. Linux's autogroup schedules a session
+# as one group, and an engine in another session kept the shim off the CPU for seconds on a
+# 2-core machine (every piece of a stream arrived at its end). `process_group` is 3.11+;
+# the MetaX image runs 3.10, where the child calls setpgrp before its exec.
+OWN_PROCESS_GROUP: dict = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+
+
 class TritonSupervisor:
     """Keeps one tritonserver running; restarts it when it exits unexpectedly."""
 
@@ -118,10 +126,7 @@ class TritonSupervisor:
         while not self._stopping.is_set():
             log.info("starting tritonserver")
             started = time.monotonic()
-            # Its own process group, so it is killed whole, but the shim's session: Linux's
-            # autogroup schedules a session as one group, and an engine in another session
-            # kept the shim off the CPU for seconds on a 2-core machine (streams held to the end).
-            self.process = subprocess.Popen(self.command, env=self.env, process_group=0, cwd=REPO)
+            self.process = subprocess.Popen(self.command, env=self.env, cwd=REPO, **OWN_PROCESS_GROUP)
             code = self.process.wait()
             if self._stopping.is_set():
                 return

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from preprocess.settings import EMBEDDED_MODEL_ID
+from shim.serve import OWN_PROCESS_GROUP
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "tests" / ".artifacts"
@@ -266,7 +267,7 @@ def start_server(env: dict, log_name: str, command: list[str] | None = None, cwd
     log_path = ARTIFACTS / log_name
     log_file = open(log_path, "w")
     process = subprocess.Popen(command or [sys.executable, "-m", "shim.serve"], cwd=cwd, env=env,
-                               stdout=log_file, stderr=subprocess.STDOUT, process_group=0)
+                               stdout=log_file, stderr=subprocess.STDOUT, **OWN_PROCESS_GROUP)
     server = Server(
         url=f"http://127.0.0.1:{env['PORT']}", triton_url=f"127.0.0.1:{env['TRITON_HTTP_PORT']}",
         metrics_url=f"http://127.0.0.1:{env['TRITON_METRICS_PORT']}/metrics",

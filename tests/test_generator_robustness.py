@@ -38,7 +38,7 @@ def test_the_engine_shares_the_shims_session(server):
     in a session of its own (a setsid'd tritonserver), a 2-core machine left a process of
     another session waiting on the run queue for 1-4 s while the engine generated, so every
     piece of a stream reached the shim at once, at its end. So the shim starts tritonserver
-    in a process group of its own, for killing it whole, but in its own session."""
+    in a process group of its own, for killing it whole, but in the shim's session."""
     state = server.generator_state()
     shim_session = os.getsid(server.process.pid)
     assert os.getsid(state["pid"]) == shim_session and os.getsid(state["engine_pid"]) == shim_session

@@ -15,8 +15,8 @@ import sys
 
 import pytest
 
-from .conftest import (ARTIFACTS, REPO, free_port, scrape_metrics, server_env, start_server, stop_process,
-                       stop_server, wait_for)
+from .conftest import (ARTIFACTS, OWN_PROCESS_GROUP, REPO, free_port, scrape_metrics, server_env, start_server,
+                       stop_process, stop_server, wait_for)
 
 pytestmark = pytest.mark.server
 
@@ -45,7 +45,7 @@ class PlainTriton:
         with open(ARTIFACTS / "plain-tritonserver.log", "a") as log:
             self.process = subprocess.Popen(
                 ["bash", "-c", f"{PLAIN_TRITON} --http-port={http} --grpc-port={grpc} --metrics-port={metrics}"],
-                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, process_group=0)
+                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, **OWN_PROCESS_GROUP)
 
     def stop(self) -> None:
         """SIGTERM, then whatever of its process group is left. With the shim's keep-alive
