@@ -50,20 +50,20 @@ async def _closed_loop(triton_url: str, items: list, concurrency: int, overrides
         await client.close()
 
 
-def _client_process(triton_url, questions, concurrency, overrides, ready, start, results) -> None:
+def _client_process(triton_url, items, concurrency, overrides, ready, start, results) -> None:
     try:
-        results.put(asyncio.run(_closed_loop(triton_url, questions, concurrency, overrides, ready, start)))
+        results.put(asyncio.run(_closed_loop(triton_url, items, concurrency, overrides, ready, start)))
     except BaseException as exc:  # the parent must hear of it, not wait for ever
         results.put({"error": f"{type(exc).__name__}: {exc}"})
         raise
 
 
-def online_load(triton_url: str, questions: list, concurrency: int, overrides: dict,
+def online_load(triton_url: str, items: list, concurrency: int, overrides: dict,
                 processes: int = 1) -> dict:
-    """`questions` (or token-id lists) at `concurrency` in flight in all, over `processes`
-    client processes."""
+    """`items` (questions, or token-id lists for the generator alone) at `concurrency` in
+    flight in all, over `processes` client processes."""
     if processes <= 1:
-        done = asyncio.run(_closed_loop(triton_url, questions, concurrency, overrides))
+        done = asyncio.run(_closed_loop(triton_url, items, concurrency, overrides))
         return _summary(done["latencies"], done["seconds"], [done["cpu_s"]])
     context = multiprocessing.get_context("spawn")  # no inherited event loop or sockets
     start, results = context.Event(), context.Queue()
@@ -72,7 +72,7 @@ def online_load(triton_url: str, questions: list, concurrency: int, overrides: d
         ready = context.Event()
         share = concurrency // processes + (k < concurrency % processes)
         workers.append(context.Process(target=_client_process, daemon=True, args=(
-            triton_url, questions[k::processes], max(1, share), overrides, ready, start, results)))
+            triton_url, items[k::processes], max(1, share), overrides, ready, start, results)))
         readies.append(ready)
     for worker in workers:
         worker.start()
