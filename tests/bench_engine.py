@@ -166,7 +166,8 @@ class Record:
                 if "p50_ms" in next(iter(rounds.values())):
                     rows[path]["p50_ms"] = summary([m["p50_ms"] for m in rounds.values()])
                 for base, base_rounds in paths.items():
-                    if base == path or not base.startswith("baseline"):
+                    # each path against every baseline; product B's also against the first product
+                    if base == path or not (base.startswith("baseline") or path == f"{base} B"):
                         continue
                     common = sorted(set(rounds) & set(base_rounds))
                     if common:
@@ -202,8 +203,8 @@ def main(argv=None):
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--sizes", nargs="+", default=["650x128", "1536x256"])
     parser.add_argument("--tokens", type=int, default=128, help="tokens per online request")
-    parser.add_argument("--online", nargs="+", default=["1:8", "16:128", "64:512", "256:1024"],
-                        help="CONCURRENCY:REQUESTS windows of the online plan")
+    parser.add_argument("--online", nargs="*", default=["1:8", "16:128", "64:512", "256:1024"],
+                        help="CONCURRENCY:REQUESTS windows of the online plan (none: the judge row only)")
     parser.add_argument("--judge-n", type=int, default=650)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--memory", type=float, default=0.28, help="GPU memory share of each engine")
@@ -229,7 +230,7 @@ def main(argv=None):
     # The baselines read the same routing and engine variables the product does.
     worker_env = {**os.environ, **product_env}
     kinds = (("baseline1-offline", "offline-vllm"), ("baseline2-product", "offline-product")) \
-        if args.plan == "batch" else (("baseline3-serve", "async-serve"),) + \
+        if args.plan == "batch" else ((("baseline3-serve", "async-serve"),) if args.online else ()) + \
         ((("baseline1-offline", "offline-vllm"),) if not args.skip_judge else ())
     record = Record(Path(args.out), {"device": device_name(), "plan": args.plan, "model_dir": str(model_dir),
                                      "memory_each": args.memory, "product_env": product_env,
@@ -320,7 +321,7 @@ def profiler(args, product, record, case: str, path: str = "shim /predict") -> l
 
 
 def run_online_plan(args, workers, products: dict, record) -> None:
-    b3, b1 = workers["baseline3-serve"], workers.get("baseline1-offline")
+    b3, b1 = workers.get("baseline3-serve"), workers.get("baseline1-offline")
     products = {name: p for name, p in products.items() if p is not None}
     # The first product runs once per --client-processes count, product B with the last one.
     counts = {"ensemble": args.client_processes, "ensemble B": args.client_processes[-1:]}
@@ -328,9 +329,10 @@ def run_online_plan(args, workers, products: dict, record) -> None:
              for name, p in products.items() for k in counts[name]}
     if args.generator_alone:
         paths["generator alone"] = (products["ensemble"], 1, True)
-    b3.run(op="online", c=16, requests=32, tokens=8, tag="warm")
-    for product in products.values():
-        product.online(16, 32, 8, "warm")
+    if b3 is not None:
+        b3.run(op="online", c=16, requests=32, tokens=8, tag="warm")
+        for product in products.values():
+            product.online(16, 32, 8, "warm")
     for round_ in range(args.rounds):
         for concurrency, requests in (tuple(int(x) for x in w.split(":")) for w in args.online):
             case = f"online c={concurrency}"
@@ -346,15 +348,18 @@ def run_online_plan(args, workers, products: dict, record) -> None:
                 for spy in spies:
                     spy.wait(120)
         if not args.skip_judge:
-            judge_round(args, b1, products["ensemble"], record, round_, "judge shipped")
+            judge_round(args, b1, products["ensemble"], record, round_, "judge shipped", products.get("ensemble B"))
 
 
-def judge_round(args, replica, product, record, round_: int, case: str) -> None:
-    """The judge's batch: the product's shim against the replaced service's batch path in process."""
+def judge_round(args, replica, product, record, round_: int, case: str, product_b=None) -> None:
+    """The judge's batch: the product's shim against the replaced service's batch path in
+    process; with a product B, its shim too, A and B taking turns at going first."""
     anchor = replica.run(op="judge", questions=judge_questions(args.judge_n, f"r{round_}j1"))
     record.add(case, "baseline1-offline", round_, anchor, "chars")
     record.add(case, "baseline1-from-ids", round_, {**anchor, "seconds": anchor["from_ids_s"]}, "chars")
-    record.add(case, "shim /predict", round_, product.judge(judge_questions(args.judge_n, f"r{round_}js")), "chars")
+    shims = [("shim /predict", product, "js")] + ([("shim /predict B", product_b, "jb")] if product_b else [])
+    for path, each, tag in (shims if round_ % 2 == 0 else shims[::-1]):
+        record.add(case, path, round_, each.judge(judge_questions(args.judge_n, f"r{round_}{tag}")), "chars")
 
 
 if __name__ == "__main__":

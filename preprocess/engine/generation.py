@@ -138,15 +138,19 @@ def classify_error(exc: BaseException, engine_healthy: bool = True) -> str:
 
 
 def group_by_sampling(items: Sequence[GenerationItem]) -> dict[SamplingSettings, list[int]]:
-    """Indices of the items per distinct sampling settings, in first-seen order.
+    """Indices of the items per distinct sampling settings, the groups with the largest
+    `max_tokens` first (equal limits in first-seen order), each group's indices in item order.
 
     Equal settings share one engine submission (and one SamplingParams), which keeps
-    vLLM's batching intact; a per-prompt parameter list would break it.
+    vLLM's batching intact; a per-prompt parameter list would break it. The order is the
+    order the runners hand prompts to the engine, and vLLM admits and prefills in arrival
+    order: a batch is done when its longest answer is, so the answers allowed to run longest
+    start first (longest processing time first) and the short ones fill in beside them.
     """
     groups: dict[SamplingSettings, list[int]] = defaultdict(list)
     for index, item in enumerate(items):
         groups[item.sampling].append(index)
-    return dict(groups)
+    return dict(sorted(groups.items(), key=lambda group: -group[0].max_tokens))
 
 
 # next() on itertools.count is atomic in CPython, so ids stay unique across threads
