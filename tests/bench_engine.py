@@ -204,7 +204,8 @@ def main(argv=None):
     parser.add_argument("--sizes", nargs="+", default=["650x128", "1536x256"])
     parser.add_argument("--tokens", type=int, default=128, help="tokens per online request")
     parser.add_argument("--online", nargs="*", default=["1:8", "16:128", "64:512", "256:1024"],
-                        help="CONCURRENCY:REQUESTS windows of the online plan (none: the judge row only)")
+                        help="CONCURRENCY:REQUESTS windows of the online plan (none: the judge row only, "
+                        "with anchor 2 in it)")
     parser.add_argument("--judge-n", type=int, default=650)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--memory", type=float, default=0.28, help="GPU memory share of each engine")
@@ -231,7 +232,8 @@ def main(argv=None):
     worker_env = {**os.environ, **product_env}
     kinds = (("baseline1-offline", "offline-vllm"), ("baseline2-product", "offline-product")) \
         if args.plan == "batch" else ((("baseline3-serve", "async-serve"),) if args.online else ()) + \
-        ((("baseline1-offline", "offline-vllm"),) if not args.skip_judge else ())
+        ((("baseline1-offline", "offline-vllm"),) if not args.skip_judge else ()) + \
+        ((("baseline2-product", "offline-product"),) if not args.online else ())
     record = Record(Path(args.out), {"device": device_name(), "plan": args.plan, "model_dir": str(model_dir),
                                      "memory_each": args.memory, "product_env": product_env,
                                      "gpu_before": gpu_processes()})
@@ -288,7 +290,7 @@ def run_batch_plan(args, workers, product, record) -> None:
             record.add(case, "shim /predict", round_, product.batch(n, tokens, f"r{round_}shim"), "tokens")
             for spy in spies:
                 spy.wait(120)  # py-spy stops on its own after -d seconds and writes its file then
-        judge_round(args, b1, product, record, round_, "judge long")
+        judge_round(args, b1, product, record, round_, "judge long", engine_floor=b2)
 
 
 def stub_pids() -> dict[str, int]:
@@ -321,7 +323,7 @@ def profiler(args, product, record, case: str, path: str = "shim /predict") -> l
 
 
 def run_online_plan(args, workers, products: dict, record) -> None:
-    b3, b1 = workers.get("baseline3-serve"), workers.get("baseline1-offline")
+    b3, b1, b2 = workers.get("baseline3-serve"), workers.get("baseline1-offline"), workers.get("baseline2-product")
     products = {name: p for name, p in products.items() if p is not None}
     # The first product runs once per --client-processes count, product B with the last one.
     counts = {"ensemble": args.client_processes, "ensemble B": args.client_processes[-1:]}
@@ -348,15 +350,26 @@ def run_online_plan(args, workers, products: dict, record) -> None:
                 for spy in spies:
                     spy.wait(120)
         if not args.skip_judge:
-            judge_round(args, b1, products["ensemble"], record, round_, "judge shipped", products.get("ensemble B"))
+            judge_round(args, b1, products["ensemble"], record, round_, "judge shipped", products.get("ensemble B"),
+                        engine_floor=b2)
+    if not args.skip_judge and b2 is not None:  # the judge-only plan: one batch step by step, on each engine
+        steps = {name: worker.run(op="judge-steps", questions=judge_questions(args.judge_n, f"steps-{name}"))
+                 for name, worker in (("baseline1-offline", b1), ("baseline2-product", b2))}
+        record.write(judge_steps=steps)
+        for name, result in steps.items():
+            log.info("judge step by step, %s: %s", name, json.dumps(result))
 
 
-def judge_round(args, replica, product, record, round_: int, case: str, product_b=None) -> None:
+def judge_round(args, replica, product, record, round_: int, case: str, product_b=None, engine_floor=None) -> None:
     """The judge's batch: the product's shim against the replaced service's batch path in
-    process; with a product B, its shim too, A and B taking turns at going first."""
+    process; with a product B, its shim too, A and B taking turns at going first; with an
+    `engine_floor` (anchor 2), the same batch path on the product's engine settings."""
     anchor = replica.run(op="judge", questions=judge_questions(args.judge_n, f"r{round_}j1"))
     record.add(case, "baseline1-offline", round_, anchor, "chars")
     record.add(case, "baseline1-from-ids", round_, {**anchor, "seconds": anchor["from_ids_s"]}, "chars")
+    if engine_floor is not None:
+        record.add(case, "baseline2-product", round_,
+                   engine_floor.run(op="judge", questions=judge_questions(args.judge_n, f"r{round_}j2")), "chars")
     shims = [("shim /predict", product, "js")] + ([("shim /predict B", product_b, "jb")] if product_b else [])
     for path, each, tag in (shims if round_ % 2 == 0 else shims[::-1]):
         record.add(case, path, round_, each.judge(judge_questions(args.judge_n, f"r{round_}{tag}")), "chars")

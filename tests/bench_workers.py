@@ -20,6 +20,7 @@ import asyncio
 import functools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -81,6 +82,45 @@ def cleaned_chars(rows, texts: list[str]) -> int:
     return sum(len(a) for a in answers)
 
 
+def judge_steps(llm, rows) -> dict:
+    """The judge's batch through the engine one step at a time, as `LLM.generate` runs it
+    (all prompts added, then step until none is left), with every step's wall time: how
+    many steps the batch takes, how long they are while the short answers run and after,
+    and when the answers of each token limit were all done (seconds from the first add)."""
+    from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
+
+    engine, params = llm.llm_engine, judge_params(rows)
+    for param in params:
+        param.output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate sets it
+    limits = {f"judge-steps-{i}": r.sampling.max_tokens for i, r in enumerate(rows)}
+    started = time.perf_counter()
+    for (request_id, _), row, param in zip(limits.items(), rows, params):
+        engine.add_request(request_id, TokensPrompt(prompt_token_ids=row.token_ids), param)
+    added = time.perf_counter() - started
+    steps, done_by_limit = [], {}
+    while engine.has_unfinished_requests():
+        before = time.perf_counter()
+        finished = [o.request_id for o in engine.step() if o.finished]
+        now = time.perf_counter()
+        steps.append((now - before, len(finished)))
+        for request_id in finished:
+            done_by_limit[limits[request_id]] = now - started
+    short_done = min(done_by_limit.values()) if done_by_limit else 0.0
+    head, elapsed = [], added
+    for seconds, _ in steps:
+        elapsed += seconds
+        head.append(elapsed <= short_done + 1e-9)
+    head_steps = [s for (s, _), h in zip(steps, head) if h]
+    tail_steps = [s for (s, _), h in zip(steps, head) if not h]
+    return {"seconds": time.perf_counter() - started, "add_s": added, "steps": len(steps),
+            "done_by_max_tokens_s": {str(k): round(v, 4) for k, v in sorted(done_by_limit.items())},
+            "prompts_by_max_tokens": {str(k): list(limits.values()).count(k) for k in sorted(done_by_limit)},
+            "steps_until_first_limit_done": len(head_steps), "ms_per_step_then": 1000 * statistics.median(head_steps),
+            "steps_after": len(tail_steps),
+            "ms_per_step_after": 1000 * statistics.median(tail_steps) if tail_steps else None}
+
+
 def reply(payload: dict) -> None:
     print("RESULT " + json.dumps(payload), flush=True)
 
@@ -117,6 +157,8 @@ def offline_worker(kind: str, model_dir: str, memory: float) -> None:
             seconds = time.perf_counter() - started
             reply({"chars": chars, "seconds": seconds, "from_ids_s": seconds - (tokenized - started),
                    "tokens": sum(len(o.outputs[0].token_ids) for o in outputs)})
+        elif command["op"] == "judge-steps":
+            reply(judge_steps(llm, judge_stage(model_dir).run(command["questions"])))
         else:
             reply({"error": f"{kind} does not run {command['op']}"})
 
