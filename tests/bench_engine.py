@@ -219,6 +219,8 @@ def main(argv=None):
     parser.add_argument("--generator-alone", action="store_true",
                         help="online plan: also the generator model alone, same prompts as token ids")
     parser.add_argument("--skip-judge", action="store_true", help="online plan: no judge-shaped row")
+    parser.add_argument("--vllm-serve-http", action="store_true",
+                        help="online plan: also `vllm serve` itself over HTTP (path baseline4-vllm-serve-http)")
     parser.add_argument("--py-spy", help="folder for py-spy profiles of the three stubs (round 2: the "
                         "largest batch, or the ensemble at c=256)")
     parser.add_argument("--out", required=True)
@@ -233,7 +235,9 @@ def main(argv=None):
     kinds = (("baseline1-offline", "offline-vllm"), ("baseline2-product", "offline-product")) \
         if args.plan == "batch" else ((("baseline3-serve", "async-serve"),) if args.online else ()) + \
         ((("baseline1-offline", "offline-vllm"),) if not args.skip_judge else ()) + \
-        ((("baseline2-product", "offline-product"),) if not args.online else ())
+        ((("baseline2-product", "offline-product"),) if not args.online else ()) + \
+        ((("baseline4-vllm-serve-http", "vllm-serve-http"),) if args.plan == "online" and args.vllm_serve_http
+         else ())
     record = Record(Path(args.out), {"device": device_name(), "plan": args.plan, "model_dir": str(model_dir),
                                      "memory_each": args.memory, "product_env": product_env,
                                      "gpu_before": gpu_processes()})
@@ -324,6 +328,7 @@ def profiler(args, product, record, case: str, path: str = "shim /predict") -> l
 
 def run_online_plan(args, workers, products: dict, record) -> None:
     b3, b1, b2 = workers.get("baseline3-serve"), workers.get("baseline1-offline"), workers.get("baseline2-product")
+    b4 = workers.get("baseline4-vllm-serve-http")
     products = {name: p for name, p in products.items() if p is not None}
     # The first product runs once per --client-processes count, product B with the last one.
     counts = {"ensemble": args.client_processes, "ensemble B": args.client_processes[-1:]}
@@ -333,6 +338,8 @@ def run_online_plan(args, workers, products: dict, record) -> None:
         paths["generator alone"] = (products["ensemble"], 1, True)
     if b3 is not None:
         b3.run(op="online", c=16, requests=32, tokens=8, tag="warm")
+        if b4 is not None:
+            b4.run(op="online", c=16, requests=32, tokens=8, tag="warm")
         for product in products.values():
             product.online(16, 32, 8, "warm")
     for round_ in range(args.rounds):
@@ -341,6 +348,10 @@ def run_online_plan(args, workers, products: dict, record) -> None:
             record.add(case, "baseline3-serve", round_,
                        b3.run(op="online", c=concurrency, requests=requests, tokens=args.tokens,
                               tag=f"r{round_}c{concurrency}b3"), "tokens")
+            if b4 is not None:
+                record.add(case, "baseline4-vllm-serve-http", round_,
+                           b4.run(op="online", c=concurrency, requests=requests, tokens=args.tokens,
+                                  tag=f"r{round_}c{concurrency}b4"), "tokens")
             for number, (path, (product, processes, generator_only)) in enumerate(paths.items()):
                 profiled = round_ == 1 and concurrency == 256 and number == 0  # stubs found by model name
                 spies = profiler(args, product, record, case, path) if profiled else []

@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.bench import at_concurrency, percentile, prompts_and_ids, timed_generate  # noqa: E402
 
-KINDS = ("offline-vllm", "offline-product", "async-serve")
+KINDS = ("offline-vllm", "offline-product", "async-serve", "vllm-serve-http")
 
 
 def product_engine_args(model_dir: str) -> dict:
@@ -198,6 +198,74 @@ async def async_serve_worker(model_dir: str, memory: float) -> None:
     engine.shutdown()
 
 
+async def vllm_serve_http_worker(model_dir: str, memory: float) -> None:
+    """`vllm serve` itself, started as users start it (its own defaults, the access log
+    off), and closed-loop clients over HTTP to its /v1/completions: what a server over a
+    socket costs against anchor 3's in-process engine."""
+    import socket
+
+    import aiohttp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log_path = REPO / "tests" / ".artifacts" / "vllm-serve-http.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log_file:
+        server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model_dir,
+                                   "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
+                                   "--gpu-memory-utilization", str(memory), "--disable-uvicorn-access-log"],
+                                  stdout=log_file, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                         timeout=aiohttp.ClientTimeout(total=3600)) as session:
+            deadline = time.monotonic() + 900
+            while True:
+                if server.poll() is not None:
+                    raise RuntimeError(f"vllm serve exited with {server.returncode}: {log_path.read_text()[-2000:]}")
+                try:
+                    async with session.get(f"{url}/health") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("vllm serve did not come up in 900 s")
+                await asyncio.sleep(1)
+            print("READY " + json.dumps({"entry": "vllm serve", "port": port}), flush=True)
+
+            async def complete(ids: list[int], tokens: int) -> tuple[int, float]:
+                started = time.perf_counter()
+                async with session.post(f"{url}/v1/completions", json={
+                        "model": model_dir, "prompt": ids, "max_tokens": tokens, "ignore_eos": True,
+                        "temperature": 0}) as response:
+                    body = await response.json()
+                if response.status != 200:
+                    raise RuntimeError(f"vllm serve answered {response.status}: {body}")
+                return body["usage"]["completion_tokens"], time.perf_counter() - started
+
+            while True:
+                line = await asyncio.to_thread(sys.stdin.readline)
+                if not line:
+                    break
+                command = json.loads(line)
+                if command["op"] != "online":
+                    reply({"error": f"vllm-serve-http does not run {command['op']}"})
+                    continue
+                ids = prompts_and_ids(Path(model_dir), command["requests"], command["tag"])[1]
+                done, seconds = await at_concurrency(lambda i: complete(i, command["tokens"]), ids, command["c"])
+                latencies = [s for _, s in done]
+                reply({"tokens": sum(t for t, _ in done), "seconds": seconds,
+                       "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99)})
+    finally:
+        server.terminate()
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
 class Worker:
     """The parent's handle on one resident baseline engine."""
 
@@ -236,6 +304,8 @@ def main() -> None:
         raise SystemExit(f"unknown worker kind {kind}; one of {KINDS}")
     if kind == "async-serve":
         asyncio.run(async_serve_worker(model_dir, memory))
+    elif kind == "vllm-serve-http":
+        asyncio.run(vllm_serve_http_worker(model_dir, memory))
     else:
         offline_worker(kind, model_dir, memory)
 
