@@ -29,10 +29,10 @@ def test_every_prompt_is_submitted_once_longest_limits_first(items):
         assert indices == sorted(indices)
         assert all(items[i].sampling == sampling for i in indices)
     # equal limits keep the order their first prompt had in the batch
-    first_seen = [indices[0] for indices in groups.values()]
-    for earlier, later in zip(list(groups.items()), list(groups.items())[1:]):
-        if earlier[0].max_tokens == later[0].max_tokens:
-            assert earlier[1][0] < later[1][0], first_seen
+    ordered = list(groups.items())
+    for (settings_a, indices_a), (settings_b, indices_b) in zip(ordered, ordered[1:]):
+        if settings_a.max_tokens == settings_b.max_tokens:
+            assert indices_a[0] < indices_b[0]
 
 
 def test_the_judges_mix_puts_its_long_answers_ahead_of_the_short_ones():
