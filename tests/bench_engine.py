@@ -232,12 +232,14 @@ def main(argv=None):
                    **routing, **dict(item.split("=", 1) for item in args.product_env)}
     # The baselines read the same routing and engine variables the product does.
     worker_env = {**os.environ, **product_env}
-    kinds = (("baseline1-offline", "offline-vllm"), ("baseline2-product", "offline-product")) \
-        if args.plan == "batch" else ((("baseline3-serve", "async-serve"),) if args.online else ()) + \
-        ((("baseline1-offline", "offline-vllm"),) if not args.skip_judge else ()) + \
-        ((("baseline2-product", "offline-product"),) if not args.online else ()) + \
-        ((("baseline4-vllm-serve-http", "vllm-serve-http"),) if args.plan == "online" and args.vllm_serve_http
-         else ())
+    anchor1, anchor2 = ("baseline1-offline", "offline-vllm"), ("baseline2-product", "offline-product")
+    if args.plan == "batch":
+        kinds = [anchor1, anchor2]
+    else:  # the online windows need anchor 3; the judge row anchor 1; the judge row alone also anchor 2
+        kinds = [("baseline3-serve", "async-serve")] if args.online else []
+        kinds += [anchor1] if not args.skip_judge else []
+        kinds += [anchor2] if not args.online else []
+        kinds += [("baseline4-vllm-serve-http", "vllm-serve-http")] if args.vllm_serve_http else []
     record = Record(Path(args.out), {"device": device_name(), "plan": args.plan, "model_dir": str(model_dir),
                                      "memory_each": args.memory, "product_env": product_env,
                                      "gpu_before": gpu_processes()})

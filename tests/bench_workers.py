@@ -98,21 +98,17 @@ def judge_steps(llm, rows) -> dict:
     for (request_id, _), row, param in zip(limits.items(), rows, params):
         engine.add_request(request_id, TokensPrompt(prompt_token_ids=row.token_ids), param)
     added = time.perf_counter() - started
-    steps, done_by_limit = [], {}
+    steps, done_by_limit = [], {}  # steps: (seconds from the first add to the step's end, its wall time)
     while engine.has_unfinished_requests():
         before = time.perf_counter()
         finished = [o.request_id for o in engine.step() if o.finished]
         now = time.perf_counter()
-        steps.append((now - before, len(finished)))
+        steps.append((now - started, now - before))
         for request_id in finished:
             done_by_limit[limits[request_id]] = now - started
     short_done = min(done_by_limit.values()) if done_by_limit else 0.0
-    head, elapsed = [], added
-    for seconds, _ in steps:
-        elapsed += seconds
-        head.append(elapsed <= short_done + 1e-9)
-    head_steps = [s for (s, _), h in zip(steps, head) if h]
-    tail_steps = [s for (s, _), h in zip(steps, head) if not h]
+    head_steps = [seconds for at, seconds in steps if at <= short_done]
+    tail_steps = [seconds for at, seconds in steps if at > short_done]
     return {"seconds": time.perf_counter() - started, "add_s": added, "steps": len(steps),
             "done_by_max_tokens_s": {str(k): round(v, 4) for k, v in sorted(done_by_limit.items())},
             "prompts_by_max_tokens": {str(k): list(limits.values()).count(k) for k in sorted(done_by_limit)},
