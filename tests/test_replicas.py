@@ -15,8 +15,10 @@ import sys
 
 import pytest
 
-from .conftest import (ARTIFACTS, OWN_PROCESS_GROUP, REPO, free_port, scrape_metrics, server_env, start_server,
-                       stop_process, stop_server, wait_for)
+from shim.serve import OWN_PROCESS_GROUP
+
+from .conftest import (ARTIFACTS, REPO, free_port, scrape_metrics, server_env, start_server, stop_process,
+                       stop_server, wait_for)
 
 pytestmark = pytest.mark.server
 
