@@ -63,17 +63,25 @@ setup_venv() {
     if ! out=$("${pip[@]}" -q "$@" 2>&1); then printf '%s\n' "$out" >&2; return 1; fi
     printf '%s\n' "$out" | grep -v "incompatible\|requires numpy\|which is not installed\|dependency resolver\|^$" >&2 || true
   }
-  log "[1/4] vLLM on CPU"
+  log "[1/3] vLLM on CPU"
   "${pip[@]}" -q "${VLLM_PINS[@]}"
-  log "[2/4] NumPy < 2 for the Triton stub (pip warns that opencv wants NumPy 2: unused here)"
+  log "[2/3] NumPy < 2 for the Triton stub (pip warns that opencv wants NumPy 2: unused here)"
   "$VENV/bin/python" -m pip uninstall -q -y "${CUDA_ONLY[@]}" >/dev/null 2>&1 || true
   quiet_pip "$NUMPY_PIN"
-  log "[3/4] Triton server, embedded model, client tools"
+  log "[3/3] Triton server, embedded model, client tools"
   "${pip[@]}" -q --no-deps "${NODEPS_PINS[@]}"
   quiet_pip "${TOOL_PINS[@]}" "$NUMPY_PIN"
-  log "[4/4] this project (editable: the Triton models import it from the venv)"
-  "${pip[@]}" -q --no-deps --no-build-isolation -e "$ROOT"
   echo "$stamp" > "$VENV/.stamp"
+}
+
+# This project, editable: the Triton models import it from the venv, and vLLM finds its
+# plugin (pyproject's entry points) there. Again whenever pyproject.toml changes.
+setup_project() {
+  local stamp; stamp=$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)
+  if [ -f "$VENV/.project-stamp" ] && [ "$(cat "$VENV/.project-stamp")" = "$stamp" ]; then return; fi
+  log "installing this project into $VENV (editable)"
+  "$VENV/bin/python" -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e "$ROOT"
+  echo "$stamp" > "$VENV/.project-stamp"
 }
 
 setup_triton_stub() {
@@ -95,6 +103,7 @@ setup() {
   local started=$SECONDS
   setup_apt
   setup_venv
+  setup_project
   setup_triton_stub
   setup_model
   log "set up in $((SECONDS - started)) s (venv: $(du -sh "$VENV" | cut -f1))"

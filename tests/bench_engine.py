@@ -57,6 +57,17 @@ def judge_questions(n: int, tag: str) -> list[str]:
     return tagged_questions(n, tag, pool)
 
 
+def anchor_env(worker_env: dict, kind: str) -> dict:
+    """Stock vLLM, no plugin, for every anchor but 2, which runs the product's engine as the
+    generator builds it, plugin included (VLLM_FAST_PENALTIES)."""
+    from preprocess.engine.config import choose_vllm_plugins, load_engine
+
+    env = {**worker_env, "VLLM_PLUGINS": ""}
+    if kind == "offline-product":
+        choose_vllm_plugins(env, load_engine(env, metax=False))
+    return env
+
+
 class Product:
     """The product behind its shim, and its ensemble reached over tritonclient."""
 
@@ -247,7 +258,7 @@ def main(argv=None):
     try:
         for name, kind in kinds:
             started = time.perf_counter()
-            workers[name] = Worker(kind, str(model_dir), args.memory, env=worker_env)
+            workers[name] = Worker(kind, str(model_dir), args.memory, env=anchor_env(worker_env, kind))
             log.info("%s up in %.1f s: %s", name, time.perf_counter() - started, workers[name].scheduler)
         product = Product(model_dir, product_env)
         log.info("product up in %.1f s: %s", product.startup_s, product.info.get("scheduler"))

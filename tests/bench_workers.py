@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import json
 import os
 import statistics
@@ -49,15 +50,19 @@ def scheduler_of(vllm_config) -> dict:
             "kv_cache_blocks": getattr(vllm_config.cache_config, "num_gpu_blocks", None)}
 
 
-@functools.cache
-def judge_stage(model_dir: str):
+def judge_stage(model_dir: str, env: dict | None = None):
     """The product's preprocess stage (routing, template, token ids), built once, as a
-    service holds its tokenizer."""
+    service holds its tokenizer; `env` overrides this process's settings (e.g. penalties)."""
+    return _judge_stage(model_dir, tuple(sorted((env or {}).items())))
+
+
+@functools.cache
+def _judge_stage(model_dir: str, env: tuple):
     from preprocess.pipeline import PreprocessStage
     from preprocess.settings import load
     from preprocess.tokenizer import load_tokenizer
 
-    return PreprocessStage(load(os.environ), load_tokenizer(model_dir))
+    return PreprocessStage(load({**os.environ, **dict(env)}), load_tokenizer(model_dir))
 
 
 def judge_params(rows):
@@ -94,6 +99,7 @@ def judge_steps(llm, rows) -> dict:
     for param in params:
         param.output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate sets it
     limits = {f"judge-steps-{i}": r.sampling.max_tokens for i, r in enumerate(rows)}
+    answers = {}  # request id: its token ids, to tell two engines' answers apart
     started = time.perf_counter()
     for (request_id, _), row, param in zip(limits.items(), rows, params):
         engine.add_request(request_id, TokensPrompt(prompt_token_ids=row.token_ids), param)
@@ -101,10 +107,11 @@ def judge_steps(llm, rows) -> dict:
     steps, done_by_limit = [], {}  # steps: (seconds from the first add to the step's end, its wall time)
     while engine.has_unfinished_requests():
         before = time.perf_counter()
-        finished = [o.request_id for o in engine.step() if o.finished]
+        finished = [o for o in engine.step() if o.finished]
         now = time.perf_counter()
         steps.append((now - started, now - before))
-        for request_id in finished:
+        answers.update((o.request_id, list(o.outputs[0].token_ids)) for o in finished)
+        for request_id in (o.request_id for o in finished):
             done_by_limit[limits[request_id]] = now - started
     short_done = min(done_by_limit.values()) if done_by_limit else 0.0
     head_steps = [seconds for at, seconds in steps if at <= short_done]
@@ -114,7 +121,8 @@ def judge_steps(llm, rows) -> dict:
             "prompts_by_max_tokens": {str(k): list(limits.values()).count(k) for k in sorted(done_by_limit)},
             "steps_until_first_limit_done": len(head_steps), "ms_per_step_then": 1000 * statistics.median(head_steps),
             "steps_after": len(tail_steps),
-            "ms_per_step_after": 1000 * statistics.median(tail_steps) if tail_steps else None}
+            "ms_per_step_after": 1000 * statistics.median(tail_steps) if tail_steps else None,
+            "answers_sha256": hashlib.sha256(json.dumps([answers.get(k) for k in limits]).encode()).hexdigest()}
 
 
 def reply(payload: dict) -> None:
@@ -154,7 +162,7 @@ def offline_worker(kind: str, model_dir: str, memory: float) -> None:
             reply({"chars": chars, "seconds": seconds, "from_ids_s": seconds - (tokenized - started),
                    "tokens": sum(len(o.outputs[0].token_ids) for o in outputs)})
         elif command["op"] == "judge-steps":
-            reply(judge_steps(llm, judge_stage(model_dir).run(command["questions"])))
+            reply(judge_steps(llm, judge_stage(model_dir, command.get("env")).run(command["questions"])))
         else:
             reply({"error": f"{kind} does not run {command['op']}"})
 

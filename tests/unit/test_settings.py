@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from preprocess import settings as cfg
-from preprocess.engine.config import load_engine, prepare_process_environment
+from preprocess.engine.config import choose_vllm_plugins, load_engine, prepare_process_environment
+from preprocess.engine.penalties import PLUGIN_NAME
 from preprocess.envparse import Env, SettingsError
 from preprocess.engine.service import stop_token_ids
 from preprocess.sampling import InvalidRequest, resolve
@@ -181,6 +182,18 @@ def test_blank_device_variables_removed_and_plugins_policy():
     env = {"VLLM_USE_V1": "0"}
     prepare_process_environment(env, metax=True)
     assert env["VLLM_USE_V1"] == "0"
+
+
+def test_the_generators_penalties_plugin_is_named_unless_turned_off_or_plugins_are_the_users():
+    def plugins(env: dict, metax: bool = False):
+        prepare_process_environment(env, metax=metax)
+        choose_vllm_plugins(env, load_engine(env, metax=metax))
+        return env.get("VLLM_PLUGINS")
+
+    assert plugins({}) == PLUGIN_NAME
+    assert plugins({"VLLM_FAST_PENALTIES": "0"}) == ""
+    assert plugins({"VLLM_PLUGINS": "mine"}) == "mine"
+    assert plugins({}, metax=True) is None  # MetaX needs its platform plugin: vLLM loads them all
 
 
 def test_public_environment_never_shows_secrets():

@@ -1,0 +1,142 @@
+"""What vLLM's penalties cost the judge's batch, and what the generator's penalties save.
+
+Two parts, on the GPU (README "Benchmark"):
+
+1. The penalty function alone, vLLM's against `preprocess/engine/penalties.py`, on random
+   logits of the model's vocabulary at the judge batch's two phases (650 sequences early
+   on, 90 long answers later), interleaved rounds of timed calls; both results compared
+   with `torch.equal`.
+2. The judge's batch step by step (`judge-steps`, as `LLM.generate` runs it) on two resident
+   engines with the product's engine arguments: `stock` (vLLM's penalties) and `fast` (the
+   generator's, through the plugin). Per round: stock with the shipped penalties, fast with
+   them, stock with no penalties at all (the floor); then the judge row's chars/s on both.
+   Both engines' answers must be the same tokens.
+
+    python -m tests.bench_penalties --model-dir DIR --out FILE [--rounds 3] [--memory 0.3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.bench import device_name  # noqa: E402
+from tests.bench_engine import SHIPPED_ROUTING, judge_questions  # noqa: E402
+from tests.bench_workers import Worker  # noqa: E402
+
+log = logging.getLogger("bench_penalties")
+NO_PENALTIES = {"REPETITION_PENALTY": "1.0", "FREQUENCY_PENALTY": "0.0"}
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+def penalty_function(vocab: int, rounds: int, calls: int = 50) -> dict:
+    """Milliseconds per call of each implementation, and whether they agree, per shape."""
+    import torch
+    from vllm.v1.sample.ops.penalties import apply_all_penalties as stock
+
+    from preprocess.engine.penalties import apply_all_penalties as fast
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    generator = torch.Generator().manual_seed(0)
+    results = {}
+    for rows, answer_len in ((650, 16), (90, 120)):
+        prompts = torch.full((rows, 100), vocab, dtype=torch.int64)
+        for row in range(rows):
+            length = 20 + row % 80
+            prompts[row, :length] = torch.randint(0, vocab, (length,), generator=generator)
+        prompts = prompts.to(device)
+        outputs = [torch.randint(0, vocab, (answer_len,), generator=generator).tolist() for _ in range(rows)]
+        logits = (torch.randn(rows, vocab, generator=generator) * 3).to(device)
+        ones = torch.ones(rows, device=device)
+        args = (prompts, ones * 0.0, ones * 0.1, ones * 1.05)
+        same = torch.equal(stock(logits.clone(), *args, outputs), fast(logits.clone(), *args, outputs))
+        timings = {"stock": [], "fast": []}
+        for _ in range(rounds):
+            for name, function in (("stock", stock), ("fast", fast)):
+                work = [logits.clone() for _ in range(calls)]
+                torch.cuda.synchronize() if device.type == "cuda" else None
+                started = time.perf_counter()
+                for copy in work:
+                    function(copy, *args, outputs)
+                torch.cuda.synchronize() if device.type == "cuda" else None
+                timings[name].append(1000 * (time.perf_counter() - started) / calls)
+        results[f"{rows} rows x {answer_len} answer tokens"] = {
+            "identical": same, **{name: spread(ms) for name, ms in timings.items()},
+            "stock_over_fast": spread([s / f for s, f in zip(timings["stock"], timings["fast"])])}
+        log.info("%d rows: %s", rows, results[f"{rows} rows x {answer_len} answer tokens"])
+    return results
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[bench_penalties] %(message)s")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--memory", type=float, default=0.3)
+    parser.add_argument("--judge-n", type=int, default=650)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    from preprocess.engine.penalties import PLUGIN_NAME
+
+    with open(Path(args.model_dir) / "config.json") as handle:
+        vocab = json.load(handle)["vocab_size"]
+    result = {"device": device_name(), "rounds": args.rounds, "memory_each": args.memory,
+              "function": penalty_function(vocab, args.rounds)}
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    env = {**os.environ, **SHIPPED_ROUTING, "GPU_MEMORY_UTILIZATION": str(args.memory), "DTYPE": "bfloat16",
+           "BATCH_MODE": "1"}
+    workers = {}
+    try:
+        for name, plugins in (("stock", ""), ("fast", PLUGIN_NAME)):
+            workers[name] = Worker("offline-product", args.model_dir, args.memory, env={**env, "VLLM_PLUGINS": plugins})
+            log.info("%s up: %s", name, workers[name].scheduler)
+        paths = (("stock", {}), ("fast", {}), ("stock", NO_PENALTIES))
+        steps, judge = [], []
+        for round_ in range(args.rounds):
+            questions = judge_questions(args.judge_n, f"penalties-{round_}")
+            for name, sampling_env in paths:
+                run = workers[name].run(op="judge-steps", questions=questions, env=sampling_env)
+                steps.append({"round": round_, "engine": name, "penalties": not sampling_env, **run})
+                log.info("steps %s penalties=%s: %s", name, not sampling_env,
+                         {k: run[k] for k in ("seconds", "steps", "ms_per_step_then", "ms_per_step_after")})
+            for name in ("stock", "fast") if round_ % 2 == 0 else ("fast", "stock"):
+                run = workers[name].run(op="judge", questions=questions)
+                judge.append({"round": round_, "engine": name, **run, "chars_per_s": run["chars"] / run["seconds"]})
+                log.info("judge %s: %.0f chars/s", name, run["chars"] / run["seconds"])
+            result.update(steps=steps, judge=judge)
+            Path(args.out).write_text(json.dumps(result, indent=1))
+        summary = {}
+        for name, penalties in (("stock", True), ("fast", True), ("stock", False)):
+            mine = [s for s in steps if s["engine"] == name and s["penalties"] == penalties]
+            summary[f"{name}, penalties {'on' if penalties else 'off'}"] = {
+                key: spread([s[key] for s in mine]) for key in ("seconds", "ms_per_step_then", "ms_per_step_after")}
+        for name in ("stock", "fast"):
+            summary[f"judge chars/s, {name}"] = spread([j["chars_per_s"] for j in judge if j["engine"] == name])
+        by_round = {(j["round"], j["engine"]): j["chars_per_s"] for j in judge}
+        summary["judge fast / stock"] = spread([by_round[(r, "fast")] / by_round[(r, "stock")]
+                                                for r in range(args.rounds)])
+        digests = {(s["round"], s["engine"]): s["answers_sha256"] for s in steps if s["penalties"]}
+        summary["same answers, stock and fast"] = all(digests[(r, "stock")] == digests[(r, "fast")]
+                                                      for r in range(args.rounds))
+        result["summary"] = summary
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        print(json.dumps(summary, indent=1))
+    finally:
+        for worker in workers.values():
+            worker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
