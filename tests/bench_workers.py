@@ -87,7 +87,7 @@ def cleaned_chars(rows, texts: list[str]) -> int:
     return sum(len(a) for a in answers)
 
 
-def judge_steps(llm, rows) -> dict:
+def judge_steps(llm, rows, with_answers: bool = False) -> dict:
     """The judge's batch through the engine one step at a time, as `LLM.generate` runs it
     (all prompts added, then step until none is left), with every step's wall time: how
     many steps the batch takes, how long they are while the short answers run and after,
@@ -122,7 +122,8 @@ def judge_steps(llm, rows) -> dict:
             "steps_until_first_limit_done": len(head_steps), "ms_per_step_then": 1000 * statistics.median(head_steps),
             "steps_after": len(tail_steps),
             "ms_per_step_after": 1000 * statistics.median(tail_steps) if tail_steps else None,
-            "answers_sha256": hashlib.sha256(json.dumps([answers.get(k) for k in limits]).encode()).hexdigest()}
+            "answers_sha256": hashlib.sha256(json.dumps([answers.get(k) for k in limits]).encode()).hexdigest(),
+            **({"answers": [answers.get(k) for k in limits]} if with_answers else {})}
 
 
 def reply(payload: dict) -> None:
@@ -162,7 +163,8 @@ def offline_worker(kind: str, model_dir: str, memory: float) -> None:
             reply({"chars": chars, "seconds": seconds, "from_ids_s": seconds - (tokenized - started),
                    "tokens": sum(len(o.outputs[0].token_ids) for o in outputs)})
         elif command["op"] == "judge-steps":
-            reply(judge_steps(llm, judge_stage(model_dir, command.get("env")).run(command["questions"])))
+            reply(judge_steps(llm, judge_stage(model_dir, command.get("env")).run(command["questions"]),
+                              command.get("answers", False)))
         else:
             reply({"error": f"{kind} does not run {command['op']}"})
 

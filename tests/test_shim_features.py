@@ -106,9 +106,9 @@ def test_info_shows_the_effective_scheduler_from_the_device_defaults(server):
 
 
 def test_the_engine_samples_with_the_generators_penalties(server):
-    """VLLM_FAST_PENALTIES defaults on: vLLM loaded the plugin (pyproject's entry point,
-    named in VLLM_PLUGINS) in the process that built the engine, so its sampler calls
-    preprocess/engine/penalties.py. An uninstalled entry point or an unnamed plugin fails."""
+    """VLLM_FAST_PENALTIES defaults on without a GPU: vLLM loaded the plugin (pyproject's
+    entry point, named in VLLM_PLUGINS) in the process that built the engine, so its sampler
+    calls preprocess/engine/penalties.py. An uninstalled entry point or an unnamed plugin fails."""
     assert server.get("/info")[1]["scheduler"]["penalties"] == "seen tokens"
 
 

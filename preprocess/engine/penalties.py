@@ -18,6 +18,11 @@ It reaches vLLM's engine processes as a vLLM general plugin (`register`, the
 `vllm.general_plugins` entry point in pyproject.toml), which vLLM loads in every process it
 starts. It takes effect only where `VLLM_PLUGINS` names it: the generator does that
 (`VLLM_FAST_PENALTIES`), and any other vLLM in the same environment keeps its own sampler.
+
+Measured (README, Benchmark): on CPU, 650 sequences, a 49,152-token vocabulary, 4.6 ms a
+call against vLLM's 530 ms. On an H200, 151,936 tokens, vLLM's own takes 0.94 ms at 650
+sequences and 0.55 ms at 90 (this one 1.0 ms at both), and async scheduling hides either:
+there it stays off by default.
 """
 from __future__ import annotations
 

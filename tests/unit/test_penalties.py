@@ -6,6 +6,8 @@ results, so one ulp apart fails.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -70,3 +72,44 @@ def test_the_plugin_leaves_vllm_alone_unless_named(monkeypatch):
         assert sampler.apply_all_penalties is penalties.apply_all_penalties
     finally:
         monkeypatch.setattr(sampler, "apply_all_penalties", original)
+
+
+ENGINE_CHECK = r"""
+import json, sys
+from vllm import LLM, SamplingParams
+from vllm.v1.sample import sampler
+from preprocess.engine import penalties
+
+llm = LLM(sys.argv[1], enforce_eager=True, enable_prefix_caching=False, dtype="bfloat16", max_model_len=512,
+          gpu_memory_utilization=0.3)
+prompts = [f"Question {i}: name a colour, a number and a city." for i in range(12)]
+on = SamplingParams(max_tokens=24, temperature=0.0, repetition_penalty=2.0, frequency_penalty=2.0,
+                    presence_penalty=2.0, ignore_eos=True)
+off = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+ids = lambda params: [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+stock, plain = ids(on), ids(off)
+sampler.apply_all_penalties = penalties.apply_all_penalties
+print("RESULT " + json.dumps({"stock": stock, "plain": plain, "seen_tokens": ids(on)}))
+"""
+
+
+def test_a_real_engine_answers_the_same_tokens_with_either_penalties(tiny_model, tmp_path):
+    """vLLM on CPU with its engine in this child process (so that the swap reaches its
+    sampler, and every batch is formed the same way), no prefix cache: the same 12 prompts
+    with strong penalties, with vLLM's function and then with ours. The answers without
+    penalties show that the penalties changed something to agree on."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_PLUGINS": "", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    script = tmp_path / "engine_check.py"
+    script.write_text(ENGINE_CHECK)
+    done = subprocess.run([sys.executable, str(script), str(tiny_model)], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=Path(__file__).resolve().parents[2])
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, done.stderr[-3000:]
+    result = json.loads(lines[0][len("RESULT "):])
+    assert result["stock"] != result["plain"]
+    assert result["seen_tokens"] == result["stock"]

@@ -184,16 +184,18 @@ def test_blank_device_variables_removed_and_plugins_policy():
     assert env["VLLM_USE_V1"] == "0"
 
 
-def test_the_generators_penalties_plugin_is_named_unless_turned_off_or_plugins_are_the_users():
-    def plugins(env: dict, metax: bool = False):
+def test_the_generators_penalties_plugin_is_named_where_on_unless_plugins_are_the_users():
+    def plugins(env: dict, metax: bool = False, cpu_only: bool = True):
         prepare_process_environment(env, metax=metax)
-        choose_vllm_plugins(env, load_engine(env, metax=metax))
+        choose_vllm_plugins(env, load_engine(env, metax=metax, cpu_only=cpu_only))
         return env.get("VLLM_PLUGINS")
 
-    assert plugins({}) == PLUGIN_NAME
+    assert plugins({}) == PLUGIN_NAME  # on by default without a GPU
+    assert plugins({}, cpu_only=False) == ""  # off by default on one
+    assert plugins({"VLLM_FAST_PENALTIES": "1"}, cpu_only=False) == PLUGIN_NAME
     assert plugins({"VLLM_FAST_PENALTIES": "0"}) == ""
     assert plugins({"VLLM_PLUGINS": "mine"}) == "mine"
-    assert plugins({}, metax=True) is None  # MetaX needs its platform plugin: vLLM loads them all
+    assert plugins({"VLLM_FAST_PENALTIES": "1"}, metax=True) is None  # MetaX needs its platform plugin
 
 
 def test_public_environment_never_shows_secrets():
