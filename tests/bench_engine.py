@@ -61,10 +61,11 @@ def anchor_env(worker_env: dict, kind: str) -> dict:
     """Stock vLLM, no plugin, for every anchor but 2, which runs the product's engine as the
     generator builds it, plugin included (VLLM_FAST_PENALTIES)."""
     from preprocess.engine.config import choose_vllm_plugins, load_engine
+    from preprocess.engine.service import accelerator_available
 
     env = {**worker_env, "VLLM_PLUGINS": ""}
     if kind == "offline-product":
-        choose_vllm_plugins(env, load_engine(env, metax=False))
+        choose_vllm_plugins(env, load_engine(env, metax=False, cpu_only=not accelerator_available()))
     return env
 
 

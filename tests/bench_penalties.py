@@ -24,7 +24,6 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,15 +32,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.bench import device_name  # noqa: E402
-from tests.bench_engine import SHIPPED_ROUTING, judge_questions  # noqa: E402
+from tests.bench_engine import SHIPPED_ROUTING, judge_questions, summary as spread  # noqa: E402
 from tests.bench_workers import Worker  # noqa: E402
 
 log = logging.getLogger("bench_penalties")
 NO_PENALTIES = {"REPETITION_PENALTY": "1.0", "FREQUENCY_PENALTY": "0.0"}
-
-
-def spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
 
 def penalty_function(vocab: int, rounds: int, calls: int = 50) -> dict:
