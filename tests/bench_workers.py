@@ -110,9 +110,10 @@ def judge_steps(llm, rows, with_answers: bool = False) -> dict:
         finished = [o for o in engine.step() if o.finished]
         now = time.perf_counter()
         steps.append((now - started, now - before))
-        answers.update((o.request_id, list(o.outputs[0].token_ids)) for o in finished)
-        for request_id in (o.request_id for o in finished):
-            done_by_limit[limits[request_id]] = now - started
+        for output in finished:
+            answers[output.request_id] = list(output.outputs[0].token_ids)
+            done_by_limit[limits[output.request_id]] = now - started
+    in_order = [answers.get(request_id) for request_id in limits]
     short_done = min(done_by_limit.values()) if done_by_limit else 0.0
     head_steps = [seconds for at, seconds in steps if at <= short_done]
     tail_steps = [seconds for at, seconds in steps if at > short_done]
@@ -122,8 +123,8 @@ def judge_steps(llm, rows, with_answers: bool = False) -> dict:
             "steps_until_first_limit_done": len(head_steps), "ms_per_step_then": 1000 * statistics.median(head_steps),
             "steps_after": len(tail_steps),
             "ms_per_step_after": 1000 * statistics.median(tail_steps) if tail_steps else None,
-            "answers_sha256": hashlib.sha256(json.dumps([answers.get(k) for k in limits]).encode()).hexdigest(),
-            **({"answers": [answers.get(k) for k in limits]} if with_answers else {})}
+            "answers_sha256": hashlib.sha256(json.dumps(in_order).encode()).hexdigest(),
+            **({"answers": in_order} if with_answers else {})}
 
 
 def reply(payload: dict) -> None:

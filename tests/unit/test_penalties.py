@@ -6,6 +6,10 @@ results, so one ulp apart fails.
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,7 +67,8 @@ def test_the_plugin_leaves_vllm_alone_unless_named(monkeypatch):
 
     original = sampler.apply_all_penalties
     monkeypatch.setenv("VLLM_PLUGINS", "")
-    envs.disable_envs_cache() if hasattr(envs, "disable_envs_cache") else None
+    if hasattr(envs, "disable_envs_cache"):  # so that vllm.envs reads the variable as set here
+        envs.disable_envs_cache()
     penalties.register()
     assert sampler.apply_all_penalties is original
     monkeypatch.setenv("VLLM_PLUGINS", penalties.PLUGIN_NAME)
@@ -98,11 +103,6 @@ def test_a_real_engine_answers_the_same_tokens_with_either_penalties(tiny_model,
     sampler, and every batch is formed the same way), no prefix cache: the same 12 prompts
     with strong penalties, with vLLM's function and then with ours. The answers without
     penalties show that the penalties changed something to agree on."""
-    import json
-    import os
-    import subprocess
-    import sys
-
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_PLUGINS": "", "VLLM_CPU_KVCACHE_SPACE": "1"}
     script = tmp_path / "engine_check.py"
     script.write_text(ENGINE_CHECK)
