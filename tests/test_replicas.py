@@ -122,10 +122,17 @@ def test_a_judge_list_is_shared_evenly_and_answered_in_order(replicated):
     assert status == 200 and len(body["response"]) == 650
     expected = [" ".join(["GPU"] * (CODE_LIMIT if i % 3 == 0 else 1)) for i in range(650)]
     assert body["response"] == expected  # every answer in its question's place
+    # Prompts count when a part is submitted; tokens, and the KV-cache figures with them,
+    # when its answers are done, which the stub's metrics thread may apply after the reply.
+    tokens = sum(CODE_LIMIT if i % 3 == 0 else 1 for i in range(650))
+
+    def grown(metrics, name):
+        return sum(per_replica(metrics, name)) - sum(per_replica(before, name))
+
     def counted():
         metrics = scrape_metrics(replicated.metrics_url)
-        done = sum(per_replica(metrics, "llm_generator_prompts_total")) - sum(
-            per_replica(before, "llm_generator_prompts_total")) >= 650
+        done = (grown(metrics, "llm_generator_prompts_total") >= 650
+                and grown(metrics, "llm_generator_generation_tokens_total") >= tokens)
         return metrics if done else None
 
     after = waited(counted, 30, "the generator's figures")
