@@ -9,12 +9,19 @@ Two parts, on the GPU (README "Benchmark"):
 2. The judge's batch step by step (`judge-steps`, as `LLM.generate` runs it) on two resident
    engines with the product's engine arguments: `stock` (vLLM's penalties) and `fast` (the
    generator's, through the plugin). Per round: stock with the shipped penalties, fast with
-   them, stock with no penalties at all (the floor), stock again; then the judge row's
-   chars/s on both. Whether fast gave stock's answers is recorded beside whether stock gave
-   its own again, but neither settles sameness: with vLLM's engine in a process of its own,
-   how a batch is first formed depends on when its requests reach it, and a second run of
-   one engine hits the prefix cache. Part 1's `torch.equal`, and the engine test in
-   `tests/unit/test_penalties.py` (engine in process, no prefix cache), settle it.
+   them, stock with no penalties at all (the floor), stock again on stock's questions; then
+   the judge row's chars/s on both. Stock and fast get the same questions (each on its own
+   engine, so neither has seen them); the no-penalty floor gets questions of its own, because
+   on stock's questions stock's prefix cache would skip their prefill; "stock again" shows
+   what that cache is worth. Each engine answers one batch first, untimed.
+   Whether fast gave stock's answers is recorded beside whether stock gave its own again,
+   but neither settles sameness: with vLLM's engine in a process of its own, how a batch is
+   first formed depends on when its requests reach it, and a second run hits the prefix
+   cache. Part 1's `torch.equal`, and the engine test in `tests/unit/test_penalties.py`
+   (engine in process, no prefix cache), settle it.
+
+`--timeline` keeps every step's wall time; `--py-spy DIR` records the engine processes
+(py-spy `--subprocesses`) through round 1's stock and no-penalty batches.
 
     python -m tests.bench_penalties --model-dir DIR --out FILE [--rounds 3] [--memory 0.3]
 """
@@ -24,6 +31,7 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -77,6 +85,18 @@ def penalty_function(vocab: int, rounds: int, calls: int = 50) -> dict:
     return results
 
 
+def engine_profile(folder: str | None, worker: Worker, path: str) -> subprocess.Popen | None:
+    """py-spy on a worker and its engine-core process for the next batch (about 2 s)."""
+    if not folder:
+        return None
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    out = Path(folder) / f"engine-{path.replace(', ', '-').replace(' ', '-')}.txt"
+    spy = subprocess.Popen(["py-spy", "record", "-p", str(worker.process.pid), "--subprocesses", "-d", "4",
+                            "-r", "200", "--nonblocking", "--format", "raw", "-o", str(out)])
+    time.sleep(1.0)  # py-spy attaches before the batch starts
+    return spy
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="[bench_penalties] %(message)s")
     parser = argparse.ArgumentParser()
@@ -85,6 +105,8 @@ def main(argv=None) -> int:
     parser.add_argument("--memory", type=float, default=0.3)
     parser.add_argument("--judge-n", type=int, default=650)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--timeline", action="store_true", help="keep every step's wall time")
+    parser.add_argument("--py-spy", help="folder for py-spy profiles of the engine processes (round 1)")
     args = parser.parse_args(argv)
     from preprocess.engine.penalties import PLUGIN_NAME
 
@@ -100,18 +122,26 @@ def main(argv=None) -> int:
         for name, plugins in (("stock", ""), ("fast", PLUGIN_NAME)):
             workers[name] = Worker("offline-product", args.model_dir, args.memory, env={**env, "VLLM_PLUGINS": plugins})
             log.info("%s up: %s", name, workers[name].scheduler)
-        paths = (("stock", "stock", {}), ("fast", "fast", {}), ("stock, penalties off", "stock", NO_PENALTIES),
-                 ("stock again", "stock", {}))
+        # (path, engine, sampling overrides, which questions: the round's own, or the floor's)
+        paths = (("stock", "stock", {}, "shared"), ("fast", "fast", {}, "shared"),
+                 ("stock, penalties off", "stock", NO_PENALTIES, "floor"), ("stock again", "stock", {}, "shared"))
+        for worker in workers.values():
+            worker.run(op="judge-steps", questions=judge_questions(args.judge_n, "penalties-warm-up"))
         steps, judge = [], []
         for round_ in range(args.rounds):
-            questions = judge_questions(args.judge_n, f"penalties-{round_}")
-            for path, name, sampling_env in paths:
-                run = workers[name].run(op="judge-steps", questions=questions, env=sampling_env)
+            questions = {kind: judge_questions(args.judge_n, f"penalties-{round_}-{kind}") for kind in ("shared", "floor")}
+            for path, name, sampling_env, kind in paths:
+                profiled = round_ == 1 and path in ("stock", "stock, penalties off")
+                spy = engine_profile(args.py_spy, workers[name], path) if profiled else None
+                run = workers[name].run(op="judge-steps", questions=questions[kind], env=sampling_env,
+                                        timeline=args.timeline)
+                if spy:
+                    spy.wait(60)
                 steps.append({"round": round_, "path": path, **run})
                 log.info("steps %s: %s", path,
                          {k: run[k] for k in ("seconds", "steps", "ms_per_step_then", "ms_per_step_after")})
             for name in ("stock", "fast") if round_ % 2 == 0 else ("fast", "stock"):
-                run = workers[name].run(op="judge", questions=questions)
+                run = workers[name].run(op="judge", questions=questions["shared"])
                 judge.append({"round": round_, "engine": name, **run, "chars_per_s": run["chars"] / run["seconds"]})
                 log.info("judge %s: %.0f chars/s", name, run["chars"] / run["seconds"])
             result.update(steps=steps, judge=judge)
@@ -121,6 +151,8 @@ def main(argv=None) -> int:
             mine = [s for s in steps if s["path"] == path]
             summary[f"steps, {path}"] = {
                 key: spread([s[key] for s in mine]) for key in ("seconds", "ms_per_step_then", "ms_per_step_after")}
+            summary[f"steps, {path}"]["short_answers_done_s"] = spread(
+                [min(s["done_by_max_tokens_s"].values()) for s in mine])
         for name in ("stock", "fast"):
             summary[f"judge chars/s, {name}"] = spread([j["chars_per_s"] for j in judge if j["engine"] == name])
         by_round = {(j["round"], j["engine"]): j["chars_per_s"] for j in judge}

@@ -87,11 +87,12 @@ def cleaned_chars(rows, texts: list[str]) -> int:
     return sum(len(a) for a in answers)
 
 
-def judge_steps(llm, rows, with_answers: bool = False) -> dict:
+def judge_steps(llm, rows, with_answers: bool = False, timeline: bool = False) -> dict:
     """The judge's batch through the engine one step at a time, as `LLM.generate` runs it
     (all prompts added, then step until none is left), with every step's wall time: how
     many steps the batch takes, how long they are while the short answers run and after,
-    and when the answers of each token limit were all done (seconds from the first add)."""
+    and when the answers of each token limit were all done (seconds from the first add);
+    `timeline` adds every step's wall time in ms, in order."""
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
 
@@ -124,7 +125,8 @@ def judge_steps(llm, rows, with_answers: bool = False) -> dict:
             "steps_after": len(tail_steps),
             "ms_per_step_after": 1000 * statistics.median(tail_steps) if tail_steps else None,
             "answers_sha256": hashlib.sha256(json.dumps(in_order).encode()).hexdigest(),
-            **({"answers": in_order} if with_answers else {})}
+            **({"answers": in_order} if with_answers else {}),
+            **({"step_ms": [round(1000 * seconds, 2) for _, seconds in steps]} if timeline else {})}
 
 
 def reply(payload: dict) -> None:
@@ -165,7 +167,7 @@ def offline_worker(kind: str, model_dir: str, memory: float) -> None:
                    "tokens": sum(len(o.outputs[0].token_ids) for o in outputs)})
         elif command["op"] == "judge-steps":
             reply(judge_steps(llm, judge_stage(model_dir, command.get("env")).run(command["questions"]),
-                              command.get("answers", False)))
+                              command.get("answers", False), command.get("timeline", False)))
         else:
             reply({"error": f"{kind} does not run {command['op']}"})
 
