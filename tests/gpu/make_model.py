@@ -4,7 +4,11 @@ The machine has no network, so the tokenizer is SmolLM2's (ChatML, like Qwen's),
 over; the vocabulary is therefore 49,152 instead of Qwen3's 151,936 (a smaller LM head),
 everything else is the real shape.
 
-    python tests/gpu/make_model.py qwen3-4b /tmp/models/qwen3-4b --tokenizer DIR
+    python tests/gpu/make_model.py qwen3-4b /tmp/models/qwen3-4b --tokenizer DIR [--vocab 151936]
+
+`--vocab` pads the vocabulary to a size of one's own (Qwen3's is 151,936), for work whose
+cost grows with it (the LM head, penalties); the tokenizer still uses only its own ids, so
+read such a model's outputs as token ids, not text.
 """
 import argparse
 import shutil
@@ -23,6 +27,7 @@ def main():
     parser.add_argument("shape", choices=SHAPES)
     parser.add_argument("dest", type=Path)
     parser.add_argument("--tokenizer", type=Path, required=True)
+    parser.add_argument("--vocab", type=int, help="vocabulary size (default: the tokenizer's)")
     args = parser.parse_args()
     if (args.dest / "config.json").exists():
         return
@@ -30,7 +35,7 @@ def main():
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    config = Qwen3Config(vocab_size=len(tokenizer), max_position_embeddings=40960, rope_theta=1000000.0,
+    config = Qwen3Config(vocab_size=args.vocab or len(tokenizer), max_position_embeddings=40960, rope_theta=1000000.0,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          torch_dtype="bfloat16", **SHAPES[args.shape])
     torch.manual_seed(0)

@@ -1,0 +1,111 @@
+"""Where a decode step's time goes: its wall time against the GPU's kernel time, by batch size.
+
+The judge's batch spends about half its time on its long answers alone (about 90 sequences,
+160 steps). This runs the product's engine arguments in process (so the profiler sees the
+kernels), fills the batch with N judge prompts that decode with no stop (`ignore_eos`, no
+detokenizing), lets them reach steady decoding, then per case:
+- the wall time of each of `--steps` steps (median, min, max);
+- the GPU's kernel time per step over `--profiled` more steps (torch profiler, CUDA
+  activity only), and the kernels that take most of it.
+If the kernel time is close to the wall time, the step is the GPU's; if it is well below,
+the GPU waits on the host.
+
+    python3 tests/gpu/step_profile.py MODEL_DIR --sizes 90 650 --out FILE
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process, for the profiler
+
+from tests.bench_engine import judge_questions  # noqa: E402
+from tests.bench_workers import judge_stage, product_engine_args  # noqa: E402
+
+SHIPPED_PENALTIES = {"repetition_penalty": 1.05, "frequency_penalty": 0.1}
+NO_PENALTIES = {"repetition_penalty": 1.0, "frequency_penalty": 0.0}
+
+
+def kernel_ms_per_step(engine, steps: int) -> tuple[float, list]:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize() if on_gpu else None
+    events = prof.key_averages()
+    busy = [(e.key, e.self_device_time_total if on_gpu else e.self_cpu_time_total, e.count) for e in events]
+    busy = [b for b in busy if b[1] > 0]
+    busy.sort(key=lambda b: -b[1])
+    total_ms = sum(b[1] for b in busy) / 1000 / steps
+    return total_ms, [{"kernel": k[:120], "ms_per_step": round(t / 1000 / steps, 4), "calls_per_step": c / steps}
+                      for k, t, c in busy[:15]]
+
+
+def run_case(engine, rows, size: int, penalties: dict, warm: int, steps: int, profiled: int, tag: str) -> dict:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
+
+    params = SamplingParams(max_tokens=warm + steps + profiled + 20, ignore_eos=True, temperature=0.0,
+                            detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY, **penalties)
+    ids = [f"{tag}-{i}" for i in range(size)]
+    for request_id, row in zip(ids, rows[:size]):
+        engine.add_request(request_id, TokensPrompt(prompt_token_ids=row.token_ids), params)
+    for _ in range(warm):
+        engine.step()
+    walls = []
+    for _ in range(steps):
+        before = time.perf_counter()
+        engine.step()
+        walls.append(1000 * (time.perf_counter() - before))
+    kernel_ms, top = kernel_ms_per_step(engine, profiled)
+    engine.abort_request(ids)
+    while engine.has_unfinished_requests():
+        engine.step()
+    wall = statistics.median(walls)
+    return {"sequences": size, "penalties": penalties["repetition_penalty"] != 1.0,
+            "wall_ms_per_step": {"median": round(wall, 3), "min": round(min(walls), 3), "max": round(max(walls), 3)},
+            "kernel_ms_per_step": round(kernel_ms, 3), "kernel_share_of_wall": round(kernel_ms / wall, 3),
+            "top_kernels": top}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model_dir")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[90, 650])
+    parser.add_argument("--warm", type=int, default=40, help="steps before timing: prefill and the first tokens")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--profiled", type=int, default=20)
+    parser.add_argument("--memory", type=float, default=0.5)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    from vllm import LLM
+
+    from tests.bench import device_name
+
+    llm = LLM(**{**product_engine_args(args.model_dir), "gpu_memory_utilization": args.memory})
+    rows = judge_stage(args.model_dir).run(judge_questions(max(args.sizes), "step-profile"))
+    result = {"device": device_name(), "cases": []}
+    for round_ in range(2):  # two passes, the cases interleaved
+        for size in args.sizes:
+            for name, penalties in (("on", SHIPPED_PENALTIES), ("off", NO_PENALTIES)):
+                case = run_case(llm.llm_engine, rows, size, penalties, args.warm, args.steps, args.profiled,
+                                f"r{round_}-{size}-{name}")
+                result["cases"].append({"round": round_, **case})
+                print(json.dumps({k: v for k, v in case.items() if k != "top_kernels"}), flush=True)
+                Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
