@@ -10,7 +10,12 @@ detokenizing), lets them reach steady decoding, then per case:
 If the kernel time is close to the wall time, the step is the GPU's; if it is well below,
 the GPU waits on the host.
 
-    python3 tests/gpu/step_profile.py MODEL_DIR --sizes 90 650 --out FILE
+`--cascade N` turns on vLLM's cascade attention (`disable_cascade_attn=False`) and lets it
+take shared prefixes from N tokens (vLLM's own floor is 256; the judge's shared system
+prompt is shorter). `--judge-batches K` then times K whole judge batches (shipped limits,
+fresh questions each) step by step, as `tests.bench_penalties` does.
+
+    python3 tests/gpu/step_profile.py MODEL_DIR --sizes 90 650 --out FILE [--cascade 64] [--judge-batches 3]
 """
 from __future__ import annotations
 
@@ -26,8 +31,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process, for the profiler
 
-from tests.bench_engine import judge_questions  # noqa: E402
-from tests.bench_workers import judge_stage, product_engine_args  # noqa: E402
+from tests.bench_engine import SHIPPED_ROUTING, judge_questions  # noqa: E402
+from tests.bench_workers import judge_stage, judge_steps, product_engine_args  # noqa: E402
 
 SHIPPED_PENALTIES = {"repetition_penalty": 1.05, "frequency_penalty": 0.1}
 NO_PENALTIES = {"repetition_penalty": 1.0, "frequency_penalty": 0.0}
@@ -79,6 +84,22 @@ def run_case(engine, rows, size: int, penalties: dict, warm: int, steps: int, pr
             "top_kernels": top}
 
 
+def allow_cascade_from(min_prefix: int) -> None:
+    """vLLM decides per step whether cascade attention pays (flash_attn.use_cascade_attention),
+    but never below 256 shared tokens; shared prefixes from `min_prefix` are passed to its
+    decision as 256 (only the decision: the prefix used is computed apart from it)."""
+    import vllm.v1.attention.backends.flash_attn as flash_attn
+
+    decide = flash_attn.use_cascade_attention
+
+    def use_cascade_attention(common_prefix_len, *args, **kwargs):
+        if min_prefix <= common_prefix_len < 256:
+            common_prefix_len = 256
+        return decide(common_prefix_len, *args, **kwargs)
+
+    flash_attn.use_cascade_attention = use_cascade_attention
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("model_dir")
@@ -87,15 +108,22 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--profiled", type=int, default=20)
     parser.add_argument("--memory", type=float, default=0.5)
+    parser.add_argument("--cascade", type=int, help="cascade attention from this many shared prompt tokens")
+    parser.add_argument("--judge-batches", type=int, default=0)
+    parser.add_argument("--judge-n", type=int, default=650)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     from vllm import LLM
 
     from tests.bench import device_name
 
-    llm = LLM(**{**product_engine_args(args.model_dir), "gpu_memory_utilization": args.memory})
+    engine_args = {**product_engine_args(args.model_dir), "gpu_memory_utilization": args.memory}
+    if args.cascade:
+        allow_cascade_from(args.cascade)
+        engine_args["disable_cascade_attn"] = False
+    llm = LLM(**engine_args)
     rows = judge_stage(args.model_dir).run(judge_questions(max(args.sizes), "step-profile"))
-    result = {"device": device_name(), "cases": []}
+    result = {"device": device_name(), "cascade_from": args.cascade, "cases": [], "judge": []}
     for round_ in range(2):  # two passes, the cases interleaved
         for size in args.sizes:
             for name, penalties in (("on", SHIPPED_PENALTIES), ("off", NO_PENALTIES)):
@@ -104,6 +132,12 @@ def main(argv=None) -> int:
                 result["cases"].append({"round": round_, **case})
                 print(json.dumps({k: v for k, v in case.items() if k != "top_kernels"}), flush=True)
                 Path(args.out).write_text(json.dumps(result, indent=1))
+    judge_rows = judge_stage(args.model_dir, SHIPPED_ROUTING)
+    for batch in range(args.judge_batches):
+        run = judge_steps(llm, judge_rows.run(judge_questions(args.judge_n, f"step-profile-judge-{batch}")))
+        result["judge"].append(run)
+        print(json.dumps({k: run[k] for k in ("seconds", "steps", "ms_per_step_then", "ms_per_step_after")}), flush=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
     return 0
 
 
