@@ -72,7 +72,7 @@ def effective_scheduler(engine, defaults: str) -> dict[str, Any]:
         "block_size": block_size,
         # vLLM's own "maximum concurrency": how many max-length requests the cache holds at once
         "max_concurrency_at_max_len": round(blocks * block_size / max_len, 2) if blocks and block_size else None,
-        "penalties": penalties_in_use(),
+        "penalties": penalties_in_use(config),
     }
 
 

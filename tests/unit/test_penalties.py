@@ -79,6 +79,26 @@ def test_the_plugin_leaves_vllm_alone_unless_named(monkeypatch):
         monkeypatch.setattr(sampler, "apply_all_penalties", original)
 
 
+def test_info_never_claims_these_penalties_where_the_v2_model_runner_samples(tiny_model, monkeypatch):
+    """vLLM's V2 model runner (0.25's default for dense models on a GPU) applies penalties in
+    its own kernel and never calls the V1 sampler's function, patched or not."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.sample import sampler
+
+    import vllm.envs as envs
+
+    config = EngineArgs(model=str(tiny_model), max_model_len=256).create_engine_config()
+    monkeypatch.setattr(sampler, "apply_all_penalties", penalties.apply_all_penalties)
+    if hasattr(envs, "disable_envs_cache"):  # so that vllm.envs reads the variable as set here
+        envs.disable_envs_cache()
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    assert config.use_v2_model_runner
+    assert penalties.penalties_in_use(config) == "vllm"
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    assert not config.use_v2_model_runner
+    assert penalties.penalties_in_use(config) == "seen tokens"
+
+
 ENGINE_CHECK = r"""
 import json, sys
 from vllm import LLM, SamplingParams
