@@ -8,8 +8,10 @@ Two parts, on the GPU (README "Benchmark"):
    with `torch.equal`.
 2. The judge's batch step by step (`judge-steps`, as `LLM.generate` runs it) on two resident
    engines with the product's engine arguments: `stock` (vLLM's penalties) and `fast` (the
-   generator's, through the plugin). Per round: stock with the shipped penalties, fast with
-   them, stock with no penalties at all (the floor), stock again on stock's questions; then
+   generator's, through the plugin; on a GPU, where vLLM 0.25's V2 model runner samples
+   with its own penalty kernel, the plugin cannot act and `fast` is vLLM's code too). Per
+   round: stock with the shipped penalties, fast with them, stock with no penalties at all
+   (the floor), stock again on stock's questions; then
    the judge row's chars/s on both. Stock and fast get the same questions (each on its own
    engine, so neither has seen them); the no-penalty floor gets questions of its own, because
    on stock's questions stock's prefix cache would skip their prefill; "stock again" shows
