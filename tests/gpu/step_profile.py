@@ -34,8 +34,15 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this pr
 from tests.bench_engine import SHIPPED_ROUTING, judge_questions  # noqa: E402
 from tests.bench_workers import judge_stage, judge_steps, product_engine_args  # noqa: E402
 
-SHIPPED_PENALTIES = {"repetition_penalty": 1.05, "frequency_penalty": 0.1}
 NO_PENALTIES = {"repetition_penalty": 1.0, "frequency_penalty": 0.0}
+
+
+def shipped_penalties() -> dict:
+    """The penalties the generator applies by default (or as this environment sets them)."""
+    from preprocess.settings import load_sampling
+
+    sampling = load_sampling(os.environ)
+    return {"repetition_penalty": sampling.repetition_penalty, "frequency_penalty": sampling.frequency_penalty}
 
 
 def kernel_ms_per_step(engine, steps: int) -> tuple[float, list]:
@@ -126,7 +133,7 @@ def main(argv=None) -> int:
     result = {"device": device_name(), "cascade_from": args.cascade, "cases": [], "judge": []}
     for round_ in range(2):  # two passes, the cases interleaved
         for size in args.sizes:
-            for name, penalties in (("on", SHIPPED_PENALTIES), ("off", NO_PENALTIES)):
+            for name, penalties in (("on", shipped_penalties()), ("off", NO_PENALTIES)):
                 case = run_case(llm.llm_engine, rows, size, penalties, args.warm, args.steps, args.profiled,
                                 f"r{round_}-{size}-{name}")
                 result["cases"].append({"round": round_, **case})
