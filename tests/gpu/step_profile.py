@@ -13,7 +13,9 @@ the GPU waits on the host.
 `--cascade N` turns on vLLM's cascade attention (`disable_cascade_attn=False`) and lets it
 take shared prefixes from N tokens (vLLM's own floor is 256; the judge's shared system
 prompt is shorter). `--judge-batches K` then times K whole judge batches (shipped limits,
-fresh questions each) step by step, as `tests.bench_penalties` does.
+fresh questions each) step by step, as `tests.bench_penalties` does. `--engine-arg KEY=JSON`
+(repeatable) changes one engine argument over the product's, e.g. `block_size=64` or
+`attention_config={"backend": "TRITON_ATTN"}`, to compare attention set-ups.
 
     python3 tests/gpu/step_profile.py MODEL_DIR --sizes 90 650 --out FILE [--cascade 64] [--judge-batches 3]
 """
@@ -107,6 +109,15 @@ def allow_cascade_from(min_prefix: int) -> None:
     flash_attn.use_cascade_attention = use_cascade_attention
 
 
+def engine_override(text: str) -> tuple[str, object]:
+    """`KEY=JSON` -> (KEY, value); a value that is not JSON stays a string."""
+    key, _, value = text.partition("=")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("model_dir")
@@ -118,19 +129,23 @@ def main(argv=None) -> int:
     parser.add_argument("--cascade", type=int, help="cascade attention from this many shared prompt tokens")
     parser.add_argument("--judge-batches", type=int, default=0)
     parser.add_argument("--judge-n", type=int, default=650)
+    parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=JSON",
+                        help="an engine argument over the product's (repeatable)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    overrides = dict(engine_override(text) for text in args.engine_arg)
     from vllm import LLM
 
     from tests.bench import device_name
 
-    engine_args = {**product_engine_args(args.model_dir), "gpu_memory_utilization": args.memory}
+    engine_args = {**product_engine_args(args.model_dir), "gpu_memory_utilization": args.memory, **overrides}
     if args.cascade:
         allow_cascade_from(args.cascade)
         engine_args["disable_cascade_attn"] = False
     llm = LLM(**engine_args)
     rows = judge_stage(args.model_dir).run(judge_questions(max(args.sizes), "step-profile"))
-    result = {"device": device_name(), "cascade_from": args.cascade, "cases": [], "judge": []}
+    result = {"device": device_name(), "cascade_from": args.cascade, "engine_args_over_product": overrides,
+              "cases": [], "judge": []}
     for round_ in range(2):  # two passes, the cases interleaved
         for size in args.sizes:
             for name, penalties in (("on", shipped_penalties()), ("off", NO_PENALTIES)):
