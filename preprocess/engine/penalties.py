@@ -119,3 +119,15 @@ def penalties_in_use(vllm_config) -> str:
     except ImportError:
         return "vllm"
     return "seen tokens" if getattr(sampler, "apply_all_penalties", None) is apply_all_penalties else "vllm"
+
+
+def ignored_fast_penalties(asked: bool, vllm_config) -> str | None:
+    """The start-up warning when VLLM_FAST_PENALTIES is on but the engine samples with vLLM's
+    own penalties (the V2 model runner, or the plugin not loaded); None when nothing was
+    asked or the plugin acts."""
+    in_use = penalties_in_use(vllm_config)
+    if not asked or in_use == "seen tokens":
+        return None
+    why = ("vLLM's V2 model runner applies its own fused penalty kernel"
+           if getattr(vllm_config, "use_v2_model_runner", False) else "the penalties plugin is not loaded")
+    return f"VLLM_FAST_PENALTIES=1 has no effect: {why}; penalties are vLLM's"

@@ -20,7 +20,7 @@ from .config import EngineSettings, accepted_kwargs, engine_kwargs
 from .fallback import build_with_fallbacks
 from .generation import (ENGINE_REFUSALS, BatchHandle, Completion, GenerationItem, GenerationResult, StreamDelta,
                          StreamListener, TokenLogprobs, group_by_sampling, new_batch_id)
-from .penalties import penalties_in_use
+from .penalties import ignored_fast_penalties, penalties_in_use
 from .. import controls
 from ..contract import NOT_SET, InvalidRequest
 from ..sampling import SamplingSettings
@@ -157,6 +157,9 @@ class VllmRunner:
         self.scheduler = effective_scheduler(self.engine, settings.scheduler_defaults)
         log.info("vLLM engine up in %.1f s: max_model_len=%d; scheduler %s", time.monotonic() - started,
                  self.max_model_len, self.scheduler)
+        ignored = ignored_fast_penalties(settings.fast_penalties, getattr(self.engine, "vllm_config", None))
+        if ignored:
+            log.warning("%s", ignored)
 
     @staticmethod
     def _engine_class(mode: str):

@@ -66,17 +66,16 @@ def test_the_plugin_leaves_vllm_alone_unless_named(monkeypatch):
     import vllm.envs as envs
 
     original = sampler.apply_all_penalties
+    # recorded before register() patches it, so that teardown puts vLLM's function back
+    monkeypatch.setattr(sampler, "apply_all_penalties", original)
     monkeypatch.setenv("VLLM_PLUGINS", "")
     if hasattr(envs, "disable_envs_cache"):  # so that vllm.envs reads the variable as set here
         envs.disable_envs_cache()
     penalties.register()
     assert sampler.apply_all_penalties is original
     monkeypatch.setenv("VLLM_PLUGINS", penalties.PLUGIN_NAME)
-    try:
-        penalties.register()
-        assert sampler.apply_all_penalties is penalties.apply_all_penalties
-    finally:
-        monkeypatch.setattr(sampler, "apply_all_penalties", original)
+    penalties.register()
+    assert sampler.apply_all_penalties is penalties.apply_all_penalties
 
 
 def test_info_never_claims_these_penalties_where_the_v2_model_runner_samples(tiny_model, monkeypatch):
@@ -133,3 +132,28 @@ def test_a_real_engine_answers_the_same_tokens_with_either_penalties(tiny_model,
     result = json.loads(lines[0][len("RESULT "):])
     assert result["stock"] != result["plain"]
     assert result["seen_tokens"] == result["stock"]
+
+
+def test_start_up_warns_when_fast_penalties_are_asked_for_but_vllm_applies_its_own(tiny_model, monkeypatch):
+    """VLLM_FAST_PENALTIES=1 on a GPU, where the V2 model runner samples, is named at start-up
+    as having no effect; asked for where the plugin acts, or not asked for, nothing is said."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.sample import sampler
+
+    import vllm.envs as envs
+
+    config = EngineArgs(model=str(tiny_model), max_model_len=256).create_engine_config()
+    monkeypatch.setattr(sampler, "apply_all_penalties", penalties.apply_all_penalties)
+    if hasattr(envs, "disable_envs_cache"):
+        envs.disable_envs_cache()
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    warning = penalties.ignored_fast_penalties(True, config)
+    assert warning is not None and "V2 model runner" in warning and "VLLM_FAST_PENALTIES=1" in warning
+    assert penalties.ignored_fast_penalties(False, config) is None
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    assert penalties.ignored_fast_penalties(True, config) is None
+    monkeypatch.undo()  # vLLM's own sampler function again: the plugin did not load
+    if hasattr(envs, "disable_envs_cache"):
+        envs.disable_envs_cache()
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    assert "plugin is not loaded" in (penalties.ignored_fast_penalties(True, config) or "")
