@@ -106,6 +106,7 @@ class EngineSettings:
     quantization: str | None = None
     load_format: str | None = None
     kv_cache_dtype: str | None = None
+    attention_backend: str | None = None  # one of vLLM's AttentionBackendEnum names; None: vLLM picks
     enable_prefix_caching: bool = True
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
@@ -202,6 +203,7 @@ def load_engine(environ: Mapping[str, str], metax: bool | None = None, cpu_only:
         quantization=env.raw("VLLM_QUANTIZATION"),
         load_format=env.raw("VLLM_LOAD_FORMAT"),
         kv_cache_dtype=env.raw("VLLM_KV_CACHE_DTYPE") or env.raw("KV_CACHE_DTYPE"),
+        attention_backend=env.raw("VLLM_ATTENTION_BACKEND"),
         enable_prefix_caching=env.bool("ENABLE_PREFIX_CACHING", True),
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=env.optional_int("VLLM_MAX_NUM_BATCHED_TOKENS", 1),
@@ -256,6 +258,7 @@ def engine_kwargs(settings: EngineSettings, model_dir: str) -> dict[str, Any]:
         "quantization": settings.quantization,
         "load_format": settings.load_format,
         "kv_cache_dtype": settings.kv_cache_dtype,
+        "attention_backend": settings.attention_backend,
         "max_num_seqs": settings.max_num_seqs,
         "max_num_batched_tokens": settings.max_num_batched_tokens,
         "tokenizer_pool_size": settings.tokenizer_pool_size,
@@ -270,6 +273,21 @@ def engine_kwargs(settings: EngineSettings, model_dir: str) -> dict[str, Any]:
         kwargs["speculative_config"] = settings.speculative.as_config()
         kwargs["enable_chunked_prefill"] = False  # vLLM's speculative path and chunked prefill conflict
     return kwargs
+
+
+def check_attention_backend(name: str | None) -> None:
+    """VLLM_ATTENTION_BACKEND is `auto` or one of this vLLM's attention backends. A wrong name
+    stops start-up here with the valid ones: vLLM's own error is a bare KeyError, and the
+    fallback chain would answer it with the transformers engine."""
+    if not name or name.lower() == "auto":
+        return
+    try:
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    except ImportError:  # another vLLM layout: vLLM itself judges the name
+        return
+    if name.upper() not in AttentionBackendEnum.__members__:
+        raise SettingsError(f"VLLM_ATTENTION_BACKEND={name!r} is not an attention backend of this vLLM; "
+                            f"one of: auto, {', '.join(AttentionBackendEnum.__members__)}")
 
 
 def accepted_kwargs(kwargs: Mapping[str, Any], target: Callable[..., Any]) -> tuple[dict[str, Any], list[str]]:

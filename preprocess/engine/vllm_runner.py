@@ -16,7 +16,7 @@ import time
 from concurrent.futures import Future
 from typing import Any, Sequence
 
-from .config import EngineSettings, accepted_kwargs, engine_kwargs
+from .config import EngineSettings, accepted_kwargs, check_attention_backend, engine_kwargs
 from .fallback import build_with_fallbacks
 from .generation import (ENGINE_REFUSALS, BatchHandle, Completion, GenerationItem, GenerationResult, StreamDelta,
                          StreamListener, TokenLogprobs, group_by_sampling, new_batch_id)
@@ -130,6 +130,7 @@ class VllmRunner:
         self.engine_class = self._engine_class(settings.engine_mode)
         self.engine_mode = self.engine_class.__name__  # shown in /info
 
+        check_attention_backend(settings.attention_backend)
         wanted = {**engine_kwargs(settings, model_dir), **compact_json_outputs()}
         kwargs, dropped = accepted_kwargs(wanted, AsyncEngineArgs.__init__)
         if dropped:

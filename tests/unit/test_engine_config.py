@@ -1,7 +1,8 @@
 """vLLM engine arguments from the environment, filtered by the installed vLLM's signature."""
 import pytest
 
-from preprocess.engine.config import SAFE_MAX_MODEL_LEN, accepted_kwargs, engine_kwargs, load_engine
+from preprocess.engine.config import (SAFE_MAX_MODEL_LEN, accepted_kwargs, check_attention_backend, engine_kwargs,
+                                     load_engine)
 from preprocess.envparse import SettingsError
 
 
@@ -39,14 +40,15 @@ def test_every_variable_reaches_its_argument():
            "VLLM_LOAD_FORMAT": "safetensors", "KV_CACHE_DTYPE": "fp8", "ENABLE_PREFIX_CACHING": "0",
            "VLLM_MAX_NUM_SEQS": "64", "VLLM_MAX_NUM_BATCHED_TOKENS": "8192", "VLLM_TOKENIZER_POOL_SIZE": "2",
            "VLLM_TOKENIZER_POOL_TYPE": "ray", "TENSOR_PARALLEL_SIZE": "2", "VLLM_ENFORCE_EAGER": "1",
-           "ENABLE_CHUNKED_PREFILL": "1", "VLLM_COMPILATION_CONFIG": '{"level": 3}'}
+           "ENABLE_CHUNKED_PREFILL": "1", "VLLM_COMPILATION_CONFIG": '{"level": 3}',
+           "VLLM_ATTENTION_BACKEND": "TRITON_ATTN"}
     kw = engine_kwargs(load_engine(env, metax=False), "/m")
     assert kw == {"model": "/m", "tokenizer": "/m", "tensor_parallel_size": 2, "gpu_memory_utilization": 0.5,
                   "dtype": "bfloat16", "enable_prefix_caching": False, "disable_log_stats": False,
                   "enforce_eager": True, "max_model_len": 2048, "quantization": "awq", "load_format": "safetensors",
                   "kv_cache_dtype": "fp8", "max_num_seqs": 64, "max_num_batched_tokens": 8192,
                   "tokenizer_pool_size": 2, "tokenizer_pool_type": "ray", "enable_chunked_prefill": True,
-                  "compilation_config": {"level": 3}}
+                  "compilation_config": {"level": 3}, "attention_backend": "TRITON_ATTN"}
     assert engine_kwargs(load_engine({"VLLM_KV_CACHE_DTYPE": "fp8_e5m2", "KV_CACHE_DTYPE": "fp8"}), "/m")[
         "kv_cache_dtype"] == "fp8_e5m2"
 
@@ -71,6 +73,24 @@ def test_bad_compilation_config_and_choices_are_one_line_errors():
         load_engine({"VLLM_COMPILATION_CONFIG": "{level"})
     with pytest.raises(SettingsError, match="USE_VLLM='maybe'"):
         load_engine({"USE_VLLM": "maybe"})
+
+
+def test_attention_backend_reaches_vllms_config_and_a_wrong_name_is_a_one_line_error(tiny_model):
+    """VLLM_ATTENTION_BACKEND (vLLM's own former variable, which vLLM 0.25 no longer reads) becomes
+    `attention_backend`, and a real engine config takes it; a name vLLM does not know stops
+    start-up with the names it does."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    settings = load_engine({"VLLM_ATTENTION_BACKEND": "triton_attn"})
+    check_attention_backend(settings.attention_backend)
+    kwargs, _ = accepted_kwargs({**engine_kwargs(settings, str(tiny_model)), "max_model_len": 256},
+                                AsyncEngineArgs.__init__)
+    config = AsyncEngineArgs(**kwargs).create_engine_config()
+    assert config.attention_config.backend.name == "TRITON_ATTN"
+    check_attention_backend("auto")
+    check_attention_backend(None)
+    with pytest.raises(SettingsError, match=r"VLLM_ATTENTION_BACKEND='FLASH_ATTENTON' .*one of: auto, .*FLASH_ATTN"):
+        check_attention_backend("FLASH_ATTENTON")
 
 
 def test_only_arguments_this_vllm_accepts_are_passed():
