@@ -4,6 +4,11 @@ Triton calls `execute` on the stub's main thread; the engine lives on a separate
 loop so vLLM keeps stepping while Triton hands us new requests and while responses go
 out. Completion callbacks run on the loop thread and must only enqueue (the Triton
 adapter sends responses from a third thread).
+
+Every request is answered exactly once. A request's answer normally comes from its task's
+end; when the loop stops first (the engine died and the replica is being rebuilt), the
+tasks it still held will never run again, so `_stop_loop` answers them with
+EngineUnavailable (a 503: retry) rather than leave their clients waiting.
 """
 from __future__ import annotations
 
@@ -18,8 +23,8 @@ from typing import Any, Sequence
 
 from .config import EngineSettings, accepted_kwargs, check_attention_backend, engine_kwargs
 from .fallback import build_with_fallbacks
-from .generation import (ENGINE_REFUSALS, BatchHandle, Completion, GenerationItem, GenerationResult, StreamDelta,
-                         StreamListener, TokenLogprobs, group_by_sampling, new_batch_id)
+from .generation import (ENGINE_REFUSALS, BatchHandle, Completion, EngineUnavailable, GenerationItem,
+                         GenerationResult, StreamDelta, StreamListener, TokenLogprobs, group_by_sampling, new_batch_id)
 from .penalties import ignored_fast_penalties, penalties_in_use
 from .. import controls
 from ..contract import NOT_SET, InvalidRequest
@@ -126,6 +131,8 @@ class VllmRunner:
         self._stop_strings = list(stop_strings)
         self._stop_token_ids = list(stop_token_ids)
         self._params_cache: dict[SamplingSettings, Any] = {}
+        self._unanswered: dict[str, Any] = {}  # batch id -> its one answer callback (`_answer_once`)
+        self._unanswered_lock = threading.Lock()
         self.on_submit = None  # metrics hook: (items, number of sampling groups)
         self.engine_class = self._engine_class(settings.engine_mode)
         self.engine_mode = self.engine_class.__name__  # shown in /info
@@ -187,10 +194,35 @@ class VllmRunner:
         return self.engine_class.from_engine_args(args, **extra)
 
     def _stop_loop(self, timeout_s: float) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout_s)
-        if not self._thread.is_alive():
-            self._loop.close()
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout_s)
+            if not self._thread.is_alive():
+                self._loop.close()
+        with self._unanswered_lock:
+            left = list(self._unanswered.values())
+        if left:
+            log.warning("the engine loop stopped with %d requests unanswered; answering them 503", len(left))
+        for answer in left:  # one its task answers meanwhile is skipped: each runs once
+            answer(EngineUnavailable("the generator engine stopped before answering; retry shortly"))
+
+    def _answer_once(self, batch_id: str, deliver):
+        """`deliver` wrapped to run at most once: from the request's task, or from
+        `_stop_loop` for a task the stopped loop will never finish."""
+        def answer(outcome) -> None:
+            with self._unanswered_lock:
+                if self._unanswered.pop(batch_id, None) is None:
+                    return
+            deliver(outcome)
+
+        with self._unanswered_lock:
+            self._unanswered[batch_id] = answer
+        return answer
+
+    def _answered(self, batch_id: str) -> None:
+        """A stream that ended by itself: its pieces went out from its task."""
+        with self._unanswered_lock:
+            self._unanswered.pop(batch_id, None)
 
     def _call_on_loop(self, coroutine, timeout: float | None):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
@@ -238,15 +270,16 @@ class VllmRunner:
 
     def submit(self, items: Sequence[GenerationItem], on_done: Completion) -> BatchHandle:
         handle = BatchHandle(new_batch_id())
+        answer = self._answer_once(handle.batch_id, on_done)
         future: Future = asyncio.run_coroutine_threadsafe(self._generate_batch(items, handle), self._loop)
 
         def finished(done: Future) -> None:
             if done.cancelled():
-                on_done(asyncio.CancelledError("request cancelled"))
+                answer(asyncio.CancelledError("request cancelled"))
             elif done.exception() is not None:
-                on_done(done.exception())
+                answer(done.exception())
             else:
-                on_done(done.result())
+                answer(done.result())
 
         future.add_done_callback(finished)
         handle.future = future
@@ -257,13 +290,16 @@ class VllmRunner:
         as vLLM produces it; the last piece has its finish reason, or an error comes
         instead. `cancel(handle)` aborts it in vLLM."""
         handle = BatchHandle(new_batch_id())
+        fail = self._answer_once(handle.batch_id, on_delta)
         future: Future = asyncio.run_coroutine_threadsafe(self._stream_one(item, handle, on_delta), self._loop)
 
         def failed(done: Future) -> None:
             if done.cancelled():
-                on_delta(asyncio.CancelledError("request cancelled"))
+                fail(asyncio.CancelledError("request cancelled"))
             elif done.exception() is not None:
-                on_delta(done.exception())
+                fail(done.exception())
+            else:
+                self._answered(handle.batch_id)
 
         future.add_done_callback(failed)
         handle.future = future
@@ -343,7 +379,7 @@ class VllmRunner:
 
     def cancel(self, handle: BatchHandle) -> None:
         """Abort a batch (client gone): cancelling the tasks aborts their vLLM requests."""
-        if handle.future is not None:
+        if handle.future is not None and not self._loop.is_closed():  # a closed loop answered it already
             handle.future.cancel()
 
     def shutdown(self, timeout_s: float) -> None:

@@ -82,8 +82,31 @@ def test_real_vllm_rejects_a_load_format_and_the_chain_recovers(tiny_model, capl
         assert "load_format='awq' rejected" in caplog.text
         check_sampling_params(s.replicas[0].runner)
         check_a_failing_prompt_cancels_its_siblings(s.replicas[0].runner)
+        check_a_runner_shut_down_answers_what_it_held(s.replicas[0].runner)  # last: the runner is gone after it
     finally:
         s.shutdown(10)
+
+
+def check_a_runner_shut_down_answers_what_it_held(runner):
+    """When an engine dies, its errors reach the requests' tasks on the runner's loop, but the
+    replica's rebuild may stop that loop first: those tasks never run again. Injected here
+    by stopping the loop while a batch and a stream still have hundreds of tokens to make.
+    Each must get one answer at once, EngineUnavailable (a 503: retry), never a client left
+    waiting; cancelling one afterwards (its client gone) is harmless."""
+    from preprocess.engine.generation import EngineUnavailable, GenerationItem
+    from preprocess.sampling import SamplingSettings
+
+    long = SamplingSettings(max_tokens=900, temperature=0.0, top_p=1.0, top_k=-1, repetition_penalty=1.0,
+                            frequency_penalty=0.0, ignore_eos=True)
+    outcomes, stream_errors = [], []
+    handle = runner.submit([GenerationItem([1, 2, 3], long), GenerationItem([4, 5], long)], outcomes.append)
+    runner.stream(GenerationItem([6, 7], long), lambda event: isinstance(event, Exception) and stream_errors.append(event))
+    runner._stop_loop(timeout_s=5)  # the fault: the loop stops with both in flight
+    assert len(outcomes) == 1 and isinstance(outcomes[0], EngineUnavailable), outcomes
+    assert len(stream_errors) == 1 and isinstance(stream_errors[0], EngineUnavailable), stream_errors
+    runner.cancel(handle)
+    runner.shutdown(timeout_s=5)
+    assert len(outcomes) == 1 and len(stream_errors) == 1
 
 
 def check_a_failing_prompt_cancels_its_siblings(runner):
