@@ -286,8 +286,9 @@ def check_attention_backend(name: str | None) -> None:
     except ImportError:  # another vLLM layout: vLLM itself judges the name
         return
     if name.upper() not in AttentionBackendEnum.__members__:
+        names = ", ".join(AttentionBackendEnum.__members__)
         raise SettingsError(f"VLLM_ATTENTION_BACKEND={name!r} is not an attention backend of this vLLM; "
-                            f"one of: auto, {', '.join(AttentionBackendEnum.__members__)}")
+                            f"one of: auto, {names}")
 
 
 def accepted_kwargs(kwargs: Mapping[str, Any], target: Callable[..., Any]) -> tuple[dict[str, Any], list[str]]:

@@ -100,7 +100,8 @@ def check_a_runner_shut_down_answers_what_it_held(runner):
                             frequency_penalty=0.0, ignore_eos=True)
     outcomes, stream_errors = [], []
     handle = runner.submit([GenerationItem([1, 2, 3], long), GenerationItem([4, 5], long)], outcomes.append)
-    runner.stream(GenerationItem([6, 7], long), lambda event: isinstance(event, Exception) and stream_errors.append(event))
+    runner.stream(GenerationItem([6, 7], long),
+                  lambda event: isinstance(event, Exception) and stream_errors.append(event))
     runner._stop_loop(timeout_s=5)  # the fault: the loop stops with both in flight
     assert len(outcomes) == 1 and isinstance(outcomes[0], EngineUnavailable), outcomes
     assert len(stream_errors) == 1 and isinstance(stream_errors[0], EngineUnavailable), stream_errors
