@@ -131,7 +131,8 @@ def main(argv=None) -> int:
             worker.run(op="judge-steps", questions=judge_questions(args.judge_n, "penalties-warm-up"))
         steps, judge = [], []
         for round_ in range(args.rounds):
-            questions = {kind: judge_questions(args.judge_n, f"penalties-{round_}-{kind}") for kind in ("shared", "floor")}
+            questions = {kind: judge_questions(args.judge_n, f"penalties-{round_}-{kind}")
+                         for kind in ("shared", "floor")}
             for path, name, sampling_env, kind in paths:
                 profiled = round_ == 1 and path in ("stock", "stock, penalties off")
                 spy = engine_profile(args.py_spy, workers[name], path) if profiled else None

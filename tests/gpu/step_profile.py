@@ -158,7 +158,8 @@ def main(argv=None) -> int:
     for batch in range(args.judge_batches):
         run = judge_steps(llm, judge_rows.run(judge_questions(args.judge_n, f"step-profile-judge-{batch}")))
         result["judge"].append(run)
-        print(json.dumps({k: run[k] for k in ("seconds", "steps", "ms_per_step_then", "ms_per_step_after")}), flush=True)
+        shown = ("seconds", "steps", "ms_per_step_then", "ms_per_step_after")
+        print(json.dumps({k: run[k] for k in shown}), flush=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
     return 0
 

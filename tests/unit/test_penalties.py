@@ -60,42 +60,50 @@ def test_a_row_that_has_seen_nothing_is_left_alone():
     assert not torch.equal(got[1], logits[1])
 
 
-def test_the_plugin_leaves_vllm_alone_unless_named(monkeypatch):
+def set_vllm_env(monkeypatch, name: str, value: str) -> None:
+    """A vLLM variable as `vllm.envs` reads it from now on (its cache, which would keep the
+    first value read, turned off)."""
+    import vllm.envs as envs
+
+    if hasattr(envs, "disable_envs_cache"):
+        envs.disable_envs_cache()
+    monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
+def plugged_config(tiny_model, monkeypatch):
+    """A real engine config of the tiny model, with the plugin's function in vLLM's V1 sampler."""
+    from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.sample import sampler
 
-    import vllm.envs as envs
+    config = EngineArgs(model=str(tiny_model), max_model_len=256).create_engine_config()
+    monkeypatch.setattr(sampler, "apply_all_penalties", penalties.apply_all_penalties)
+    return config
+
+
+def test_the_plugin_leaves_vllm_alone_unless_named(monkeypatch):
+    from vllm.v1.sample import sampler
 
     original = sampler.apply_all_penalties
     # recorded before register() patches it, so that teardown puts vLLM's function back
     monkeypatch.setattr(sampler, "apply_all_penalties", original)
-    monkeypatch.setenv("VLLM_PLUGINS", "")
-    if hasattr(envs, "disable_envs_cache"):  # so that vllm.envs reads the variable as set here
-        envs.disable_envs_cache()
+    set_vllm_env(monkeypatch, "VLLM_PLUGINS", "")
     penalties.register()
     assert sampler.apply_all_penalties is original
-    monkeypatch.setenv("VLLM_PLUGINS", penalties.PLUGIN_NAME)
+    set_vllm_env(monkeypatch, "VLLM_PLUGINS", penalties.PLUGIN_NAME)
     penalties.register()
     assert sampler.apply_all_penalties is penalties.apply_all_penalties
 
 
-def test_info_never_claims_these_penalties_where_the_v2_model_runner_samples(tiny_model, monkeypatch):
+def test_info_never_claims_these_penalties_where_the_v2_model_runner_samples(plugged_config, monkeypatch):
     """vLLM's V2 model runner (0.25's default for dense models on a GPU) applies penalties in
     its own kernel and never calls the V1 sampler's function, patched or not."""
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.v1.sample import sampler
-
-    import vllm.envs as envs
-
-    config = EngineArgs(model=str(tiny_model), max_model_len=256).create_engine_config()
-    monkeypatch.setattr(sampler, "apply_all_penalties", penalties.apply_all_penalties)
-    if hasattr(envs, "disable_envs_cache"):  # so that vllm.envs reads the variable as set here
-        envs.disable_envs_cache()
-    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
-    assert config.use_v2_model_runner
-    assert penalties.penalties_in_use(config) == "vllm"
-    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
-    assert not config.use_v2_model_runner
-    assert penalties.penalties_in_use(config) == "seen tokens"
+    set_vllm_env(monkeypatch, "VLLM_USE_V2_MODEL_RUNNER", "1")
+    assert plugged_config.use_v2_model_runner
+    assert penalties.penalties_in_use(plugged_config) == "vllm"
+    set_vllm_env(monkeypatch, "VLLM_USE_V2_MODEL_RUNNER", "0")
+    assert not plugged_config.use_v2_model_runner
+    assert penalties.penalties_in_use(plugged_config) == "seen tokens"
 
 
 ENGINE_CHECK = r"""
@@ -134,26 +142,16 @@ def test_a_real_engine_answers_the_same_tokens_with_either_penalties(tiny_model,
     assert result["seen_tokens"] == result["stock"]
 
 
-def test_start_up_warns_when_fast_penalties_are_asked_for_but_vllm_applies_its_own(tiny_model, monkeypatch):
+def test_start_up_warns_when_fast_penalties_are_asked_for_but_vllm_applies_its_own(plugged_config, monkeypatch):
     """VLLM_FAST_PENALTIES=1 on a GPU, where the V2 model runner samples, is named at start-up
     as having no effect; asked for where the plugin acts, or not asked for, nothing is said."""
-    from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.sample import sampler
 
-    import vllm.envs as envs
-
-    config = EngineArgs(model=str(tiny_model), max_model_len=256).create_engine_config()
-    monkeypatch.setattr(sampler, "apply_all_penalties", penalties.apply_all_penalties)
-    if hasattr(envs, "disable_envs_cache"):
-        envs.disable_envs_cache()
-    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
-    warning = penalties.ignored_fast_penalties(True, config)
+    set_vllm_env(monkeypatch, "VLLM_USE_V2_MODEL_RUNNER", "1")
+    warning = penalties.ignored_fast_penalties(True, plugged_config)
     assert warning is not None and "V2 model runner" in warning and "VLLM_FAST_PENALTIES=1" in warning
-    assert penalties.ignored_fast_penalties(False, config) is None
-    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
-    assert penalties.ignored_fast_penalties(True, config) is None
-    monkeypatch.undo()  # vLLM's own sampler function again: the plugin did not load
-    if hasattr(envs, "disable_envs_cache"):
-        envs.disable_envs_cache()
-    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
-    assert "plugin is not loaded" in (penalties.ignored_fast_penalties(True, config) or "")
+    assert penalties.ignored_fast_penalties(False, plugged_config) is None
+    set_vllm_env(monkeypatch, "VLLM_USE_V2_MODEL_RUNNER", "0")
+    assert penalties.ignored_fast_penalties(True, plugged_config) is None
+    monkeypatch.setattr(sampler, "apply_all_penalties", vllm_penalties.apply_all_penalties)  # the plugin not loaded
+    assert "plugin is not loaded" in (penalties.ignored_fast_penalties(True, plugged_config) or "")
