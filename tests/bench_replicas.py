@@ -12,7 +12,9 @@ seconds of the others (A B C A B C ...) with no engine start between them:
 Each engine gets --memory of each GPU it uses (three engines share the GPUs' memory, so
 their KV caches are smaller than in production; all paths run under the same limit).
 Cases: the judge-sized batch (650 x 128) and the benchmark's larger one (2048 x 256), with
-ignore_eos so that every path generates exactly N x T tokens.
+ignore_eos so that every path generates exactly N x T tokens; and `judge`, the judge-shaped
+batch of bench_engine (650 judge-like questions, the shipped routing limits, no ignore_eos),
+scored as the judge scores it: answer characters per second.
 
     python -m tests.bench_replicas --model-dir DIR --out FILE
 """
@@ -28,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.bench import device_name  # noqa: E402
-from tests.bench_engine import GpuSampler, Product, Record, gpu_processes, print_table  # noqa: E402
+from tests.bench_engine import GpuSampler, Product, Record, gpu_processes, judge_questions, print_table  # noqa: E402
 
 log = logging.getLogger("bench_replicas")
 
@@ -43,6 +45,28 @@ PATHS = {
 }
 
 
+def parse_case(spec: str) -> tuple[str, int, int, int]:
+    """`NxT[xK]` (N prompts of T tokens) or `judge[xK]` (N=650 judge-shaped questions, T=0:
+    the routing decides), K requests back to back in one window: (kind, N, T, K)."""
+    kind, _, rest = spec.partition("x") if spec.startswith("judge") else ("tokens", "", spec)
+    numbers = [int(x) for x in rest.split("x")] if rest else []
+    if kind == "judge":
+        return "judge", 650, 0, numbers[0] if numbers else 1
+    return "tokens", numbers[0], numbers[1], numbers[2] if len(numbers) > 2 else 1
+
+
+def run_window(product: Product, kind: str, n: int, tokens: int, repeat: int, tag: str) -> tuple[str, dict, str]:
+    """One path's window of `repeat` requests: (case name, the summed result, its rate key)."""
+    if kind == "judge":
+        results = [product.judge(judge_questions(n, f"{tag}-{k}")) for k in range(repeat)]
+        case, key = "judge shipped limits", "chars"
+    else:
+        results = [product.batch(n, tokens, f"{tag}-{k}") for k in range(repeat)]
+        case, key = f"batch {n}x{tokens}", "tokens"
+    window = {key: sum(r[key] for r in results), "seconds": sum(r["seconds"] for r in results), "requests": repeat}
+    return case + (f" x{repeat}" if repeat > 1 else ""), window, key
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     parser = argparse.ArgumentParser()
@@ -51,11 +75,12 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--memory", default="0.28")
     parser.add_argument("--cases", default="650x128,2048x256",
-                        help="NxT[xK]: N prompts of T tokens, K requests back to back in one window")
+                        help="NxT[xK]: N prompts of T tokens, K requests back to back in one window; "
+                             "judge[xK]: K judge-shaped batches, chars/s")
     parser.add_argument("--paths", default=",".join(PATHS), help="which of: " + ", ".join(PATHS))
     parser.add_argument("--ab", metavar="VAR=VALUE", help="instead: one replica as shipped against one with VAR=VALUE")
     args = parser.parse_args(argv)
-    cases = [tuple(int(x) for x in c.split("x")) + (1,) for c in args.cases.split(",")]
+    cases = [parse_case(c) for c in args.cases.split(",")]
     paths = {path: PATHS[path] for path in args.paths.split(",")}
     if args.ab:
         name, value = args.ab.split("=", 1)
@@ -77,13 +102,10 @@ def main(argv=None) -> int:
         record.write(gpu_processes_loaded=gpu_processes())
         with GpuSampler() as sampler:
             for round_ in range(args.rounds):
-                for n, tokens, repeat, *_ in cases:
+                for kind, n, tokens, repeat in cases:
                     for path, product in products.items():
-                        results = [product.batch(n, tokens, f"r{round_}-{k}-{path}-{n}") for k in range(repeat)]
-                        window = {"tokens": sum(r["tokens"] for r in results),
-                                  "seconds": sum(r["seconds"] for r in results), "requests": repeat}
-                        record.add(f"batch {n}x{tokens}" + (f" x{repeat}" if repeat > 1 else ""), path, round_,
-                                   window, "tokens")
+                        case, window, key = run_window(product, kind, n, tokens, repeat, f"r{round_}-{path}-{n}")
+                        record.add(case, path, round_, window, key)
         record.write(gpu_samples=sampler.samples)
     finally:
         for product in products.values():
