@@ -56,9 +56,12 @@ def parse_case(spec: str) -> tuple[str, int, int, int]:
 
 
 def run_window(product: Product, kind: str, n: int, tokens: int, repeat: int, tag: str) -> tuple[str, dict, str]:
-    """One path's window of `repeat` requests: (case name, the summed result, its rate key)."""
+    """One path's window of `repeat` requests: (case name, the summed result, its rate key).
+    Every path gets the same prompts (each product has its own engines, so no prefix cache
+    is shared between paths); each request in a round has its own tag, so none finds
+    another's prompts in its engine's cache."""
     if kind == "judge":
-        results = [product.judge(judge_questions(n, f"{tag}-{k}")) for k in range(repeat)]
+        results = [product.judge(judge_questions(n, f"{tag}j{k}")) for k in range(repeat)]
         case, key = "judge shipped limits", "chars"
     else:
         results = [product.batch(n, tokens, f"{tag}-{k}") for k in range(repeat)]
@@ -104,7 +107,7 @@ def main(argv=None) -> int:
             for round_ in range(args.rounds):
                 for kind, n, tokens, repeat in cases:
                     for path, product in products.items():
-                        case, window, key = run_window(product, kind, n, tokens, repeat, f"r{round_}-{path}-{n}")
+                        case, window, key = run_window(product, kind, n, tokens, repeat, f"r{round_}-{n}")
                         record.add(case, path, round_, window, key)
         record.write(gpu_samples=sampler.samples)
     finally:
