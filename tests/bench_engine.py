@@ -29,7 +29,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from tests.bench import (QUESTIONS, check_generated, device_name, generated_toke
 from tests.bench_clients import online_load  # noqa: E402
 from tests.bench_workers import Worker  # noqa: E402
 from tests.conftest import http_json, server_env, start_server, stop_server  # noqa: E402
+from tests.gpu_watch import GpuSampler, gpu_processes  # noqa: E402
 
 log = logging.getLogger("bench_engine")
 SHIPPED_ROUTING = {"MAX_NEW_TOKENS": "32", "MAX_NEW_TOKENS_CODE_SOFT": "64", "MAX_NEW_TOKENS_CODE": "192"}
@@ -111,42 +111,6 @@ class Product:
 
     def close(self) -> None:
         stop_server(self.server)
-
-
-class GpuSampler:
-    """nvidia-smi every second: memory, utilisation, SM clock, temperature."""
-
-    def __init__(self):
-        self.samples, self._stop = [], threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        query = ["nvidia-smi", "--query-gpu=memory.used,utilization.gpu,clocks.sm,temperature.gpu",
-                 "--format=csv,noheader,nounits"]
-        while not self._stop.wait(1.0):
-            try:
-                out = subprocess.run(query, capture_output=True, text=True, timeout=5).stdout.strip().split(",")
-                self.samples.append({"t": time.time(), "mem_mib": float(out[0]), "util": float(out[1]),
-                                     "sm_mhz": float(out[2]), "temp_c": float(out[3])})
-            except Exception:  # a missed sample is only a gap in the record
-                continue
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(5)
-
-
-def gpu_processes() -> str:
-    """Which processes hold the GPU: shows that no engine outlives its phase."""
-    try:
-        return subprocess.run(["nvidia-smi", "--query-compute-apps=pid,process_name,used_memory", "--format=csv"],
-                              capture_output=True, text=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"nvidia-smi failed: {exc}"
 
 
 def summary(values: list[float]) -> dict:

@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.bench import device_name  # noqa: E402
-from tests.bench_engine import GpuSampler, Product, Record, gpu_processes, judge_questions, print_table  # noqa: E402
+from tests.bench_engine import Product, Record, judge_questions, print_table  # noqa: E402
+from tests.gpu_watch import GpuSampler, gpu_processes  # noqa: E402
 
 log = logging.getLogger("bench_replicas")
 

@@ -1,0 +1,28 @@
+"""The benchmarks' own parsing: what they record must be what the GPU and the command line said."""
+import pytest
+
+from tests.gpu_watch import parse_gpu_samples
+from tests.bench_replicas import parse_case
+
+
+def test_every_gpu_of_a_host_gives_a_sample():
+    # nvidia-smi --query-gpu=index,memory.used,utilization.gpu,clocks.sm,temperature.gpu on a two-GPU host
+    out = "0, 61676, 97, 1980, 51\n1, 61606, 0, 345, 38\n"
+    samples = parse_gpu_samples(out, 12.5)
+    assert samples == [{"t": 12.5, "gpu": 0, "mem_mib": 61676.0, "util": 97.0, "sm_mhz": 1980.0, "temp_c": 51.0},
+                       {"t": 12.5, "gpu": 1, "mem_mib": 61606.0, "util": 0.0, "sm_mhz": 345.0, "temp_c": 38.0}]
+
+
+def test_a_gpu_line_nvidia_smi_could_not_fill_is_refused():
+    with pytest.raises(ValueError):
+        parse_gpu_samples("0, 61676, [N/A], 1980, 51\n", 0.0)
+
+
+@pytest.mark.parametrize("spec, case", [
+    ("650x128", ("tokens", 650, 128, 1)),
+    ("2048x256x2", ("tokens", 2048, 256, 2)),
+    ("judge", ("judge", 650, 0, 1)),
+    ("judgex40", ("judge", 650, 0, 40)),
+])
+def test_bench_replicas_cases(spec, case):
+    assert parse_case(spec) == case
