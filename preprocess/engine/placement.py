@@ -98,6 +98,22 @@ def split_evenly(count: int, loads: Sequence[int]) -> list[int]:
     return shares
 
 
+
+def deal_by_answer_length(limits: Sequence[int], shares: Sequence[int]) -> list[list[int]]:
+    """Which prompts each replica answers: `shares[k]` of them for replica k, handed out
+    from the largest answer limit (max_tokens) down, each to the replica whose share is
+    least filled so far. So every replica gets its part of the long answers: a split request
+    is done only when its slowest part is, and the judge's list may group its code
+    questions (the long answers) together, which a split in the list's order would hand to
+    one replica. Each part lists its prompts' positions in the request's order."""
+    if sum(shares) != len(limits) or min(shares, default=0) < 0:
+        raise ValueError(f"shares {list(shares)} do not split {len(limits)} prompts")
+    parts: list[list[int]] = [[] for _ in shares]
+    for position in sorted(range(len(limits)), key=lambda i: -limits[i]):  # stable: ties keep their order
+        open_parts = [k for k in range(len(shares)) if len(parts[k]) < shares[k]]
+        parts[min(open_parts, key=lambda k: len(parts[k]) / shares[k])].append(position)
+    return [sorted(part) for part in parts]
+
 _environment_lock = threading.Lock()
 
 

@@ -103,13 +103,15 @@ class EngineReplica:
 
 
 class SplitRequest:
-    """One Triton request's prompts, answered by several replicas: the parts' results are
-    joined in the request's order, or the first failure answers the whole request (the
-    other parts are cancelled). `on_done` is called exactly once."""
+    """One Triton request's prompts, answered by several replicas: part k answers the
+    prompts at `positions[k]`, and the parts' results are put back in the request's order;
+    or the first failure answers the whole request (the other parts are cancelled).
+    `on_done` is called exactly once."""
 
-    def __init__(self, parts: int, on_done: Completion, cancel_parts: Callable[[], None]):
-        self._results: list[list[GenerationResult] | None] = [None] * parts
-        self._remaining = parts
+    def __init__(self, positions: Sequence[Sequence[int]], on_done: Completion, cancel_parts: Callable[[], None]):
+        self._positions = [list(p) for p in positions]
+        self._results: list[list[GenerationResult] | None] = [None] * len(self._positions)
+        self._remaining = len(self._positions)
         self._answered = False
         self._lock = threading.Lock()
         self._on_done = on_done
@@ -132,21 +134,24 @@ class SplitRequest:
                 answer = None
                 if self._remaining == 0:
                     self._answered = True
-                    answer = [result for part_results in self._results for result in part_results or ()]
+                    answer = self._in_request_order()
         if answer is None:
             return
         if isinstance(answer, BaseException):
             self._cancel_parts()
         self._on_done(answer)
 
-
-def slices(shares: Sequence[int]) -> list[tuple[int, int]]:
-    """[start, end) of each share, in order: replica k answers prompts start..end-1."""
-    bounds, start = [], 0
-    for share in shares:
-        bounds.append((start, start + share))
-        start += share
-    return bounds
+    def _in_request_order(self) -> list[GenerationResult] | BaseException:
+        """Every part's results at its prompts' positions; a part that answered a different
+        number of prompts than it was given fails the request (never a shorter list)."""
+        answer: list[GenerationResult | None] = [None] * sum(len(p) for p in self._positions)
+        for positions, results in zip(self._positions, self._results):
+            if results is None or len(results) != len(positions):
+                return RuntimeError(f"an engine answered {0 if results is None else len(results)} "
+                                    f"of the {len(positions)} prompts it was given")
+            for position, result in zip(positions, results):
+                answer[position] = result
+        return answer  # every position is filled: the parts partition the request
 
 
 def joined_handle(parts: Sequence[tuple[EngineReplica, BatchHandle]]) -> BatchHandle:

@@ -28,7 +28,7 @@ from .fallback import EngineStartError
 from .metrics import engine_stat_loggers
 from .generation import (BatchHandle, Completion, EngineUnavailable, GenerationItem, GenerationResult, PromptTooLong,
                          Runner, StreamDelta, StreamListener, check_prompt_lengths)
-from .replicas import EngineReplica, SplitRequest, joined_handle, slices
+from .replicas import EngineReplica, SplitRequest, joined_handle
 
 log = logging.getLogger("generator")
 
@@ -220,16 +220,18 @@ class GeneratorService:
             on_done(exc)
             return None
         shares = placement.split_evenly(len(items), [r.in_flight for r in serving])
-        assigned = [(replica, bounds) for replica, bounds in zip(serving, slices(shares)) if bounds[1] > bounds[0]]
+        dealt = placement.deal_by_answer_length([item.sampling.max_tokens for item in items], shares)
+        assigned = [(replica, positions) for replica, positions in zip(serving, dealt) if positions]
         parts: list[tuple[EngineReplica, BatchHandle]] = []
-        split = SplitRequest(len(assigned), on_done, lambda: self.cancel(joined_handle(parts)))
-        for part, (replica, (start, end)) in enumerate(assigned):
+        split = SplitRequest([positions for _, positions in assigned], on_done,
+                             lambda: self.cancel(joined_handle(parts)))
+        for part, (replica, positions) in enumerate(assigned):
             if split.answered:  # an earlier part failed at once: the request is answered
                 break
             generation = replica.engine_generation
-            replica.add_in_flight(end - start, generation)
-            handle = replica.runner.submit(items[start:end],
-                                           self._part_done(split, part, replica, end - start, generation))
+            replica.add_in_flight(len(positions), generation)
+            handle = replica.runner.submit([items[i] for i in positions],
+                                           self._part_done(split, part, replica, len(positions), generation))
             parts.append((replica, handle))
         return joined_handle(parts)
 

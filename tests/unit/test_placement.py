@@ -10,8 +10,9 @@ from hypothesis import given, settings, strategies as st
 
 from preprocess.engine import config as engine_config
 from preprocess.engine.generation import GenerationItem
-from preprocess.engine.placement import (AUTO, Replica, devices_for, plan_replicas, process_frontends, split_evenly,
-                                         visible_devices)
+from preprocess.engine.placement import (AUTO, Replica, deal_by_answer_length, devices_for, plan_replicas,
+                                         process_frontends, split_evenly, visible_devices)
+from preprocess.engine.replicas import SplitRequest
 from preprocess.engine.service import GeneratorService, prepare_generator_process
 from preprocess.envparse import SettingsError
 from preprocess.sampling import SamplingSettings
@@ -119,6 +120,55 @@ def test_the_judge_list_is_shared_evenly_by_two_replicas():
     assert [a + b for a, b in zip(first, second)] == [325, 325]
 
 
+@settings(max_examples=300, deadline=None)
+@given(limits=st.lists(st.sampled_from([1, 32, 64, 192, 512]), max_size=300), replicas=st.integers(1, 8),
+       loads=st.lists(st.integers(0, 600), min_size=8, max_size=8))
+def test_the_deal_hands_out_every_prompt_once_in_the_shares(limits, replicas, loads):
+    shares = split_evenly(len(limits), loads[:replicas])
+    parts = deal_by_answer_length(limits, shares)
+    assert [len(part) for part in parts] == shares
+    assert sorted(p for part in parts for p in part) == list(range(len(limits)))
+    assert all(part == sorted(part) for part in parts)  # each part in the request's order
+
+
+@settings(max_examples=300, deadline=None)
+@given(limits=st.lists(st.sampled_from([1, 32, 64, 192, 512]), max_size=300), replicas=st.integers(1, 8))
+def test_even_shares_get_even_parts_of_the_long_answers(limits, replicas):
+    """Whatever the order of the list (code questions grouped or not), replicas with even
+    shares get counts of the answers at or above any limit that differ by at most one."""
+    parts = deal_by_answer_length(limits, split_evenly(len(limits), [0] * replicas))
+    for limit in set(limits):
+        counts = [sum(limits[p] >= limit for p in part) for part in parts]
+        assert max(counts) - min(counts) <= 1, (limit, counts)
+
+
+def test_a_judge_list_with_its_code_questions_last_is_dealt_evenly():
+    limits = [32] * 547 + [64] * 14 + [192] * 89  # the long answers together, at the end
+    parts = deal_by_answer_length(limits, split_evenly(650, [0, 0]))
+    assert [sum(limits[p] == 192 for p in part) for part in parts] == [45, 44]
+    assert [len(part) for part in parts] == [325, 325]
+
+
+def test_a_split_request_answers_in_the_requests_order_once():
+    answers = []
+    split = SplitRequest([[0, 2, 3], [1, 4]], answers.append, lambda: answers.append("cancelled"))
+    split.part_done(1, ["b", "e"])
+    assert answers == [] and not split.answered
+    split.part_done(0, ["a", "c", "d"])
+    assert answers == [["a", "b", "c", "d", "e"]]
+    split.part_done(0, RuntimeError("late"))  # after the answer: nothing more
+    assert answers == [["a", "b", "c", "d", "e"]]
+
+
+def test_a_part_that_answers_fewer_prompts_fails_the_request():
+    answers = []
+    split = SplitRequest([[0, 2], [1]], answers.append, lambda: None)
+    split.part_done(0, ["a"])  # one answer for two prompts
+    split.part_done(1, ["b"])
+    assert len(answers) == 1 and isinstance(answers[0], RuntimeError)
+    assert str(answers[0]) == "an engine answered 1 of the 2 prompts it was given"
+
+
 def item(max_tokens):
     return GenerationItem([1, 2, 3, 4], SamplingSettings(max_tokens, 0.0, 1.0, -1, 1.0, 0.0, ignore_eos=True))
 
@@ -159,11 +209,13 @@ def test_two_replicas_share_a_request_in_order_and_survive_one_down(tiny_model, 
         for replica in service.replicas:
             real = replica.runner.submit
             replica.runner.submit = (lambda items, done, real=real, index=replica.index:
-                                     (received[index].append(len(items)), real(items, done))[1])
-        limits = [1 + i % 4 for i in range(9)]
+                                     (received[index].append([i.sampling.max_tokens for i in items]),
+                                      real(items, done))[1])
+        limits = [1, 1, 1, 1, 1, 4, 4, 3, 3]  # the longest answers last, as grouped code questions
         results = submit_and_wait(service, [item(n) for n in limits])
         assert [r.completion_tokens for r in results] == limits  # the request's order
-        assert sorted(sum(v) for v in received.values()) == [4, 5]  # an even share each
+        assert sorted(len(part) for parts in received.values() for part in parts) == [4, 5]  # an even share each
+        assert [sorted(received[r][0], reverse=True)[:2] for r in (0, 1)] == [[4, 3], [4, 3]]  # the long ones dealt
         assert service.ready and [r["ready"] for r in service.info()["replicas"]] == [True, True]
 
         second = service.replicas[1]
@@ -173,7 +225,7 @@ def test_two_replicas_share_a_request_in_order_and_survive_one_down(tiny_model, 
         received[0].clear()
         results = submit_and_wait(service, [item(n) for n in limits])
         assert [r.completion_tokens for r in results] == limits
-        assert received[0] == [9]  # replica 0 answered everything
+        assert [len(part) for part in received[0]] == [9]  # replica 0 answered everything
         deadline = time.monotonic() + 30  # the watchdog looks every 0.5 s
         while service.state.status()[1] != (1, 2) and time.monotonic() < deadline:
             time.sleep(0.05)
