@@ -7,14 +7,16 @@ seconds of the others (A B C A B C ...) with no engine start between them:
 - `2 replicas`: DATA_PARALLEL_SIZE=2, one engine per GPU, each request's prompts split;
 - `TP=2`: TENSOR_PARALLEL_SIZE=2, one engine sharded over both GPUs;
 - `2 replicas (in-stub front ends)`: two replicas with both AsyncLLMs in the generator stub
-  (ENGINE_FRONTEND=thread), as before each got a process of its own.
+  (ENGINE_FRONTEND=thread), as before each got a process of its own;
+- with `--compare-checkout DIR`, `2 replicas B`: two replicas served from another source tree.
 
 Each engine gets --memory of each GPU it uses (three engines share the GPUs' memory, so
 their KV caches are smaller than in production; all paths run under the same limit).
 Cases: the judge-sized batch (650 x 128) and the benchmark's larger one (2048 x 256), with
 ignore_eos so that every path generates exactly N x T tokens; and `judge`, the judge-shaped
 batch of bench_engine (650 judge-like questions, the shipped routing limits, no ignore_eos),
-scored as the judge scores it: answer characters per second.
+scored as the judge scores it: answer characters per second; `judge-grouped`, the same
+questions with the longest answer limits last (a list whose code questions come together).
 
     python -m tests.bench_replicas --model-dir DIR --out FILE
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,13 +50,24 @@ PATHS = {
 
 
 def parse_case(spec: str) -> tuple[str, int, int, int]:
-    """`NxT[xK]` (N prompts of T tokens) or `judge[xK]` (N=650 judge-shaped questions, T=0:
-    the routing decides), K requests back to back in one window: (kind, N, T, K)."""
+    """`NxT[xK]` (N prompts of T tokens), `judge[xK]` (N=650 judge-shaped questions, T=0:
+    the routing decides) or `judge-grouped[xK]` (the same questions, the longest answer
+    limits last), K requests back to back in one window: (kind, N, T, K)."""
     kind, _, rest = spec.partition("x") if spec.startswith("judge") else ("tokens", "", spec)
     numbers = [int(x) for x in rest.split("x")] if rest else []
-    if kind == "judge":
-        return "judge", 650, 0, numbers[0] if numbers else 1
+    if kind in ("judge", "judge-grouped"):
+        return kind, 650, 0, numbers[0] if numbers else 1
     return "tokens", numbers[0], numbers[1], numbers[2] if len(numbers) > 2 else 1
+
+
+def grouped_by_limit(questions: list[str]) -> list[str]:
+    """The questions in order of their routing's answer limit, the longest last (a list whose
+    code questions come together), each limit's questions in their own order."""
+    from preprocess.routing import decide
+    from preprocess.settings import load
+
+    routing = load(os.environ).routing
+    return sorted(questions, key=lambda q: decide(q, routing).max_new_tokens)
 
 
 def run_window(product: Product, kind: str, n: int, tokens: int, repeat: int, tag: str) -> tuple[str, dict, str]:
@@ -61,9 +75,10 @@ def run_window(product: Product, kind: str, n: int, tokens: int, repeat: int, ta
     Every path gets the same prompts (each product has its own engines, so no prefix cache
     is shared between paths); each request in a round has its own tag, so none finds
     another's prompts in its engine's cache."""
-    if kind == "judge":
-        results = [product.judge(judge_questions(n, f"{tag}j{k}")) for k in range(repeat)]
-        case, key = "judge shipped limits", "chars"
+    if kind.startswith("judge"):
+        order = grouped_by_limit if kind == "judge-grouped" else list
+        results = [product.judge(order(judge_questions(n, f"{tag}j{k}"))) for k in range(repeat)]
+        case, key = f"{kind} shipped limits", "chars"
     else:
         results = [product.batch(n, tokens, f"{tag}-{k}") for k in range(repeat)]
         case, key = f"batch {n}x{tokens}", "tokens"
@@ -83,19 +98,25 @@ def main(argv=None) -> int:
                              "judge[xK]: K judge-shaped batches, chars/s")
     parser.add_argument("--paths", default=",".join(PATHS), help="which of: " + ", ".join(PATHS))
     parser.add_argument("--ab", metavar="VAR=VALUE", help="instead: one replica as shipped against one with VAR=VALUE")
+    parser.add_argument("--compare-checkout", type=Path, help="also `2 replicas B`: two replicas served from this "
+                        "source tree (another commit)")
     args = parser.parse_args(argv)
     cases = [parse_case(c) for c in args.cases.split(",")]
-    paths = {path: PATHS[path] for path in args.paths.split(",")}
+    paths = {path: (PATHS[path], REPO) for path in args.paths.split(",")}
+    if args.compare_checkout:
+        paths["2 replicas B"] = (PATHS["2 replicas"], args.compare_checkout.resolve())
     if args.ab:
         name, value = args.ab.split("=", 1)
-        paths = {"baseline: as shipped": {"CUDA_VISIBLE_DEVICES": "0"}, args.ab: {"CUDA_VISIBLE_DEVICES": "0", name: value}}
+        paths = {"baseline: as shipped": ({"CUDA_VISIBLE_DEVICES": "0"}, REPO),
+                 args.ab: ({"CUDA_VISIBLE_DEVICES": "0", name: value}, REPO)}
     record = Record(Path(args.out), {"device": device_name(), "bench": "replicas", "model_dir": args.model_dir,
                                      "memory_per_engine": args.memory, "rounds": args.rounds})
     products: dict[str, Product] = {}
     try:
-        for path, env in paths.items():
+        for path, (env, checkout) in paths.items():
             started = time.perf_counter()
-            products[path] = Product(Path(args.model_dir), {**PRODUCT_ENV, "GPU_MEMORY_UTILIZATION": args.memory, **env})
+            env = {**PRODUCT_ENV, "GPU_MEMORY_UTILIZATION": args.memory, **env}
+            products[path] = Product(Path(args.model_dir).resolve(), env, checkout, f"bench-replicas-{len(products)}.log")
             info = products[path].info
             replicas = [(r["replica"], r["gpus"], r["backend"]) for r in info["replicas"]]
             log.info("%s up in %.0f s: %s", path, time.perf_counter() - started, replicas)

@@ -13,5 +13,5 @@ python3 -m pip install -q --no-deps psutil hypothesis >/dev/null 2>&1 || true
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 timeout "${BENCH_TIMEOUT:-560}" python3 -m tests.bench_replicas --model-dir "/tmp/models/$shape" \
   --out "$out/replicas.json" "$@" > "$out/replicas.log" 2>&1 || echo "bench exited with $?"
-grep "bench_replicas\]\|^batch\|Error\|error" "$out/replicas.log" | grep -v "WARNING" | tail -40
-cp tests/.artifacts/bench-engine-server.log "$out/server.log" 2>/dev/null || true
+grep "bench_replicas\]\|^batch\|^judge\|Error\|error" "$out/replicas.log" | grep -v "WARNING" | tail -40
+cp tests/.artifacts/bench-replicas-*.log "$out/" 2>/dev/null || true

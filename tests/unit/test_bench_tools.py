@@ -2,7 +2,8 @@
 import pytest
 
 from tests.gpu_watch import parse_gpu_samples
-from tests.bench_replicas import parse_case
+from tests.bench_replicas import grouped_by_limit, parse_case
+from tests.bench_engine import judge_questions
 
 
 def test_every_gpu_of_a_host_gives_a_sample():
@@ -23,6 +24,19 @@ def test_a_gpu_line_nvidia_smi_could_not_fill_is_refused():
     ("2048x256x2", ("tokens", 2048, 256, 2)),
     ("judge", ("judge", 650, 0, 1)),
     ("judgex40", ("judge", 650, 0, 40)),
+    ("judge-groupedx40", ("judge-grouped", 650, 0, 40)),
 ])
 def test_bench_replicas_cases(spec, case):
     assert parse_case(spec) == case
+
+
+def test_the_grouped_judge_list_puts_its_long_answers_last():
+    from preprocess.routing import decide
+    from preprocess.settings import load
+
+    routing = load({}).routing
+    questions = judge_questions(650, "t")
+    grouped = grouped_by_limit(questions)
+    limits = [decide(q, routing).max_new_tokens for q in grouped]
+    assert sorted(grouped) == sorted(questions) and limits == sorted(limits)
+    assert limits[-89:] == [192] * 89 and limits[0] == 32  # the judge-like list's 89 code answers, together
