@@ -98,7 +98,6 @@ def split_evenly(count: int, loads: Sequence[int]) -> list[int]:
     return shares
 
 
-
 def deal_by_answer_length(limits: Sequence[int], shares: Sequence[int]) -> list[list[int]]:
     """Which prompts each replica answers: `shares[k]` of them for replica k, handed out
     from the largest answer limit (max_tokens) down, each to the replica whose share is
@@ -113,6 +112,7 @@ def deal_by_answer_length(limits: Sequence[int], shares: Sequence[int]) -> list[
         open_parts = [k for k in range(len(shares)) if len(parts[k]) < shares[k]]
         parts[min(open_parts, key=lambda k: len(parts[k]) / shares[k])].append(position)
     return [sorted(part) for part in parts]
+
 
 _environment_lock = threading.Lock()
 
