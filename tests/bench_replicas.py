@@ -95,7 +95,8 @@ def main(argv=None) -> int:
     parser.add_argument("--memory", default="0.28")
     parser.add_argument("--cases", default="650x128,2048x256",
                         help="NxT[xK]: N prompts of T tokens, K requests back to back in one window; "
-                             "judge[xK]: K judge-shaped batches, chars/s")
+                             "judge[xK]: K judge-shaped batches, chars/s; judge-grouped[xK]: the same, long "
+                             "answers last")
     parser.add_argument("--paths", default=",".join(PATHS), help="which of: " + ", ".join(PATHS))
     parser.add_argument("--ab", metavar="VAR=VALUE", help="instead: one replica as shipped against one with VAR=VALUE")
     parser.add_argument("--compare-checkout", type=Path, help="also `2 replicas B`: two replicas served from this "
