@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -34,10 +35,38 @@ LEAK_CANARY = "canary-secret-4b1d"
 SESSION_TOKEN_BUDGET = 16_000  # set as HF_TOKEN etc.; must never be echoed
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
+def ephemeral_ports_start() -> int:
+    """The first port of the kernel's ephemeral range: the ports it hands to `bind(0)`."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on, outside the kernel's ephemeral range, not given out before
+    in this session. A server binds its ports only once its engines are up (a minute on
+    CPU); meanwhile vLLM's workers, ZMQ and torch's TCP store ask the kernel for ports, and
+    an ephemeral port chosen here could be handed to them. tritonserver then cannot start
+    its metrics service and exits. The kernel never hands out a port below its range."""
+    end = ephemeral_ports_start()
+    start = 20000 if end > 21000 else 1024
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(start, end)
+        if port in _PORTS_GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))  # all addresses, as tritonserver binds
+            except OSError:
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
+    raise RuntimeError(f"no free port between {start} and {end}")
 
 
 def build_tiny_model(dest: Path) -> Path:
