@@ -50,8 +50,8 @@ def free_port() -> int:
     """A port nothing listens on, outside the kernel's ephemeral range, not given out before
     in this session. A server binds its ports only once its engines are up (a minute on
     CPU); meanwhile vLLM's workers, ZMQ and torch's TCP store ask the kernel for ports, and
-    an ephemeral port chosen here could be handed to them. tritonserver then cannot start
-    its metrics service and exits. The kernel never hands out a port below its range."""
+    an ephemeral port chosen here could be handed to them; tritonserver then fails to start
+    on it ("already in use"). The kernel never hands out a port below its range."""
     end = ephemeral_ports_start()
     start = 20000 if end > 21000 else 1024
     rng = random.Random()
