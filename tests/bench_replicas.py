@@ -117,7 +117,8 @@ def main(argv=None) -> int:
         for path, (env, checkout) in paths.items():
             started = time.perf_counter()
             env = {**PRODUCT_ENV, "GPU_MEMORY_UTILIZATION": args.memory, **env}
-            products[path] = Product(Path(args.model_dir).resolve(), env, checkout, f"bench-replicas-{len(products)}.log")
+            log_name = f"bench-replicas-{len(products)}.log"
+            products[path] = Product(Path(args.model_dir).resolve(), env, checkout, log_name)
             info = products[path].info
             replicas = [(r["replica"], r["gpus"], r["backend"]) for r in info["replicas"]]
             log.info("%s up in %.0f s: %s", path, time.perf_counter() - started, replicas)
