@@ -99,3 +99,33 @@ def online_load(triton_url: str, items: list, concurrency: int, overrides: dict,
 def _summary(latencies: list[float], seconds: float, cpu: list[float]) -> dict:
     return {"seconds": seconds, "p50_ms": 1000 * percentile(latencies, 50),
             "p99_ms": 1000 * percentile(latencies, 99), "client_cpu_s": max(cpu), "client_processes": len(cpu)}
+
+
+STAGE_PHASES = ("queue", "compute_input", "compute_infer", "compute_output")
+
+
+def stage_times(before: dict, after: dict) -> dict:
+    """Where a window's requests spent their time in each Triton model, from two answers of
+    `GET /v2/models/stats` taken around it: requests, executions and requests per execution
+    (what the dynamic batcher gathered), and per request the mean milliseconds of each phase.
+    `queue` is the wait for a free model instance; the compute phases are the stub's."""
+    def by_model(stats: dict) -> dict:
+        return {(m["name"], m.get("version", "")): m for m in stats.get("model_stats", [])}
+
+    old, stages = by_model(before), {}
+    for key, now in by_model(after).items():
+        was = old.get(key, {})
+        requests = now.get("inference_count", 0) - was.get("inference_count", 0)
+        if requests <= 0:
+            continue
+        executions = now.get("execution_count", 0) - was.get("execution_count", 0)
+        stage = {"requests": requests, "executions": executions,
+                 "requests_per_execution": round(requests / executions, 2) if executions else None}
+        for phase in STAGE_PHASES:
+            new_phase = now.get("inference_stats", {}).get(phase, {})
+            old_phase = was.get("inference_stats", {}).get(phase, {})
+            count = new_phase.get("count", 0) - old_phase.get("count", 0)
+            ns = new_phase.get("ns", 0) - old_phase.get("ns", 0)
+            stage[f"{phase}_ms"] = round(ns / count / 1e6, 3) if count else None
+        stages[key[0]] = stage
+    return stages

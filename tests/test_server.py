@@ -9,7 +9,7 @@ import pytest
 
 from shim.ensemble import build_inputs
 
-from .conftest import REPO, TINY_ANSWER
+from .conftest import REPO, TINY_ANSWER, http_json
 from .perf_tools import perf_analyzer_command, perf_analyzer_env
 
 pytestmark = pytest.mark.server
@@ -74,6 +74,26 @@ def test_max_new_tokens_override_gives_one_token(server, triton, tokenizer):
     assert status == 200
     assert tokenizer(body["response"], add_special_tokens=False).input_ids == tokenizer(
         TINY_ANSWER.strip(), add_special_tokens=False).input_ids
+
+
+def test_stage_times_read_each_stage_of_an_ensemble_request(server, triton):
+    """The engine benchmark's per-stage breakdown, from this Triton's own statistics."""
+    from tests.bench_clients import stage_times
+
+    def stats():
+        status, body = http_json("GET", f"http://{server.triton_url}/v2/models/stats")
+        assert status == 200, body
+        return body
+
+    before = stats()
+    infer(triton, "llm", ["one", "two", "three"], max_new_tokens=1)
+    stages = stage_times(before, stats())
+    for model in ("llm", "preprocess", "generator", "postprocess"):
+        assert stages[model]["requests"] >= 1, stages
+    for model in ("preprocess", "generator", "postprocess"):
+        assert stages[model]["executions"] >= 1, stages
+        assert all(stages[model][f"{phase}_ms"] >= 0 for phase in ("queue", "compute_input", "compute_infer")), stages
+    assert stages["generator"]["compute_infer_ms"] > 0, stages
 
 
 def test_chinese_and_emoji_pass_through_byte_exact(server, triton, tokenizer):

@@ -1,6 +1,7 @@
 """The benchmarks' own parsing: what they record must be what the GPU and the command line said."""
 import pytest
 
+from tests.bench_clients import stage_times
 from tests.gpu_watch import parse_gpu_samples
 from tests.bench_replicas import grouped_by_limit, parse_case
 from tests.bench_engine import judge_questions
@@ -40,3 +41,18 @@ def test_the_grouped_judge_list_puts_its_long_answers_last():
     limits = [decide(q, routing).max_new_tokens for q in grouped]
     assert sorted(grouped) == sorted(questions) and limits == sorted(limits)
     assert limits[-89:] == [192] * 89 and limits[0] == 32  # the judge-like list's 89 code answers, together
+
+
+def test_stage_times_are_the_window_s_own_per_request_means():
+    def stats(requests, executions, queue_ns, infer_ns):
+        return {"model_stats": [
+            {"name": "preprocess", "version": "1", "inference_count": requests, "execution_count": executions,
+             "inference_stats": {"queue": {"count": requests, "ns": queue_ns},
+                                 "compute_infer": {"count": requests, "ns": infer_ns}}},
+            {"name": "idle", "version": "1", "inference_count": 5, "execution_count": 5, "inference_stats": {}},
+        ]}
+
+    stages = stage_times(stats(10, 10, 1_000_000, 2_000_000), stats(74, 42, 321_000_000, 34_000_000))
+    assert stages == {"preprocess": {"requests": 64, "executions": 32, "requests_per_execution": 2.0,
+                                     "queue_ms": 5.0, "compute_input_ms": None, "compute_infer_ms": 0.5,
+                                     "compute_output_ms": None}}
