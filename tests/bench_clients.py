@@ -108,7 +108,9 @@ def stage_times(before: dict, after: dict) -> dict:
     """Where a window's requests spent their time in each Triton model, from two answers of
     `GET /v2/models/stats` taken around it: requests, executions and requests per execution
     (what the dynamic batcher gathered), and per request the mean milliseconds of each phase.
-    `queue` is the wait for a free model instance; the compute phases are the stub's."""
+    `queue` is the wait for a free model instance. A compute phase is timed per execution and
+    counted once for each request in it, so its per-request mean is the mean duration of the
+    execution a request was part of (divide by requests per execution for the work per request)."""
     def by_model(stats: dict) -> dict:
         return {(m["name"], m.get("version", "")): m for m in stats.get("model_stats", [])}
 
