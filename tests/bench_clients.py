@@ -104,6 +104,16 @@ def _summary(latencies: list[float], seconds: float, cpu: list[float]) -> dict:
 STAGE_PHASES = ("queue", "compute_input", "compute_infer", "compute_output")
 
 
+def model_stats(triton_url: str) -> dict:
+    """Triton's per-model statistics (`GET /v2/models/stats`), the input of `stage_times`."""
+    from tests.conftest import http_json
+
+    status, stats = http_json("GET", f"http://{triton_url}/v2/models/stats")
+    if status != 200:
+        raise RuntimeError(f"Triton's model statistics answered {status}: {str(stats)[:300]}")
+    return stats
+
+
 def stage_times(before: dict, after: dict) -> dict:
     """Where a window's requests spent their time in each Triton model, from two answers of
     `GET /v2/models/stats` taken around it: requests, executions and requests per execution

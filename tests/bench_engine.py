@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.bench import (QUESTIONS, check_generated, device_name, generated_tokens, prompts_and_ids,  # noqa: E402
                          tagged_questions)
-from tests.bench_clients import online_load, stage_times  # noqa: E402
+from tests.bench_clients import model_stats, online_load, stage_times  # noqa: E402
 from tests.bench_workers import Worker  # noqa: E402
 from tests.conftest import http_json, server_env, start_server, stop_server  # noqa: E402
 from tests.gpu_watch import GpuSampler, gpu_processes  # noqa: E402
@@ -106,15 +106,10 @@ class Product:
         """Closed-loop requests to the ensemble, or with `generator_only` to the generator
         model alone (the same prompts as token ids: what the ensemble adds, split off)."""
         items = prompts_and_ids(self.model_dir, requests, tag)[1] if generator_only else tagged_questions(requests, tag)
-        before = self.model_stats()
-        result = online_load(self.server.triton_url, items, concurrency, {"max_new_tokens": tokens, **EXACT}, processes)
-        return {"tokens": requests * tokens, **result, "stages": stage_times(before, self.model_stats())}
-
-    def model_stats(self) -> dict:
-        status, stats = http_json("GET", f"http://{self.server.triton_url}/v2/models/stats")
-        if status != 200:
-            raise RuntimeError(f"Triton's model statistics answered {status}: {str(stats)[:300]}")
-        return stats
+        url = self.server.triton_url
+        before = model_stats(url)
+        result = online_load(url, items, concurrency, {"max_new_tokens": tokens, **EXACT}, processes)
+        return {"tokens": requests * tokens, **result, "stages": stage_times(before, model_stats(url))}
 
     def close(self) -> None:
         stop_server(self.server)

@@ -9,7 +9,7 @@ import pytest
 
 from shim.ensemble import build_inputs
 
-from .conftest import REPO, TINY_ANSWER, http_json
+from .conftest import REPO, TINY_ANSWER
 from .perf_tools import perf_analyzer_command, perf_analyzer_env
 
 pytestmark = pytest.mark.server
@@ -78,16 +78,11 @@ def test_max_new_tokens_override_gives_one_token(server, triton, tokenizer):
 
 def test_stage_times_read_each_stage_of_an_ensemble_request(server, triton):
     """The engine benchmark's per-stage breakdown, from this Triton's own statistics."""
-    from tests.bench_clients import stage_times
+    from tests.bench_clients import model_stats, stage_times
 
-    def stats():
-        status, body = http_json("GET", f"http://{server.triton_url}/v2/models/stats")
-        assert status == 200, body
-        return body
-
-    before = stats()
+    before = model_stats(server.triton_url)
     infer(triton, "llm", ["one", "two", "three"], max_new_tokens=1)
-    stages = stage_times(before, stats())
+    stages = stage_times(before, model_stats(server.triton_url))
     for model in ("llm", "preprocess", "generator", "postprocess"):
         assert stages[model]["requests"] >= 1, stages
     for model in ("preprocess", "generator", "postprocess"):
