@@ -97,8 +97,27 @@ def online_load(triton_url: str, items: list, concurrency: int, overrides: dict,
 
 
 def _summary(latencies: list[float], seconds: float, cpu: list[float]) -> dict:
-    return {"seconds": seconds, "p50_ms": 1000 * percentile(latencies, 50),
+    return {"seconds": seconds, "mean_ms": 1000 * sum(latencies) / len(latencies), "p50_ms": 1000 * percentile(latencies, 50),
             "p99_ms": 1000 * percentile(latencies, 99), "client_cpu_s": max(cpu), "client_processes": len(cpu)}
+
+
+def engine_latency(before: dict, after: dict, client_mean_ms: float) -> dict | None:
+    """How much of a window's mean client latency its requests spent inside the engine,
+    from two scrapes of the generator's metrics around the window (`scrape_metrics`): the
+    `llm_generator_e2e_latency_seconds` histogram times each prompt from its hand-off to the
+    engine's loop to its final output. The rest (`outside_engine_ms`) is HTTP, Triton, the
+    three stages, their queues and the responses' way back. None when the histogram is absent
+    (engine statistics off) or saw no prompt in the window."""
+    def total(values: dict, suffix: str) -> float:
+        name = f"llm_generator_e2e_latency_seconds_{suffix}"
+        return sum(v for k, v in values.items() if k == name or k.startswith(name + "{"))
+
+    count = total(after, "count") - total(before, "count")
+    if count <= 0:
+        return None
+    engine_ms = 1000 * (total(after, "sum") - total(before, "sum")) / count
+    return {"prompts": int(count), "engine_mean_ms": round(engine_ms, 1),
+            "outside_engine_ms": round(client_mean_ms - engine_ms, 1)}
 
 
 STAGE_PHASES = ("queue", "compute_input", "compute_infer", "compute_output")

@@ -37,9 +37,9 @@ sys.path.insert(0, str(REPO))
 
 from tests.bench import (QUESTIONS, check_generated, device_name, generated_tokens, prompts_and_ids,  # noqa: E402
                          tagged_questions)
-from tests.bench_clients import model_stats, online_load, stage_times  # noqa: E402
+from tests.bench_clients import engine_latency, model_stats, online_load, stage_times  # noqa: E402
 from tests.bench_workers import Worker  # noqa: E402
-from tests.conftest import http_json, server_env, start_server, stop_server  # noqa: E402
+from tests.conftest import http_json, scrape_metrics, server_env, start_server, stop_server  # noqa: E402
 from tests.gpu_watch import GpuSampler, gpu_processes  # noqa: E402
 
 log = logging.getLogger("bench_engine")
@@ -106,10 +106,11 @@ class Product:
         """Closed-loop requests to the ensemble, or with `generator_only` to the generator
         model alone (the same prompts as token ids: what the ensemble adds, split off)."""
         items = prompts_and_ids(self.model_dir, requests, tag)[1] if generator_only else tagged_questions(requests, tag)
-        url = self.server.triton_url
-        before = model_stats(url)
+        url, metrics_url = self.server.triton_url, self.server.metrics_url
+        before, metrics_before = model_stats(url), scrape_metrics(metrics_url)
         result = online_load(url, items, concurrency, {"max_new_tokens": tokens, **EXACT}, processes)
-        return {"tokens": requests * tokens, **result, "stages": stage_times(before, model_stats(url))}
+        return {"tokens": requests * tokens, **result, "stages": stage_times(before, model_stats(url)),
+                "engine": engine_latency(metrics_before, scrape_metrics(metrics_url), result["mean_ms"])}
 
     def close(self) -> None:
         stop_server(self.server)
@@ -135,6 +136,9 @@ class Record:
             log.info("    %-16s %6d requests, %.2f per execution; ms per request: queue %s, input %s, infer %s, "
                      "output %s", model, stage["requests"], stage["requests_per_execution"] or 0, stage["queue_ms"],
                      stage["compute_input_ms"], stage["compute_infer_ms"], stage["compute_output_ms"])
+        if engine := result.get("engine"):
+            log.info("    client mean %.1f ms: %.1f ms in the engine, %.1f ms outside it (%d prompts)",
+                     result["mean_ms"], engine["engine_mean_ms"], engine["outside_engine_ms"], engine["prompts"])
         self.write()
 
     def table(self) -> dict:

@@ -1,7 +1,7 @@
 """The benchmarks' own parsing: what they record must be what the GPU and the command line said."""
 import pytest
 
-from tests.bench_clients import stage_times
+from tests.bench_clients import engine_latency, stage_times
 from tests.gpu_watch import parse_gpu_samples
 from tests.bench_replicas import grouped_by_limit, parse_case
 from tests.bench_engine import judge_questions
@@ -56,3 +56,20 @@ def test_stage_times_are_the_window_s_own_per_request_means():
     assert stages == {"preprocess": {"requests": 64, "executions": 32, "requests_per_execution": 2.0,
                                      "queue_ms": 5.0, "compute_input_ms": None, "compute_infer_ms": 0.5,
                                      "compute_output_ms": None}}
+
+
+def test_engine_latency_splits_the_client_mean_at_the_engine():
+    """Each replica's series counts; the window's own prompts only; other histograms ignored."""
+    name = "llm_generator_e2e_latency_seconds"
+
+    def scrape(count0, sum0, count1, sum1):
+        return {f"{name}_count{{model=generator,replica=0,version=1}}": count0,
+                f"{name}_sum{{model=generator,replica=0,version=1}}": sum0,
+                f"{name}_count{{model=generator,replica=1,version=1}}": count1,
+                f"{name}_sum{{model=generator,replica=1,version=1}}": sum1,
+                "llm_generator_time_to_first_token_seconds_sum{model=generator,version=1}": 99.0}
+
+    split = engine_latency(scrape(5, 4.0, 5, 6.0), scrape(55, 54.0, 45, 46.0), client_mean_ms=1100.0)
+    assert split == {"prompts": 90, "engine_mean_ms": 1000.0, "outside_engine_ms": 100.0}
+    assert engine_latency(scrape(5, 4.0, 5, 6.0), scrape(5, 4.0, 5, 6.0), 10.0) is None  # no prompt in the window
+    assert engine_latency({}, {}, 10.0) is None  # engine statistics off: no histogram
