@@ -61,9 +61,6 @@ class Env:
     def optional_int(self, name: str, lo: int | None = None, hi: int | None = None) -> int | None:
         return None if self.raw(name) is None else self.int(name, 0, lo, hi)
 
-    def optional_float(self, name: str, lo: float | None = None, hi: float | None = None) -> float | None:
-        return None if self.raw(name) is None else self.float(name, 0.0, lo, hi)
-
     def float(self, name: str, default: float, lo: float | None = None, hi: float | None = None) -> float:
         """A finite float; out-of-range values are refused (a wrong sampling default is a bug)."""
         value = self.raw(name)

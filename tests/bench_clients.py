@@ -104,10 +104,11 @@ def _summary(latencies: list[float], seconds: float, cpu: list[float]) -> dict:
 def engine_latency(before: dict, after: dict, client_mean_ms: float) -> dict | None:
     """How much of a window's mean client latency its requests spent inside the engine,
     from two scrapes of the generator's metrics around the window (`scrape_metrics`): the
-    `llm_generator_e2e_latency_seconds` histogram times each prompt from its hand-off to the
-    engine's loop to its final output. The rest (`outside_engine_ms`) is HTTP, Triton, the
-    three stages, their queues and the responses' way back. None when the histogram is absent
-    (engine statistics off) or saw no prompt in the window."""
+    `llm_generator_e2e_latency_seconds` histogram times each prompt from the start of its
+    `generate` on the engine's loop to its final output (vLLM's queue, prefill, decode and
+    output handling). The rest (`outside_engine_ms`) is HTTP, Triton, the three stages, their
+    queues, the hand-off to the loop and the answer's way back. None when the histogram is
+    absent (a Triton without histogram metrics) or saw no prompt in the window."""
     def total(values: dict, suffix: str) -> float:
         name = f"llm_generator_e2e_latency_seconds_{suffix}"
         return sum(v for k, v in values.items() if k == name or k.startswith(name + "{"))

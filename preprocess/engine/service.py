@@ -90,8 +90,6 @@ def prepare_generator_process(environ: MutableMapping[str, str]) -> cfg.Settings
     for change in engine_config.choose_vllm_plugins(environ, settings.engine):
         log.info("environment: %s", change)
     engine_config.set_vllm_log_level(settings.engine.vllm_log_level)
-    if change := engine_config.apply_switch_interval(settings.engine):
-        log.info("process: %s", change)
     return settings
 
 

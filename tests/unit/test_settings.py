@@ -5,8 +5,7 @@ from pathlib import Path
 import pytest
 
 from preprocess import settings as cfg
-from preprocess.engine.config import (apply_switch_interval, choose_vllm_plugins, load_engine,
-                                      prepare_process_environment)
+from preprocess.engine.config import choose_vllm_plugins, load_engine, prepare_process_environment
 from preprocess.engine.penalties import PLUGIN_NAME
 from preprocess.envparse import Env, SettingsError
 from preprocess.engine.service import stop_token_ids
@@ -34,7 +33,6 @@ def test_bad_boolean_names_variable():
     (cfg.load_cleanup, "OUTPUT_MAX_SENTENCES"), (cfg.load_warmup, "WARMUP_NUM_SAMPLES"),
     (cfg.load_warmup, "WARMUP_REPEAT"), (cfg.load_shim, "PORT"), (load_engine, "GPU_MEMORY_UTILIZATION"),
     (load_engine, "MAX_MODEL_LEN"), (load_engine, "SPEC_NUM_SPECULATIVE_TOKENS"),
-    (load_engine, "GENERATOR_SWITCH_INTERVAL_MS"),
 ])
 def test_malformed_numbers_stop_with_one_line(loader, name):
     env = {name: "1.2.3x", "ENABLE_SPECULATIVE_DECODING": "1"}
@@ -42,20 +40,6 @@ def test_malformed_numbers_stop_with_one_line(loader, name):
         loader(env)
     message = str(info.value)
     assert name in message and "1.2.3x" in message and "\n" not in message
-
-
-def test_the_generators_switch_interval_is_set_only_when_asked(monkeypatch):
-    """GENERATOR_SWITCH_INTERVAL_MS sets the process's GIL switch interval; unset leaves
-    Python's own, and a value outside 0.05..100 ms stops start-up with one line."""
-    import sys
-
-    monkeypatch.setattr(sys, "setswitchinterval", lambda seconds: asked.append(seconds))
-    asked: list[float] = []
-    assert apply_switch_interval(load_engine({})) is None and asked == []
-    change = apply_switch_interval(load_engine({"GENERATOR_SWITCH_INTERVAL_MS": "0.5"}))
-    assert asked == [0.0005] and change == "GIL switch interval 0.5 ms"
-    with pytest.raises(SettingsError, match=r"GENERATOR_SWITCH_INTERVAL_MS='0' is outside 0.05..100"):
-        load_engine({"GENERATOR_SWITCH_INTERVAL_MS": "0"})
 
 
 def test_serve_refuses_to_start_on_a_malformed_variable():
