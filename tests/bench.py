@@ -36,9 +36,14 @@ def percentile(values, q):
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))] if ordered else float("nan")
 
 
+def latencies_ms(latencies: list[float]) -> dict:
+    """A window's request latencies (seconds) as its mean, p50 and p99 in milliseconds."""
+    mean = 1000 * sum(latencies) / len(latencies) if latencies else float("nan")
+    return {"mean_ms": mean, "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99)}
+
+
 def row(path, tokens, seconds, latencies, baseline=None):
-    return {"path": path, "tok_s": tokens / seconds, "seconds": seconds,
-            "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99),
+    return {"path": path, "tok_s": tokens / seconds, "seconds": seconds, **latencies_ms(latencies),
             "baseline": baseline}
 
 

@@ -16,7 +16,7 @@ import asyncio
 import multiprocessing
 import time
 
-from tests.bench import at_concurrency, percentile
+from tests.bench import at_concurrency, latencies_ms
 
 
 async def _closed_loop(triton_url: str, items: list, concurrency: int, overrides: dict,
@@ -97,8 +97,7 @@ def online_load(triton_url: str, items: list, concurrency: int, overrides: dict,
 
 
 def _summary(latencies: list[float], seconds: float, cpu: list[float]) -> dict:
-    return {"seconds": seconds, "mean_ms": 1000 * sum(latencies) / len(latencies), "p50_ms": 1000 * percentile(latencies, 50),
-            "p99_ms": 1000 * percentile(latencies, 99), "client_cpu_s": max(cpu), "client_processes": len(cpu)}
+    return {"seconds": seconds, **latencies_ms(latencies), "client_cpu_s": max(cpu), "client_processes": len(cpu)}
 
 
 def engine_latency(before: dict, after: dict, client_mean_ms: float) -> dict | None:

@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.bench import at_concurrency, percentile, prompts_and_ids, timed_generate  # noqa: E402
+from tests.bench import at_concurrency, latencies_ms, prompts_and_ids, timed_generate  # noqa: E402
 
 KINDS = ("offline-vllm", "offline-product", "async-serve", "vllm-serve-http")
 
@@ -195,8 +195,7 @@ async def async_serve_worker(model_dir: str, memory: float) -> None:
             ids = prompts_and_ids(Path(model_dir), command["requests"], command["tag"])[1]
             done, seconds = await at_concurrency(lambda i: timed_generate(engine, i, params), ids, command["c"])
             latencies = [s for _, s in done]
-            reply({"tokens": sum(t for t, _ in done), "seconds": seconds,
-                   "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99)})
+            reply({"tokens": sum(t for t, _ in done), "seconds": seconds, **latencies_ms(latencies)})
         elif command["op"] == "batch":
             ids = prompts_and_ids(Path(model_dir), command["n"], command["tag"])[1]
             started = time.perf_counter()
@@ -265,8 +264,7 @@ async def vllm_serve_http_worker(model_dir: str, memory: float) -> None:
                 ids = prompts_and_ids(Path(model_dir), command["requests"], command["tag"])[1]
                 done, seconds = await at_concurrency(lambda i: complete(i, command["tokens"]), ids, command["c"])
                 latencies = [s for _, s in done]
-                reply({"tokens": sum(t for t, _ in done), "seconds": seconds,
-                       "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99)})
+                reply({"tokens": sum(t for t, _ in done), "seconds": seconds, **latencies_ms(latencies)})
     finally:
         server.terminate()
         try:

@@ -1,6 +1,7 @@
 """The benchmarks' own parsing: what they record must be what the GPU and the command line said."""
 import pytest
 
+from tests.bench import latencies_ms
 from tests.bench_clients import engine_latency, stage_times
 from tests.gpu_watch import parse_gpu_samples
 from tests.bench_replicas import grouped_by_limit, parse_case
@@ -73,3 +74,8 @@ def test_engine_latency_splits_the_client_mean_at_the_engine():
     assert split == {"prompts": 90, "engine_mean_ms": 1000.0, "outside_engine_ms": 100.0}
     assert engine_latency(scrape(5, 4.0, 5, 6.0), scrape(5, 4.0, 5, 6.0), 10.0) is None  # no prompt in the window
     assert engine_latency({}, {}, 10.0) is None  # engine statistics off: no histogram
+
+
+def test_latencies_ms_are_the_window_s_mean_and_percentiles():
+    assert latencies_ms([0.3, 0.1, 0.2]) == pytest.approx({"mean_ms": 200.0, "p50_ms": 200.0, "p99_ms": 300.0})
+    assert all(v != v for v in latencies_ms([]).values())  # an empty window: NaN, not a crash
