@@ -73,7 +73,7 @@ def test_engine_latency_splits_the_client_mean_at_the_engine():
     split = engine_latency(scrape(5, 4.0, 5, 6.0), scrape(55, 54.0, 45, 46.0), client_mean_ms=1100.0)
     assert split == {"prompts": 90, "engine_mean_ms": 1000.0, "outside_engine_ms": 100.0}
     assert engine_latency(scrape(5, 4.0, 5, 6.0), scrape(5, 4.0, 5, 6.0), 10.0) is None  # no prompt in the window
-    assert engine_latency({}, {}, 10.0) is None  # engine statistics off: no histogram
+    assert engine_latency({}, {}, 10.0) is None  # no histogram metrics on this Triton
 
 
 def test_latencies_ms_are_the_window_s_mean_and_percentiles():
