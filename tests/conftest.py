@@ -36,6 +36,7 @@ SESSION_TOKEN_BUDGET = 16_000  # set as HF_TOKEN etc.; must never be echoed
 
 
 _PORTS_GIVEN: set[int] = set()
+SHM_BEFORE = pytest.StashKey[set]()  # /dev/shm's names when the session started
 
 
 def ephemeral_ports_start() -> int:
@@ -347,6 +348,24 @@ def triton(server):
     client = triton_http.InferenceServerClient(server.triton_url, network_timeout=120)
     yield client
     client.close()
+
+
+def pytest_sessionstart(session):
+    from tests.shm_hygiene import shm_names
+
+    session.config.stash[SHM_BEFORE] = shm_names()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """After every session fixture (the servers among them) has stopped: what killed servers
+    left in /dev/shm goes (tests/shm_hygiene.py)."""
+    from tests.shm_hygiene import remove_orphans
+
+    before = session.config.stash.get(SHM_BEFORE, None)
+    removed = remove_orphans(before) if before is not None else []
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if removed and reporter is not None:
+        reporter.write_line(f"\n/dev/shm: removed {len(removed)} left by killed test servers: {' '.join(removed)}")
 
 
 def pytest_collection_modifyitems(items):
