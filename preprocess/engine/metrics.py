@@ -216,6 +216,7 @@ class GeneratorMetrics:
     def _apply(self, events: list) -> None:
         sums: dict[int, Counter] = {}
         buckets: dict[int, Counter] = {}
+        outcomes: dict[int, Counter] = {}
         finished: set[int] = set()
         for kind, replica, payload in events:
             if kind == "stop":
@@ -223,10 +224,7 @@ class GeneratorMetrics:
             figures = self._replicas[replica]
             total = sums.setdefault(replica, Counter())
             if kind == "stream":
-                if payload not in figures.streams:
-                    figures.streams[payload] = self._families["streams"].Metric(
-                        labels={**figures.labels, "outcome": payload})
-                figures.streams[payload].increment(1)
+                outcomes.setdefault(replica, Counter())[payload] += 1
                 continue
             if kind == "submitted":
                 limits, groups = payload
@@ -258,6 +256,15 @@ class GeneratorMetrics:
                 figures.buckets[limit].increment(count)
         for replica in finished:
             self._replicas[replica].update_kv()
+        # Last: a scrape that sees a stream's end also sees the tokens it generated (each
+        # increment is a separate round trip, and stream_ended queues the tokens first).
+        for replica, counts in outcomes.items():
+            figures = self._replicas[replica]
+            for outcome, count in counts.items():
+                if outcome not in figures.streams:
+                    figures.streams[outcome] = self._families["streams"].Metric(
+                        labels={**figures.labels, "outcome": outcome})
+                figures.streams[outcome].increment(count)
 
     def set_engine_up(self, up: bool, replica: int = 0) -> None:
         """Called from the watchdog thread: under the lock, as close() may be emptying the families."""

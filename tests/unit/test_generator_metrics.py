@@ -25,6 +25,7 @@ class RecordedMetric:
         if self.family.stub.broken:  # injected fault: the stub's link to the server failed
             raise RuntimeError("Failed to increment metric value")
         self.value += amount
+        self.family.stub.increments.append((self.family.name, self.labels.get("outcome")))
 
     def set(self, value):
         self.value = value
@@ -38,6 +39,7 @@ class RecordingPbUtils:
 
     def __init__(self):
         self.metrics: dict[tuple[str, tuple], RecordedMetric] = {}
+        self.increments: list[tuple[str, str | None]] = []  # (family, outcome label), in call order
         self.broken = False
         stub = self
 
@@ -93,6 +95,23 @@ def test_counts_buckets_and_latencies_are_applied_exactly(recorded):
     assert pb_utils.value("llm_generator_requests_by_bucket_total", max_new_tokens="192") == 1
     assert pb_utils.observed("llm_generator_time_to_first_token_seconds") == [0.02, 0.01, 0.01]
     assert pb_utils.observed("llm_generator_e2e_latency_seconds") == [0.3, 0.2, 0.2]
+
+
+def test_a_streams_end_is_counted_after_its_tokens(recorded):
+    """Each increment is its own round trip to the server, so a scrape can fall between
+    two of them: one that sees a stream counted as ended must see its tokens too."""
+    pb_utils, metrics, _ = recorded
+    metrics.stream_ended("cancelled", result(9, 3))
+    metrics.stream_ended("finished", result(9, 4), replica=1)
+    metrics.stream_ended("cancelled", result(9, 2))
+    metrics.close()
+    assert pb_utils.value("llm_generator_streams_total", outcome="cancelled") == 2
+    assert pb_utils.value("llm_generator_streams_total", replica="1", outcome="finished") == 1
+    assert [pb_utils.value("llm_generator_generation_tokens_total", replica=r) for r in "01"] == [5, 4]
+    order = [name for name, _ in pb_utils.increments]
+    last_token = max(i for i, name in enumerate(order) if name == "llm_generator_generation_tokens_total")
+    first_end = min(i for i, name in enumerate(order) if name == "llm_generator_streams_total")
+    assert last_token < first_end, order
 
 
 @pytest.mark.parametrize("usage, used", [(0.0, 0), (0.25, 20), (1.0, 80), (0.999, 80), (0.006, 0)])
