@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from .generation import GenerationItem, GenerationResult
@@ -98,6 +99,16 @@ def engine_stat_loggers(engine_stats: bool, kv_gauge: KvCacheGauge | None) -> li
     return [logger for logger in loggers if logger is not None]
 
 
+@dataclass
+class Tally:
+    """What one round of queued events adds to one replica's figures."""
+    prompts: int = 0
+    submissions: int = 0
+    buckets: Counter = field(default_factory=Counter)  # prompts by max_new_tokens
+    answers: list[GenerationResult] = field(default_factory=list)
+    outcomes: Counter = field(default_factory=Counter)  # ended streams by outcome
+
+
 class ReplicaFigures:
     """One replica's metrics, each labelled replica="<index>", and its KV-cache gauge."""
 
@@ -117,8 +128,45 @@ class ReplicaFigures:
         self.engine_up = families["engine_up"].Metric(labels=labels)
         self.ttft = families["ttft"].Metric(labels=labels, buckets=LATENCY_BUCKETS) if histograms else None
         self.e2e = families["e2e"].Metric(labels=labels, buckets=LATENCY_BUCKETS) if histograms else None
-        self.buckets: dict[int, object] = {}
+        self.buckets: dict[str, object] = {}  # by max_new_tokens
         self.streams: dict[str, object] = {}  # by outcome
+
+    def apply(self, tally: Tally, families: dict) -> None:
+        """Sends what `tally` adds. Each figure is its own round trip to the server, so a
+        scrape can fall between two; the order is the guarantee: the figure that says a
+        request was counted comes after that request's other figures.
+        - a submission: engine submissions and buckets, then prompts;
+        - an answer: its tokens and the KV-cache figures, then time to first token, then
+          end-to-end latency;
+        - a stream's end: its answer (queued first, see stream_ended), then the outcome."""
+        if tally.submissions:
+            self.submissions.increment(tally.submissions)
+        for limit, count in tally.buckets.items():
+            self._labelled(self.buckets, families["buckets"], "max_new_tokens", str(limit)).increment(count)
+        if tally.prompts:
+            self.prompts.increment(tally.prompts)
+        if tally.answers:
+            prompt_tokens = sum(result.prompt_tokens for result in tally.answers)
+            generated_tokens = sum(result.completion_tokens for result in tally.answers)
+            self.requests_seen += len(tally.answers)
+            self.tokens_seen += prompt_tokens + generated_tokens
+            for metric, amount in ((self.prompt_tokens, prompt_tokens), (self.generated_tokens, generated_tokens)):
+                if amount:
+                    metric.increment(amount)
+            self.update_kv()
+            if self.ttft is not None and self.e2e is not None:
+                for histogram, seconds in ((self.ttft, "ttft_s"), (self.e2e, "e2e_s")):
+                    for value in (getattr(result, seconds) for result in tally.answers):
+                        if value is not None:
+                            histogram.observe(value)
+        for outcome, count in tally.outcomes.items():
+            self._labelled(self.streams, families["streams"], "outcome", outcome).increment(count)
+
+    def _labelled(self, metrics: dict, family, label: str, value: str):
+        """The Metric of `family` with this replica's labels plus `label`=`value`, made once."""
+        if value not in metrics:
+            metrics[value] = family.Metric(labels={**self.labels, label: value})
+        return metrics[value]
 
     def update_kv(self) -> None:
         kv = self.kv
@@ -214,57 +262,22 @@ class GeneratorMetrics:
                 return
 
     def _apply(self, events: list) -> None:
-        sums: dict[int, Counter] = {}
-        buckets: dict[int, Counter] = {}
-        outcomes: dict[int, Counter] = {}
-        finished: set[int] = set()
+        tallies: dict[int, Tally] = {}
         for kind, replica, payload in events:
             if kind == "stop":
                 continue
-            figures = self._replicas[replica]
-            total = sums.setdefault(replica, Counter())
+            tally = tallies.setdefault(replica, Tally())
             if kind == "stream":
-                outcomes.setdefault(replica, Counter())[payload] += 1
-                continue
-            if kind == "submitted":
+                tally.outcomes[payload] += 1
+            elif kind == "submitted":
                 limits, groups = payload
-                total["prompts"] += len(limits)
-                total["submissions"] += groups
-                buckets.setdefault(replica, Counter()).update(limits)
-                continue
-            finished.add(replica)
-            for result in payload:
-                total["prompt_tokens"] += result.prompt_tokens
-                total["generated_tokens"] += result.completion_tokens
-                figures.requests_seen += 1
-                if figures.ttft is not None and result.ttft_s is not None:
-                    figures.ttft.observe(result.ttft_s)
-                if figures.e2e is not None and result.e2e_s is not None:
-                    figures.e2e.observe(result.e2e_s)
-        for replica, total in sums.items():
-            figures = self._replicas[replica]
-            figures.tokens_seen += total["prompt_tokens"] + total["generated_tokens"]
-            for name, amount in total.items():
-                if amount:
-                    getattr(figures, name).increment(amount)
-        for replica, counts in buckets.items():
-            figures = self._replicas[replica]
-            for limit, count in counts.items():
-                if limit not in figures.buckets:
-                    figures.buckets[limit] = self._families["buckets"].Metric(
-                        labels={**figures.labels, "max_new_tokens": str(limit)})
-                figures.buckets[limit].increment(count)
-        for replica in finished:
-            self._replicas[replica].update_kv()
-        # Last: a scrape that sees a stream's end also sees the tokens it generated (each
-        # increment is a separate round trip, and stream_ended queues the tokens first).
-        for replica, counts in outcomes.items():
-            figures = self._replicas[replica]
-            for outcome, count in counts.items():
-                if outcome not in figures.streams:
-                    figures.streams[outcome] = self._families["streams"].Metric(
-                        labels={**figures.labels, "outcome": outcome})
-                figures.streams[outcome].increment(count)
+                tally.prompts += len(limits)
+                tally.submissions += groups
+                tally.buckets.update(limits)
+            else:
+                tally.answers.extend(payload)
+        for replica, tally in tallies.items():
+            self._replicas[replica].apply(tally, self._families)
 
     def set_engine_up(self, up: bool, replica: int = 0) -> None:
         """Called from the watchdog thread: under the lock, as close() may be emptying the families."""

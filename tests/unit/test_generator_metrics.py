@@ -25,13 +25,14 @@ class RecordedMetric:
         if self.family.stub.broken:  # injected fault: the stub's link to the server failed
             raise RuntimeError("Failed to increment metric value")
         self.value += amount
-        self.family.stub.increments.append((self.family.name, self.labels.get("outcome")))
+        self.family.stub.calls.append((self.family.name, self.labels["replica"]))
 
     def set(self, value):
         self.value = value
 
     def observe(self, value):
         self.observed.append(value)
+        self.family.stub.calls.append((self.family.name, self.labels["replica"]))
 
 
 class RecordingPbUtils:
@@ -39,7 +40,7 @@ class RecordingPbUtils:
 
     def __init__(self):
         self.metrics: dict[tuple[str, tuple], RecordedMetric] = {}
-        self.increments: list[tuple[str, str | None]] = []  # (family, outcome label), in call order
+        self.calls: list[tuple[str, str]] = []  # (family, replica) of each increment and observe, in order
         self.broken = False
         stub = self
 
@@ -97,21 +98,31 @@ def test_counts_buckets_and_latencies_are_applied_exactly(recorded):
     assert pb_utils.observed("llm_generator_e2e_latency_seconds") == [0.3, 0.2, 0.2]
 
 
-def test_a_streams_end_is_counted_after_its_tokens(recorded):
-    """Each increment is its own round trip to the server, so a scrape can fall between
-    two of them: one that sees a stream counted as ended must see its tokens too."""
+def test_a_requests_figures_come_before_the_one_that_says_it_was_counted(recorded):
+    """Each figure is its own round trip to the server, so a scrape can fall between two:
+    one that sees prompts counted sees their submissions and buckets, one that sees an
+    answer's latency sees its tokens, one that sees a stream ended sees its tokens."""
     pb_utils, metrics, _ = recorded
+    metrics.submitted([item(32), item(192)], groups=2)
+    metrics.finished([result(10, 5), result(7, 32)])
     metrics.stream_ended("cancelled", result(9, 3))
+    metrics.submitted([item(32)], groups=1, replica=1)
     metrics.stream_ended("finished", result(9, 4), replica=1)
-    metrics.stream_ended("cancelled", result(9, 2))
     metrics.close()
-    assert pb_utils.value("llm_generator_streams_total", outcome="cancelled") == 2
+    assert pb_utils.value("llm_generator_streams_total", outcome="cancelled") == 1
     assert pb_utils.value("llm_generator_streams_total", replica="1", outcome="finished") == 1
-    assert [pb_utils.value("llm_generator_generation_tokens_total", replica=r) for r in "01"] == [5, 4]
-    order = [name for name, _ in pb_utils.increments]
-    last_token = max(i for i, name in enumerate(order) if name == "llm_generator_generation_tokens_total")
-    first_end = min(i for i, name in enumerate(order) if name == "llm_generator_streams_total")
-    assert last_token < first_end, order
+    assert [pb_utils.value("llm_generator_generation_tokens_total", replica=r) for r in "01"] == [40, 4]
+    before = [("llm_generator_engine_submissions_total", "llm_generator_prompts_total"),
+              ("llm_generator_requests_by_bucket_total", "llm_generator_prompts_total"),
+              ("llm_generator_generation_tokens_total", "llm_generator_e2e_latency_seconds"),
+              ("llm_generator_prompt_tokens_total", "llm_generator_e2e_latency_seconds"),
+              ("llm_generator_time_to_first_token_seconds", "llm_generator_e2e_latency_seconds"),
+              ("llm_generator_generation_tokens_total", "llm_generator_streams_total")]
+    for replica in "01":
+        order = [name for name, r in pb_utils.calls if r == replica]
+        for first, then in before:
+            assert max(i for i, n in enumerate(order) if n == first) < \
+                min(i for i, n in enumerate(order) if n == then), (replica, first, then, order)
 
 
 @pytest.mark.parametrize("usage, used", [(0.0, 0), (0.25, 20), (1.0, 80), (0.999, 80), (0.006, 0)])
