@@ -29,6 +29,7 @@ class RecordedMetric:
 
     def set(self, value):
         self.value = value
+        self.family.stub.calls.append((self.family.name, self.labels["replica"]))
 
     def observe(self, value):
         self.observed.append(value)
@@ -40,7 +41,7 @@ class RecordingPbUtils:
 
     def __init__(self):
         self.metrics: dict[tuple[str, tuple], RecordedMetric] = {}
-        self.calls: list[tuple[str, str]] = []  # (family, replica) of each increment and observe, in order
+        self.calls: list[tuple[str, str]] = []  # (family, replica) of each update, in order
         self.broken = False
         stub = self
 
@@ -118,9 +119,10 @@ def test_a_requests_figures_come_before_the_one_that_says_it_was_counted(recorde
               ("llm_generator_prompt_tokens_total", "llm_generator_e2e_latency_seconds"),
               ("llm_generator_time_to_first_token_seconds", "llm_generator_e2e_latency_seconds"),
               ("llm_generator_generation_tokens_total", "llm_generator_streams_total")]
-    for replica in "01":
+    kv = ("llm_generator_kv_cache_blocks_used", "llm_generator_e2e_latency_seconds")  # replica 0 has a KV gauge
+    for replica, pairs in (("0", [*before, kv]), ("1", before)):
         order = [name for name, r in pb_utils.calls if r == replica]
-        for first, then in before:
+        for first, then in pairs:
             assert max(i for i, n in enumerate(order) if n == first) < \
                 min(i for i, n in enumerate(order) if n == then), (replica, first, then, order)
 
