@@ -108,14 +108,14 @@ def engine_latency(before: dict, after: dict, client_mean_ms: float) -> dict | N
     output handling). The rest (`outside_engine_ms`) is HTTP, Triton, the three stages, their
     queues, the hand-off to the loop and the answer's way back. None when the histogram is
     absent (a Triton without histogram metrics) or saw no prompt in the window."""
-    def total(values: dict, suffix: str) -> float:
-        name = f"llm_generator_e2e_latency_seconds_{suffix}"
-        return sum(v for k, v in values.items() if k == name or k.startswith(name + "{"))
+    from tests.conftest import over_replicas
 
-    count = total(after, "count") - total(before, "count")
+    before, after = over_replicas(before), over_replicas(after)
+    name = "llm_generator_e2e_latency_seconds"
+    count = after.get(f"{name}_count", 0.0) - before.get(f"{name}_count", 0.0)
     if count <= 0:
         return None
-    engine_ms = 1000 * (total(after, "sum") - total(before, "sum")) / count
+    engine_ms = 1000 * (after.get(f"{name}_sum", 0.0) - before.get(f"{name}_sum", 0.0)) / count
     return {"prompts": int(count), "engine_mean_ms": round(engine_ms, 1),
             "outside_engine_ms": round(client_mean_ms - engine_ms, 1)}
 

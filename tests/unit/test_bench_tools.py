@@ -64,11 +64,9 @@ def test_engine_latency_splits_the_client_mean_at_the_engine():
     name = "llm_generator_e2e_latency_seconds"
 
     def scrape(count0, sum0, count1, sum1):
-        return {f"{name}_count{{model=generator,replica=0,version=1}}": count0,
-                f"{name}_sum{{model=generator,replica=0,version=1}}": sum0,
-                f"{name}_count{{model=generator,replica=1,version=1}}": count1,
-                f"{name}_sum{{model=generator,replica=1,version=1}}": sum1,
-                "llm_generator_time_to_first_token_seconds_sum{model=generator,version=1}": 99.0}
+        return {f"{name}_count{{replica=0}}": count0, f"{name}_sum{{replica=0}}": sum0,
+                f"{name}_count{{replica=1}}": count1, f"{name}_sum{{replica=1}}": sum1,
+                "llm_generator_time_to_first_token_seconds_sum{replica=0}": 99.0}
 
     split = engine_latency(scrape(5, 4.0, 5, 6.0), scrape(55, 54.0, 45, 46.0), client_mean_ms=1100.0)
     assert split == {"prompts": 90, "engine_mean_ms": 1000.0, "outside_engine_ms": 100.0}
