@@ -4,7 +4,8 @@ the body-size limit and read deadline, the admin token, and request metrics.
 
 Every response is counted in `llm_shim_requests_total`, labelled with the route template
 (never the raw path) even when the guard itself refuses the request, and 5xx included: an
-exception that escapes a route is answered here as a JSON 500 and counted.
+exception that escapes a route is answered here as a JSON 500 and counted. A response is
+counted once, before its last body chunk is sent.
 """
 from __future__ import annotations
 
@@ -76,10 +77,22 @@ class Guards:
         started = time.perf_counter()
         route = route_template(self.routes, scope)
         status = {"code": None}
+        counted = False
+
+        def count(code: str) -> None:
+            nonlocal counted
+            if not counted:
+                counted = True
+                self.metrics.requests.labels(scope["method"], route, code).inc()
+                self.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - started)
 
         async def send_and_record(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                # Counted before the last byte goes out: a client that scrapes /metrics once it
+                # has its response always finds that response counted.
+                count(str(status["code"]))
             await send(message)
 
         try:
@@ -99,9 +112,7 @@ class Guards:
                 await error(500, "internal error in the shim")(scope, receive, send_and_record)
             status["code"] = status["code"] or 500
         finally:
-            code = str(status["code"] or 499)  # no response started: the client left first
-            self.metrics.requests.labels(scope["method"], route, code).inc()
-            self.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - started)
+            count(str(status["code"] or 499))  # no response started: the client left first
 
     async def _check(self, scope, receive):
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
