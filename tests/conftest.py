@@ -254,6 +254,17 @@ class Server:
     def post(self, path, body, **kw):
         return http_json("POST", self.url + path, body, **kw)
 
+    def health_body(self) -> dict:
+        """What GET / says, or {} when it did not answer in time (unknown, not a state)."""
+        try:
+            body = self.get("/", timeout=5)[1]
+        except OSError:
+            return {}
+        return body if isinstance(body, dict) else {}
+
+    def health(self) -> str | None:
+        return self.health_body().get("status")
+
     def generator_state(self) -> dict:
         return json.loads((Path(self.env["LLM_RUNTIME_DIR"]) / "generator.json").read_text())
 
