@@ -73,7 +73,7 @@ def leave_after_the_first_piece(server, max_tokens: int) -> dict[str, float]:
         now = stream_figures(server)
         return now if sum(now.get(k, 0) - before.get(k, 0) for k in ended) >= 1 else None
 
-    after = wait_for(counted, 30)
+    after = wait_for(counted, 60)
     assert after, f"the stream's end was never counted: {stream_figures(server)}"
     return {key: after.get(key, 0) - before.get(key, 0) for key in (*ended, "llm_generator_generation_tokens_total")}
 

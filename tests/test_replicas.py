@@ -135,7 +135,7 @@ def test_a_judge_list_is_shared_evenly_and_answered_in_order(replicated):
                 and grown(metrics, "llm_generator_generation_tokens_total") >= tokens)
         return metrics if done else None
 
-    after = waited(counted, 30, "the generator's figures")
+    after = waited(counted, 60, "the generator's figures")
     shares = [a - b for a, b in zip(per_replica(after, "llm_generator_prompts_total"),
                                     per_replica(before, "llm_generator_prompts_total"))]
     # Two even requests of 325, each split by load: 325 each, or 324/326 when the first part
