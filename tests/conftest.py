@@ -188,6 +188,11 @@ def wait_for(check, timeout_s: float):
     return None
 
 
+def warmed(client) -> None:
+    """Wait (a bound, not a timing) until an in-process app (a TestClient) has left warming."""
+    wait_for(lambda: client.get("/").json()["status"] != "warming", 120)
+
+
 @contextlib.contextmanager
 def engine_in_slices(server, run_s: float = 0.02, pause_s: float = 0.2):
     """The server's vLLM engines (core processes and their workers) run only in slices of

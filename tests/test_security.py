@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import time
 
 import psutil
 import pytest
@@ -12,7 +11,7 @@ from fastapi.testclient import TestClient
 from preprocess.settings import load
 from shim.app import create_app
 
-from .conftest import http_json, scrape_metrics
+from .conftest import http_json, scrape_metrics, warmed
 
 pytestmark = pytest.mark.server
 
@@ -98,10 +97,7 @@ def test_admin_token_guards_system_prompt_updates_only(server, caplog):
     environ = {"TRITON_HTTP_PORT": server.env["TRITON_HTTP_PORT"], "WARMUP_NUM_SAMPLES": "0",
                "MODEL_DIR": server.env["MODEL_DIR"], "SHIM_ADMIN_TOKEN": "s3cret-admin"}
     with TestClient(create_app(load(environ), live_environ=environ)) as client:
-        for _ in range(200):
-            if client.get("/").json()["status"] != "warming":
-                break
-            time.sleep(0.1)
+        warmed(client)  # the app warms up through the ensemble first
         assert client.post("/system_prompt", json={"system_prompt": "x"}).status_code == 401
         wrong = client.post("/system_prompt", json={"system_prompt": "x"}, headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and "s3cret" not in wrong.text

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -12,7 +11,7 @@ from preprocess.settings import SYSTEM_PROMPT_MAX_CHARS, load, load_sampling
 from shim.app import create_app
 from shim.ensemble import build_inputs
 
-from .conftest import LEAK_CANARY
+from .conftest import LEAK_CANARY, warmed
 
 pytestmark = pytest.mark.server
 
@@ -72,10 +71,7 @@ def test_batch_mode_is_read_at_each_request(server):
                "MODEL_DIR": server.env["MODEL_DIR"]}
     app = create_app(load(environ), live_environ=environ)
     with TestClient(app) as client:
-        for _ in range(200):  # the app warms up through the ensemble first
-            if client.get("/").json()["status"] != "warming":
-                break
-            time.sleep(0.1)
+        warmed(client)  # the app warms up through the ensemble first
         assert client.get("/").json() == {"status": "ok"}
         environ["BATCH_MODE"] = "1"
         assert client.get("/").json() == {"status": "batch"}

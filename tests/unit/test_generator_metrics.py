@@ -158,9 +158,8 @@ def test_a_failed_update_does_not_end_the_figures(recorded, caplog):
     with caplog.at_level("WARNING"):
         pb_utils.broken = True
         metrics.submitted([item(8)], groups=1)
-        for _ in range(1000):  # until the metrics thread has met the fault (a bound, not a timing)
-            if "could not update the metrics" in caplog.text:
-                break
+        deadline = time.monotonic() + 60  # until the metrics thread has met the fault (a bound, not a timing)
+        while "could not update the metrics" not in caplog.text and time.monotonic() < deadline:
             time.sleep(0.01)
         assert "Failed to increment metric value" in caplog.text
         pb_utils.broken = False

@@ -12,10 +12,15 @@ from preprocess.progress import Heartbeat
 def test_heartbeat_logs_while_running_and_at_the_end(caplog):
     caplog.set_level(logging.INFO)
     counter = {"n": 0}
-    with Heartbeat(logging.getLogger("t"), "work", every_s=0.1, status=lambda: f"{counter['n']} done"):
-        for _ in range(5):
-            time.sleep(0.07)
-            counter["n"] += 1
+
+    def beats():
+        return [r for r in caplog.records if "still running" in r.getMessage()]
+
+    with Heartbeat(logging.getLogger("t"), "work", every_s=0.02, status=lambda: f"{counter['n']} done"):
+        deadline = time.monotonic() + 60  # a bound on the wait: the work lasts until two beats
+        while len(beats()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        counter["n"] = 5
     lines = [r.getMessage() for r in caplog.records]
     beats = [line for line in lines if "still running" in line]
     assert len(beats) >= 2 and beats[0].startswith("work: still running")
