@@ -227,7 +227,7 @@ def engine_in_slices(server, run_s: float = 0.02, pause_s: float = 0.2):
         yield
     finally:
         stop.set()
-        slicer.join(5)
+        slicer.join(60)  # before the last SIGCONT: a slicer still running could stop them again
         signal_all(signal.SIGCONT)
 
 
