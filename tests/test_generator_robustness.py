@@ -117,8 +117,6 @@ def test_killed_engine_comes_back_without_a_restart(server):
     print(f"engine killed -> ok again in {recovered_s:.1f} s; in-flight: {sorted(o.status for o in outcomes)}")
 
 
-
-
 def test_a_single_request_finishes_before_a_maximal_one_started_earlier(server):
     """The work budget bounds the largest request; while one runs, a second client's short
     request is served alongside it, not after it (shown by the order they finish in)."""

@@ -157,8 +157,9 @@ def test_one_replica_down_the_other_serves_and_it_comes_back(replicated):
     status, body = replicated.post("/predict", {"prompt": [f"while one is down {i}" for i in range(20)]})
     assert status == 200 and body["response"] == ["GPU"] * 20  # the other replica answered all
     metrics = scrape_metrics(replicated.metrics_url)
-    # The generator sets engine_up before it publishes the state /info reads (health follows
-    # that state only at the shim's next poll): still down in /info after the scrape, so down in it.
+    # The generator sets engine_up before it publishes the state that /info reads (health
+    # follows that state only at the shim's next poll): if /info, read after the scrape, still
+    # says down, the scrape must say down too.
     if not replicated.get("/info")[1]["replicas"][1]["ready"]:
         assert per_replica(metrics, "llm_generator_engine_up") == [1, 0]
     waited(lambda: replicated.health() == "ok", 240, "health back to ok")
