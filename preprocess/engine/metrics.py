@@ -115,6 +115,7 @@ class ReplicaFigures:
     def __init__(self, families: dict, replica: int, histograms: bool):
         labels = {"replica": str(replica)}
         self.labels = labels
+        self._families = families  # for the labelled metrics made on first use
         self.kv = KvCacheGauge()
         self.tokens_seen = 0
         self.requests_seen = 0
@@ -131,7 +132,7 @@ class ReplicaFigures:
         self.buckets: dict[str, object] = {}  # by max_new_tokens
         self.streams: dict[str, object] = {}  # by outcome
 
-    def apply(self, tally: Tally, families: dict) -> None:
+    def apply(self, tally: Tally) -> None:
         """Sends what `tally` adds. Each figure is its own round trip to the server, so a
         scrape can fall between two; the order is the guarantee: the figure that says a
         request was counted comes after that request's other figures.
@@ -142,7 +143,7 @@ class ReplicaFigures:
         if tally.submissions:
             self.submissions.increment(tally.submissions)
         for limit, count in tally.buckets.items():
-            self._labelled(self.buckets, families["buckets"], "max_new_tokens", str(limit)).increment(count)
+            self._labelled(self.buckets, "buckets", "max_new_tokens", str(limit)).increment(count)
         if tally.prompts:
             self.prompts.increment(tally.prompts)
         if tally.answers:
@@ -160,12 +161,12 @@ class ReplicaFigures:
                         if value is not None:
                             histogram.observe(value)
         for outcome, count in tally.outcomes.items():
-            self._labelled(self.streams, families["streams"], "outcome", outcome).increment(count)
+            self._labelled(self.streams, "streams", "outcome", outcome).increment(count)
 
-    def _labelled(self, metrics: dict, family, label: str, value: str):
+    def _labelled(self, metrics: dict, family: str, label: str, value: str):
         """The Metric of `family` with this replica's labels plus `label`=`value`, made once."""
         if value not in metrics:
-            metrics[value] = family.Metric(labels={**self.labels, label: value})
+            metrics[value] = self._families[family].Metric(labels={**self.labels, label: value})
         return metrics[value]
 
     def update_kv(self) -> None:
@@ -277,7 +278,7 @@ class GeneratorMetrics:
             else:
                 tally.answers.extend(payload)
         for replica, tally in tallies.items():
-            self._replicas[replica].apply(tally, self._families)
+            self._replicas[replica].apply(tally)
 
     def set_engine_up(self, up: bool, replica: int = 0) -> None:
         """Called from the watchdog thread: under the lock, as close() may be emptying the families."""
