@@ -6,13 +6,13 @@ server tests scrape the same figures from a real Triton (tests/test_metrics.py).
 """
 from __future__ import annotations
 
-import time
 
 import pytest
 
 from preprocess.engine.generation import GenerationItem, GenerationResult
 from preprocess.engine.metrics import GeneratorMetrics
 from preprocess.sampling import SamplingSettings
+from tests.conftest import wait_for
 
 
 class RecordedMetric:
@@ -158,9 +158,7 @@ def test_a_failed_update_does_not_end_the_figures(recorded, caplog):
     with caplog.at_level("WARNING"):
         pb_utils.broken = True
         metrics.submitted([item(8)], groups=1)
-        deadline = time.monotonic() + 60  # until the metrics thread has met the fault (a bound, not a timing)
-        while "could not update the metrics" not in caplog.text and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: "could not update the metrics" in caplog.text, 60)  # the metrics thread met the fault
         assert "Failed to increment metric value" in caplog.text
         pb_utils.broken = False
         metrics.submitted([item(8), item(8)], groups=1)

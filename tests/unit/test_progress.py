@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import logging
-import time
 
 import pytest
 
 from preprocess.progress import Heartbeat
+from tests.conftest import wait_for
 
 
 def test_heartbeat_logs_while_running_and_at_the_end(caplog):
@@ -17,9 +17,7 @@ def test_heartbeat_logs_while_running_and_at_the_end(caplog):
         return sum("still running" in r.getMessage() for r in caplog.records)
 
     with Heartbeat(logging.getLogger("t"), "work", every_s=0.02, status=lambda: f"{counter['n']} done"):
-        deadline = time.monotonic() + 60  # a bound on the wait: the work lasts until two beats
-        while beats_so_far() < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: beats_so_far() >= 2, 60)  # the work lasts until two beats
         counter["n"] = 5
     lines = [r.getMessage() for r in caplog.records]
     beats = [line for line in lines if "still running" in line]
