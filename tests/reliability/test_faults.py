@@ -16,7 +16,7 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import request_outcome, run_threads
+from tests.conftest import request_outcome, run_threads, wait_for
 
 pytestmark = [pytest.mark.server, pytest.mark.faults]
 
@@ -25,11 +25,8 @@ PROMPTS_PER_REQUEST = 8
 
 def seconds_until(server, wanted, since: float, deadline: float) -> float | None:
     """Seconds from `since` until health says what `wanted` accepts; None past the deadline."""
-    while time.monotonic() < deadline:
-        if wanted(server.health()):
-            return time.monotonic() - since
-        time.sleep(0.1)
-    return None
+    return wait_for(lambda: time.monotonic() - since if wanted(server.health()) else None,
+                    deadline - time.monotonic())
 
 
 def fire_during(server, kill, clients=4):

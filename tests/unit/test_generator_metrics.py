@@ -6,7 +6,6 @@ server tests scrape the same figures from a real Triton (tests/test_metrics.py).
 """
 from __future__ import annotations
 
-
 import pytest
 
 from preprocess.engine.generation import GenerationItem, GenerationResult
