@@ -127,6 +127,20 @@ class ChatFormatter:
         """[system, user] prompts: texts and token ids, every text tokenized as plain text."""
         return self.format_conversations([[("system", system), ("user", q)] for q in questions], tokenize)
 
+    def count_tokens(self, conversations: Sequence[Messages]) -> list[int]:
+        """How many token ids format_conversations gives each conversation, without building
+        them: each distinct text is counted once (a judge batch repeats one system prompt)."""
+        if self.tokenizer is None:  # plain prompts: UTF-8 bytes, a bound on any byte-level tokenizer
+            return [len(self._renderer(list(messages)).encode("utf-8", "surrogatepass")) for messages in conversations]
+        distinct = list(dict.fromkeys(text for messages in conversations for _, text in messages))
+        encoded = self.tokenizer(distinct, add_special_tokens=False, split_special_tokens=True).input_ids
+        lengths = dict(zip(distinct, map(len, encoded)))
+        counts = []
+        for messages in conversations:
+            own = self.piece_ids(self.pieces(tuple(role for role, _ in messages)))
+            counts.append(sum(map(len, own)) + sum(lengths[text] for _, text in messages))
+        return counts
+
     def format_conversations(self, conversations: Sequence[Messages], tokenize: bool = True) -> list[FormattedPrompt]:
         # All message texts of the batch in one tokenizer call (the fast tokenizer batches).
         flat = [text for messages in conversations for _, text in messages]

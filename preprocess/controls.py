@@ -13,6 +13,7 @@ import json
 from typing import Any, Mapping, Sequence
 
 from .contract import InvalidRequest
+from .grammar.limits import check_schema_cost
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 256
@@ -71,6 +72,7 @@ def structured_output(response_format: Mapping[str, Any] | None) -> str:
         schema = spec.get("schema") if isinstance(spec, Mapping) else None
         if not isinstance(schema, Mapping):
             raise InvalidRequest("response_format.json_schema.schema must be a JSON schema object")
+        check_schema_cost(schema)
         canonical = json.dumps({"json": schema}, ensure_ascii=False, sort_keys=True)
         if len(canonical) > MAX_RESPONSE_FORMAT_CHARS:
             raise InvalidRequest(f"response_format's schema has {len(canonical)} characters; "
@@ -94,4 +96,6 @@ def structured_output_kwargs(text: str) -> dict[str, Any] | None:
         raise InvalidRequest('RESPONSE_FORMAT must be {"json": schema} or {"json_object": true}')
     if "json" in kwargs and not isinstance(kwargs["json"], dict):
         raise InvalidRequest("RESPONSE_FORMAT's json schema must be an object")
+    if "json" in kwargs:
+        check_schema_cost(kwargs["json"], "RESPONSE_FORMAT's schema")
     return kwargs

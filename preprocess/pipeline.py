@@ -15,6 +15,7 @@ from . import controls
 from .chat import ChatFormatter
 from .cleanup import clean_answer
 from .contract import NOT_SET
+from .grammar.sandbox import GrammarSandbox
 from .conversation import last_user_text, messages_from_tensor, with_system_prompt
 from .routing import Route, RoutingDecision, decide, log_buckets
 from .sampling import OVERRIDE_NAMES, InvalidRequest, SamplingSettings, resolve
@@ -58,6 +59,7 @@ class PreprocessStage:
         self.default_system_prompt = settings.chat.system_prompt
         self.tokenizer = tokenizer
         self.formatter = ChatFormatter(tokenizer, settings.chat.fast_chat_template)
+        self.grammar = GrammarSandbox(tokenizer, settings.grammar.check_memory_mb, settings.grammar.check_timeout_s)
 
     def run(self, questions: Sequence[str], system_prompts: Sequence[str | None] | None = None,
             overrides: Mapping[str, Sequence[Any] | None] | None = None,
@@ -130,6 +132,7 @@ class PreprocessStage:
                            stop=controls.stop_from_tensor(rows.at(rows.stop, row, "")),
                            response_format=controls.structured_output_from_tensor(
                                rows.at(rows.response_format, row, "")))
+        self.grammar.check(sampling.response_format)
         return decision, sampling, turns
 
     def _verbatim(self, prompts: Sequence[str | None]) -> list[tuple[str, list[int]]]:

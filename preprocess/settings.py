@@ -23,8 +23,8 @@ from .envparse import Env, SettingsError
 
 __all__ = [
     "SettingsError", "RoutingSettings", "CleanupSettings", "SamplingDefaults", "ChatSettings",
-    "WarmupSettings", "ShimSettings", "load_routing", "load_cleanup", "load_sampling",
-    "load_chat", "load_warmup", "load_shim", "batch_mode", "resolve_model_dir", "Settings", "load",
+    "WarmupSettings", "ShimSettings", "GrammarSettings", "load_routing", "load_cleanup", "load_sampling",
+    "load_chat", "load_warmup", "load_shim", "load_grammar", "batch_mode", "resolve_model_dir", "Settings", "load",
     "DEFAULT_SYSTEM_PROMPT", "SYSTEM_PROMPT_MAX_CHARS", "MAX_NEW_TOKENS_LIMIT",
 ]
 
@@ -161,6 +161,19 @@ def load_chat(environ: Mapping[str, str]) -> ChatSettings:
     )
 
 
+@dataclass(frozen=True)
+class GrammarSettings:
+    """The sandboxed compile of each response format (preprocess.grammar.sandbox)."""
+    check_memory_mb: int = 1024
+    check_timeout_s: float = 5.0
+
+
+def load_grammar(environ: Mapping[str, str]) -> GrammarSettings:
+    env = Env(environ)
+    return GrammarSettings(check_memory_mb=env.int("GRAMMAR_CHECK_MEMORY_MB", 1024, 64, 65536),
+                           check_timeout_s=env.float("GRAMMAR_CHECK_TIMEOUT_S", 5.0, 0.1, 600.0))
+
+
 WARMUP_NUM_SAMPLES_CAP_MAX = 8192
 WARMUP_REPEAT_MAX = 8
 
@@ -199,7 +212,8 @@ class ShimSettings:
     admin_token: str | None = field(default=None, repr=False)
     max_body_bytes: int = 8 * 1024 * 1024
     max_batch_prompts: int = 4096
-    max_request_tokens: int = 1_048_576  # prompts x choices x max tokens, per request
+    max_request_tokens: int = 1_048_576  # prompt tokens + choices x max new tokens, per request
+    max_queued_tokens: int = 4 * 1_048_576  # the same, over every request admitted and not yet answered
     request_timeout_s: float = 600.0
     header_timeout_s: float = 10.0  # the whole request head must arrive within this
     body_timeout_s: float = 30.0  # and the whole body within this
@@ -256,6 +270,7 @@ def load_shim(environ: Mapping[str, str]) -> ShimSettings:
         max_body_bytes=env.int("SHIM_MAX_BODY_BYTES", 8 * 1024 * 1024, 1024),
         max_batch_prompts=env.int("SHIM_MAX_BATCH_PROMPTS", 4096, 1),
         max_request_tokens=env.int("SHIM_MAX_REQUEST_TOKENS", 1_048_576, 1),
+        max_queued_tokens=env.int("SHIM_MAX_QUEUED_TOKENS", 4 * 1_048_576, 1),
         header_timeout_s=env.float("SHIM_HEADER_TIMEOUT_S", 10.0, 0.1),
         body_timeout_s=env.float("SHIM_BODY_TIMEOUT_S", 30.0, 0.1),
         max_header_bytes=env.int("SHIM_MAX_HEADER_BYTES", 64 * 1024, 1024),
@@ -306,7 +321,8 @@ PUBLIC_VARIABLES = (
     "VLLM_LOG_LEVEL", "VLLM_SCHEDULER_DEFAULTS", "VLLM_ASYNC_SCHEDULING", "VLLM_MAX_CUDAGRAPH_CAPTURE_SIZE",
     "VLLM_USE_V1", "VLLM_PLUGINS", "CUDA_VISIBLE_DEVICES", "VLLM_CPU_KVCACHE_SPACE",
     "PORT", "TRITON_HTTP_PORT", "TRITON_GRPC_PORT", "TRITON_METRICS_PORT", "SHIM_MAX_BODY_BYTES",
-    "SHIM_MAX_BATCH_PROMPTS", "SHIM_MAX_REQUEST_TOKENS", "SHIM_REQUEST_TIMEOUT_S", "SHIM_HEADER_TIMEOUT_S",
+    "SHIM_MAX_BATCH_PROMPTS", "SHIM_MAX_REQUEST_TOKENS", "SHIM_MAX_QUEUED_TOKENS", "GRAMMAR_CHECK_MEMORY_MB",
+    "GRAMMAR_CHECK_TIMEOUT_S", "SHIM_REQUEST_TIMEOUT_S", "SHIM_HEADER_TIMEOUT_S",
     "SHIM_BODY_TIMEOUT_S", "SHIM_MAX_HEADER_BYTES", "TRITON_HOME", "TRITON_URL", "DATA_PARALLEL_SIZE",
     "TRITON_BIND_ADDRESS", "TRITON_METRICS_ADDRESS", "VLLM_ENGINE_STATS", "ENGINE_FRONTEND",
     "VLLM_FAST_PENALTIES",
@@ -336,6 +352,7 @@ class Settings:
     model_dir: Path
     runtime_dir: Path | None  # LLM_RUNTIME_DIR: where generator and shim meet (preprocess.runtime)
     public_environment: Mapping[str, str]  # what GET /info may show
+    grammar: GrammarSettings = GrammarSettings()
 
     @property
     def largest_token_limit(self) -> int:
@@ -364,4 +381,5 @@ def load(environ: Mapping[str, str] | None = None, *, cwd: Path | None = None, m
         model_dir=resolve_model_dir(environ, cwd),
         runtime_dir=runtime_dir(environ),
         public_environment=MappingProxyType(public_environment(environ)),
+        grammar=load_grammar(environ),
     )

@@ -58,6 +58,13 @@ def unpad_token_ids(array: np.ndarray) -> list[list[int]]:
     return [row[row != PAD_ID].tolist() for row in np.atleast_2d(array)]
 
 
+def request_fault(stage: str, exc: BaseException) -> str:
+    """The 400 message for an exception a request's content caused in a stateless stage:
+    what it was, in text that is always valid UTF-8 (the content may not be)."""
+    text = f"{stage} could not handle this request: {type(exc).__name__}: {exc}"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")[:1000]
+
+
 def answer_each(requests: Sequence, answer, invalid, internal) -> list:
     """One response per request of a dynamic batch: a request that fails gets its own error
     response (`invalid(exc)` for bad input, `internal(exc)` for anything else) and the

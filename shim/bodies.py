@@ -10,6 +10,7 @@ FastAPI cannot infer from a handler that reads `Request` itself.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -143,35 +144,55 @@ class CompletionRequest(OpenAIParams):
         return self.logprobs
 
 
-def depth_over(data: Any, limit: int) -> bool:
-    """Whether JSON data nests deeper than `limit` (iterative: no recursion to exhaust)."""
-    stack = [(data, 1)]
+def json_path(parts: tuple) -> str:
+    """`messages[0].content` for ("messages", 0, "content")."""
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "body"
+
+
+def json_problem(data: Any, limit: int) -> str | None:
+    """Why parsed JSON cannot be served: nesting deeper than `limit`, or a string (a key or
+    a value, anywhere) that is not UTF-8 text: JSON allows lone surrogates ("\\ud800"),
+    which no later stage can encode. Iterative: no recursion for a hostile depth."""
+    stack: list[tuple[Any, int, tuple]] = [(data, 1, ())]
     while stack:
-        node, depth = stack.pop()
-        if isinstance(node, (list, dict)):
+        node, depth, path = stack.pop()
+        if isinstance(node, str):
+            if not node.isascii():
+                try:
+                    node.encode("utf-8")
+                except UnicodeEncodeError:
+                    return f"{json_path(path)} is not valid UTF-8 text (a lone surrogate)"
+        elif isinstance(node, (list, dict)):
             if depth > limit:
-                return True
-            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
-    return False
+                return f"invalid JSON: nested more than {limit} levels deep"
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    stack.append((key, depth, path + (f"{key!r} (a key)",)))
+                    stack.append((value, depth + 1, path + (key,)))
+            else:
+                stack.extend((value, depth + 1, path + (index,)) for index, value in enumerate(node))
+    return None
 
 
-async def parse_body(request: Request, model: type[BaseModel]):
-    """The JSON body as `model`; errors name the field at fault."""
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type != "application/json":
-        raise ApiError(415, f"the body must be application/json, got {media_type or 'no content-type'!r}")
-    try:
-        raw = await request.body()
-    except ClientDisconnect:
-        raise ClientGone() from None
+# Bodies larger than this are decoded and validated on a worker thread: an 8 MiB list of
+# prompts takes the event loop about a second, and every other client would wait for it.
+OFF_LOOP_BODY_BYTES = 64 * 1024
+
+
+def decode_body(raw: bytes, model: type[BaseModel]):
+    """The body as `model`, or ApiError naming the problem (see parse_body)."""
     try:
         data = json.loads(raw)
     except RecursionError:
         raise ApiError(400, f"invalid JSON: nested more than {JSON_MAX_DEPTH} levels deep") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"invalid JSON: {exc}") from None
-    if depth_over(data, JSON_MAX_DEPTH):
-        raise ApiError(400, f"invalid JSON: nested more than {JSON_MAX_DEPTH} levels deep")
+    problem = json_problem(data, JSON_MAX_DEPTH)
+    if problem is not None:
+        raise ApiError(400, problem)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -184,6 +205,20 @@ async def parse_body(request: Request, model: type[BaseModel]):
         raise ApiError(422, describe_validation(errors)) from None
 
 
+async def parse_body(request: Request, model: type[BaseModel]):
+    """The JSON body as `model`; errors name the field at fault."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise ApiError(415, f"the body must be application/json, got {media_type or 'no content-type'!r}")
+    try:
+        raw = await request.body()
+    except ClientDisconnect:
+        raise ClientGone() from None
+    if len(raw) > OFF_LOOP_BODY_BYTES:
+        return await asyncio.to_thread(decode_body, raw, model)
+    return decode_body(raw, model)
+
+
 def describe_validation(errors: list[dict]) -> str:
     """One line naming the field (and list index) at fault."""
     problems = []
@@ -194,36 +229,18 @@ def describe_validation(errors: list[dict]) -> str:
     return "; ".join(dict.fromkeys(problems)) or "invalid request"
 
 
-def first_non_text(texts) -> int | None:
-    """Index of the first string that cannot be UTF-8 (JSON allows lone surrogates)."""
-    for index, text in enumerate(texts):
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            return index
-    return None
-
-
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask for (SHIM_MAX_BATCH_PROMPTS, SHIM_MAX_REQUEST_TOKENS).
-
-    The work budget counts prompts x choices x the token limit, where a request with no
-    limit of its own is counted at the largest routing limit: a request over it would hold
-    the engine for minutes while every other client waits.
-    """
+    """What one request may ask for: SHIM_MAX_BATCH_PROMPTS rows, and SHIM_MAX_REQUEST_TOKENS
+    of work (shim.budget), where a request with no token limit of its own is counted at
+    the largest routing limit."""
     max_batch_prompts: int
     max_request_tokens: int
     default_max_tokens: int
 
-    def admit(self, prompts: list[str], overrides: dict[str, Any], choices: int = 1,
-              field: str = "prompt", indexed: bool = True) -> dict[str, Any]:
+    def admit(self, overrides: dict[str, Any], prompts: int, choices: int = 1) -> dict[str, Any]:
         """The overrides as the ensemble gets them (max_new_tokens clipped to 1..4096, as
         the replaced service did), or ApiError naming what is out of range or over a limit."""
-        broken = first_non_text(prompts)
-        if broken is not None:
-            where = f"{field}[{broken}]" if indexed else field
-            raise ApiError(400, f"{where} is not valid UTF-8 text (a lone surrogate)")
         values = {k: v for k, v in overrides.items() if v is not None}
         if "max_new_tokens" in values:
             values["max_new_tokens"] = clip(values["max_new_tokens"], 1, MAX_NEW_TOKENS_LIMIT)
@@ -231,16 +248,14 @@ class Limits:
             check_settings(values)
         except OutOfRange as exc:
             raise ApiError(400, str(exc)) from None
-        rows = len(prompts) * choices
+        rows = prompts * choices
         if rows > self.max_batch_prompts:
             raise ApiError(413, f"the request has {rows} prompts (x choices); the limit is "
                                 f"{self.max_batch_prompts} (SHIM_MAX_BATCH_PROMPTS)")
-        tokens = rows * values.get("max_new_tokens", self.default_max_tokens)
-        if tokens > self.max_request_tokens:
-            raise ApiError(413, f"the request asks for up to {tokens} new tokens ({rows} prompts x choices x "
-                                f"{values.get('max_new_tokens', self.default_max_tokens)}); the limit is "
-                                f"{self.max_request_tokens} (SHIM_MAX_REQUEST_TOKENS)")
         return values
+
+    def new_tokens(self, values: dict[str, Any]) -> int:
+        return values.get("max_new_tokens", self.default_max_tokens)
 
 
 def json_body(model: type[BaseModel]) -> dict[str, Any]:

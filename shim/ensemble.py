@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -113,16 +114,57 @@ def map_triton_error(exc: InferenceServerException) -> EnsembleError:
     return EnsembleError(502, f"model server error: {message}")
 
 
+def read_answers(result, wanted: Sequence[str]) -> list[Answer]:
+    """The ensemble's output tensors as answers; `wanted`: the optional outputs asked for."""
+    texts = [t.decode("utf-8", "replace") for t in result.as_numpy("answer").reshape(-1)]
+    prompt_tokens = result.as_numpy("prompt_tokens").reshape(-1).tolist()
+    completion_tokens = result.as_numpy("completion_tokens").reshape(-1).tolist()
+    reasons = [r.decode() for r in result.as_numpy("finish_reason").reshape(-1)]
+    count = len(texts)
+    logprobs = ([json.loads(t) if t else None for t in result.as_numpy("logprobs").reshape(-1)]
+                if "logprobs" in wanted else [None] * count)
+    prompt_ids = ([row[row != PAD_ID].tolist() for row in result.as_numpy("prompt_ids")]
+                  if "prompt_ids" in wanted else [None] * count)
+    return [Answer(*row) for row in zip(texts, prompt_tokens, completion_tokens, reasons, logprobs, prompt_ids)]
+
+
+ROW_IN_MESSAGE = re.compile(r"^prompt (\d+)\b")  # every stage names a bad row "prompt N" first
+
+
+def renumber_prompt(message: str, offset: int) -> str:
+    """"prompt 188: ..." of a chunk starting at row 512 as "prompt 700: ..."."""
+    return ROW_IN_MESSAGE.sub(lambda m: f"prompt {int(m.group(1)) + offset}", message, count=1) if offset else message
+
+
+async def first_failure_ends_all(calls) -> list:
+    """The results of `calls` run together, in order; the first failure cancels the rest
+    (which aborts their generations: see EnsembleClient._infer) and is raised."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            task.cancel()  # a no-op on those done; the rest were failed or abandoned by our caller
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()
+    return [task.result() for task in tasks]
+
+
 class EnsembleClient:
     def __init__(self, url: str, max_batch_size: int = MAX_BATCH_SIZE, timeout_s: float = 600.0,
                  cancel_markers: CancelMarkers | None = None):
         self.url = url
         self.cancel_markers = cancel_markers or CancelMarkers(None)
-        # Server-side failures since the last success: a stub that died leaves Triton
-        # "ready" while every request fails, which only a restart repairs (see ShimState).
-        self.failures_in_a_row = 0
+        # A stub that died leaves Triton "ready" while every request fails, which only a
+        # restart repairs. A client's 5xx only makes the server `suspect`; what counts toward
+        # a restart is the shim's own probes failing (ShimState), never a client's answers,
+        # which any stranger can make fail.
+        self.suspect = False
+        self.failures_in_a_row = 0  # failed probes since the last success
         self.first_failure_at: float | None = None
-        self.on_failure = None  # called for each failure counted toward a restart (a metric)
+        self.on_failure = None  # called for each model failure a client or a probe met (a metric)
         self.max_batch_size = max_batch_size
         self.timeout_s = timeout_s
         self._client: triton_http.InferenceServerClient | None = None
@@ -153,9 +195,10 @@ class EnsembleClient:
         if not prompts:
             return []
         chunks = even_chunks(prompts, self.max_batch_size)
-        results = await asyncio.gather(*(
-            self._call(build_inputs(chunk, system_prompt, overrides or {}, row_input, texts), outputs)
-            for chunk in chunks))
+        offsets = [sum(len(c) for c in chunks[:k]) for k in range(len(chunks))]
+        results = await first_failure_ends_all(
+            self._call(build_inputs(chunk, system_prompt, overrides or {}, row_input, texts), outputs, offset)
+            for chunk, offset in zip(chunks, offsets))
         answers = [answer for chunk in results for answer in chunk]
         if len(answers) != len(prompts):  # a server bug, never passed on as a shorter list
             raise EnsembleError(502, f"the model server returned {len(answers)} answers for {len(prompts)} prompts")
@@ -173,19 +216,17 @@ class EnsembleClient:
             "prompt_tokens": int((ids != PAD_ID).sum()),
         }
 
-    async def _call(self, inputs: list, extra_outputs: Sequence[str]) -> list[Answer]:
+    async def _call(self, inputs: list, extra_outputs: Sequence[str], offset: int = 0) -> list[Answer]:
+        """One chunk's answers; an error about one of its rows names the row's index in the
+        whole request (the chunk starts at `offset`)."""
         wanted = [name for name in OPTIONAL_OUTPUTS if name in extra_outputs]
-        result = await self._infer(ENSEMBLE, inputs, (*OUTPUTS, *wanted))
-        texts = [t.decode("utf-8", "replace") for t in result.as_numpy("answer").reshape(-1)]
-        prompt_tokens = result.as_numpy("prompt_tokens").reshape(-1).tolist()
-        completion_tokens = result.as_numpy("completion_tokens").reshape(-1).tolist()
-        reasons = [r.decode() for r in result.as_numpy("finish_reason").reshape(-1)]
-        count = len(texts)
-        logprobs = ([json.loads(t) if t else None for t in result.as_numpy("logprobs").reshape(-1)]
-                    if "logprobs" in wanted else [None] * count)
-        prompt_ids = ([row[row != PAD_ID].tolist() for row in result.as_numpy("prompt_ids")]
-                      if "prompt_ids" in wanted else [None] * count)
-        return [Answer(*row) for row in zip(texts, prompt_tokens, completion_tokens, reasons, logprobs, prompt_ids)]
+        try:
+            result = await self._infer(ENSEMBLE, inputs, (*OUTPUTS, *wanted))
+        except EnsembleError as exc:
+            raise EnsembleError(exc.status, renumber_prompt(exc.message, offset)) from None
+        if "logprobs" in wanted:  # megabytes of JSON per row: decoded off the event loop
+            return await asyncio.to_thread(read_answers, result, wanted)
+        return read_answers(result, wanted)
 
     async def _infer(self, model: str, inputs: list, output_names: Sequence[str]):
         outputs = [triton_http.InferRequestedOutput(name) for name in output_names]
@@ -196,7 +237,9 @@ class EnsembleClient:
         except InferenceServerException as exc:
             error = map_triton_error(exc)
             if error.status == 502:  # a model failed; 503 (restarting, unavailable) heals by itself
-                self._failed()
+                self.suspect = True
+                if self.on_failure is not None:
+                    self.on_failure()
             raise error from None
         except asyncio.CancelledError:
             # Our caller is gone; Triton's HTTP frontend will not tell the model, so we do.
@@ -204,15 +247,14 @@ class EnsembleClient:
             raise
         except Exception as exc:  # connection refused/reset: the server is down or restarting
             raise EnsembleError(503, f"the model server is unavailable ({type(exc).__name__}: {exc})") from None
-        self.reset_failures()
+        if model == ENSEMBLE:  # the whole chain answered: nothing of it is dead
+            self.reset_failures()
         return result
 
     def reset_failures(self) -> None:
-        self.failures_in_a_row, self.first_failure_at = 0, None
+        self.suspect, self.failures_in_a_row, self.first_failure_at = False, 0, None
 
-    def _failed(self) -> None:
-        if self.on_failure is not None:
-            self.on_failure()
+    def probe_failed(self) -> None:
         self.failures_in_a_row += 1
         if self.first_failure_at is None:
             self.first_failure_at = time.monotonic()

@@ -11,18 +11,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 class ApiError(Exception):
     """A request that ends in an error; `status` is what the client gets."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}  # Retry-After with a 429
 
 
 class ClientGone(Exception):
     """The client closed the connection before its request was read or answered."""
 
 
-def error(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": message, **extra})
+def error(status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": message, **extra}, headers=headers)
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -30,7 +31,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
-        return error(exc.status, exc.message)
+        return error(exc.status, exc.message, exc.headers)
 
     @app.exception_handler(ClientGone)
     async def client_gone(request: Request, exc: ClientGone):

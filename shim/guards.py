@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import time
 
 from fastapi.responses import Response
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.routing import Match
 
@@ -39,6 +40,9 @@ class ShimMetrics:
         self.model_failures = Counter("llm_shim_model_failures_total",
                                       "Failed model calls counted toward restarting a dead tritonserver",
                                       registry=self.registry)
+        self.queued_tokens = Gauge("llm_shim_queued_tokens",
+                                   "Tokens of work admitted and not yet answered (SHIM_MAX_QUEUED_TOKENS bounds it)",
+                                   registry=self.registry)
         self.server_restarts = Counter("llm_shim_server_restarts_total",
                                        "tritonserver restarts asked by the shim (every request failing)",
                                        registry=self.registry)
@@ -54,6 +58,19 @@ def route_template(routes, scope) -> str:
         if match is Match.FULL:
             return getattr(route, "path", "unmatched")
     return "unmatched"
+
+
+def from_loopback(scope) -> bool:
+    """Whether the peer is this host: 127.0.0.0/8, ::1 (IPv4-mapped too), or a Unix socket."""
+    client = scope.get("client")
+    if not client:
+        return True  # a Unix socket: only this host can connect
+    try:
+        address = ipaddress.ip_address(client[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
 
 
 class BodyRefused(Exception):
@@ -120,10 +137,14 @@ class Guards:
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             return error(413, f"request body of {length} bytes is over the limit of "
                               f"{self.max_body_bytes} (SHIM_MAX_BODY_BYTES)"), receive
-        if self.admin_token and (scope["method"], scope["path"]) in ADMIN_ROUTES:
-            given = headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.admin_token}".encode()):
-                return error(401, "this route needs Authorization: Bearer <SHIM_ADMIN_TOKEN>"), receive
+        if (scope["method"], scope["path"]) in ADMIN_ROUTES:
+            if self.admin_token:
+                given = headers.get("authorization", "")
+                if not hmac.compare_digest(given.encode(), f"Bearer {self.admin_token}".encode()):
+                    return error(401, "this route needs Authorization: Bearer <SHIM_ADMIN_TOKEN>"), receive
+            elif not from_loopback(scope):
+                return error(403, "this route answers only on this host while SHIM_ADMIN_TOKEN is not set; "
+                                  "set it to change the server from elsewhere"), receive
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return None, receive
         body = await self._read_body(receive)

@@ -3,6 +3,7 @@ run-time system prompt. Every route reaches it through `shim_state(request)`."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import Any, AsyncIterator, Mapping
@@ -10,19 +11,24 @@ from typing import Any, AsyncIterator, Mapping
 from fastapi import Request
 
 from preprocess import settings as cfg
+from preprocess.contract import InvalidRequest
 from preprocess.progress import Heartbeat
 from preprocess.runtime import CancelMarkers, GeneratorState
 from preprocess.warmup import warmup_prompts
 
 from .bodies import Limits
+from .budget import PromptCounter, WorkLedger, check_request_work
 from .ensemble import Answer, EnsembleClient, EnsembleError
-from .errors import ClientGone
+from .errors import ApiError, ClientGone
 from .guards import ShimMetrics
 from .streaming import Piece, StreamClient
 
 log = logging.getLogger("shim")
 
 WARMUP_MAX_TOKENS = 8
+PROBE_TIMEOUT_S = 30
+# Requests with more text than this are counted on a worker thread, off the event loop.
+OFF_LOOP_CHARS = 64 * 1024
 
 
 class ShimState:
@@ -41,6 +47,9 @@ class ShimState:
                                     cancel_markers=self.client.cancel_markers)
         self.generator = GeneratorState(runtime)
         self.metrics = ShimMetrics()
+        # Byte counts (a bound) until the tokenizer is loaded, off the loop, before warm-up.
+        self.counter = PromptCounter(None)
+        self.ledger = WorkLedger(max(shim.max_queued_tokens, shim.max_request_tokens), self.metrics.queued_tokens.set)
         self.client.on_failure = self.metrics.model_failures.inc
         self.restart_server = restart_server  # the supervisor's restart, under ./build.sh serve
         self.ready = False
@@ -53,19 +62,41 @@ class ShimState:
     def batch_mode(self) -> bool:
         return cfg.batch_mode(self.live_environ)
 
-    async def generate(self, request: Request, prompts: list[str], overrides: dict[str, Any],
-                       system_prompt: str | None = None, **options) -> list[Answer]:
-        """The ensemble's answers, for every generating route: a client that disconnects
-        first has its generation aborted (in vLLM, through the cancel markers). `options`
-        go to EnsembleClient.generate (row_input, texts, outputs)."""
-        work = self.client.generate(prompts, self.system_prompt if system_prompt is None else system_prompt,
-                                    overrides, **options)
-        return await run_until_disconnect(request, work)
+    async def admit(self, rows: list[str], overrides: dict[str, Any], choices: int = 1, row_input: str = "prompt",
+                    verbatim: bool = False) -> tuple[dict[str, Any], int]:
+        """The overrides as the ensemble gets them, and the request's work (shim.budget):
+        prompt tokens after the template, plus choices x new tokens. ApiError when a setting
+        is out of range or the request is over a limit."""
+        values = self.limits.admit(overrides, len(rows), choices)
+        counting = functools.partial(self.counter.count, rows, self.system_prompt, row_input, verbatim)
+        try:
+            counts = await asyncio.to_thread(counting) if sum(map(len, rows)) > OFF_LOOP_CHARS else counting()
+        except InvalidRequest as exc:
+            raise ApiError(400, str(exc)) from None
+        return values, check_request_work(counts, choices, self.limits.new_tokens(values),
+                                          self.limits.max_request_tokens)
 
-    def stream(self, prompt: str, overrides: dict[str, Any], **options) -> AsyncIterator[Piece]:
+    async def generate(self, request: Request, prompts: list[str], overrides: dict[str, Any], work: int,
+                       system_prompt: str | None = None, **options) -> list[Answer]:
+        """The ensemble's answers, for every generating route, while `work` is held in the
+        ledger (a 429 when it does not fit): a client that disconnects first has its
+        generation aborted (in vLLM, through the cancel markers). `options` go to
+        EnsembleClient.generate (row_input, texts, outputs)."""
+        with self.ledger.reserve(work):
+            answers = self.client.generate(prompts, self.system_prompt if system_prompt is None else system_prompt,
+                                           overrides, **options)
+            return await run_until_disconnect(request, answers)
+
+    async def stream(self, prompt: str, overrides: dict[str, Any], work: int, **options) -> AsyncIterator[Piece]:
         """One answer's pieces from llm_stream (see StreamClient.stream), with the system
-        prompt of the moment."""
-        return self.streams.stream(prompt, self.system_prompt, overrides, **options)
+        prompt of the moment; `work` is held in the ledger until the stream is closed."""
+        with self.ledger.reserve(work):
+            pieces = self.streams.stream(prompt, self.system_prompt, overrides, **options)
+            try:
+                async for piece in pieces:
+                    yield piece
+            finally:
+                await pieces.aclose()
 
     async def monitor(self) -> None:
         """Follows the ensemble: warm up whenever it (re)appears, fall back to warming when it
@@ -75,13 +106,15 @@ class ShimState:
             if not generator_up or self.degraded:
                 # The generator is rebuilding an engine by itself: failures are not a dead server.
                 self.client.reset_failures()
-            if self.restart_server is not None and self.client.persistently_failing():
-                log.error("every request fails although Triton says ready (%d in a row): restarting tritonserver",
-                          self.client.failures_in_a_row)
-                self.ready = False
-                self.client.reset_failures()
-                self.metrics.server_restarts.inc()
-                await asyncio.to_thread(self.restart_server)
+            if self.restart_server is not None and self.client.suspect:
+                await self._probe()
+                if self.client.persistently_failing():
+                    log.error("the shim's own probe request fails although Triton says ready (%d in a row): "
+                              "restarting tritonserver", self.client.failures_in_a_row)
+                    self.ready = False
+                    self.client.reset_failures()
+                    self.metrics.server_restarts.inc()
+                    await asyncio.to_thread(self.restart_server)
             up = generator_up and await self.client.ready()
             if not up and not self.ready:
                 self._report_waiting()
@@ -91,6 +124,21 @@ class ShimState:
                 log.warning("the ensemble is not ready any more; health says warming")
                 self.ready = False
             await asyncio.sleep(0.5)
+
+    async def _probe(self) -> None:
+        """After a model failure: one request of the shim's own (the warm-up prompt, one
+        token), whose input is known to be good. Only its failure counts toward a restart;
+        a probe that is merely slow (a busy engine) or meets a restarting engine (503)
+        proves nothing either way."""
+        try:
+            await asyncio.wait_for(self.client.generate([self.settings.warmup.prompt], self.system_prompt,
+                                                        {"max_new_tokens": 1}), PROBE_TIMEOUT_S)
+        except EnsembleError as exc:
+            if exc.status == 502:
+                log.warning("probe request failed: %s", exc.message)
+                self.client.probe_failed()
+        except asyncio.TimeoutError:
+            log.info("probe request unanswered after %d s (a busy engine); probing again", PROBE_TIMEOUT_S)
 
     @property
     def degraded(self) -> bool:
@@ -106,6 +154,8 @@ class ShimState:
 
     async def _warm_up(self) -> None:
         await self.client.read_max_batch_size()
+        if self.counter.tokenizer is None:
+            self.counter = await asyncio.to_thread(self._load_counter)
         prompts = warmup_prompts(self.settings.warmup)
         started = time.monotonic()
         try:
@@ -119,6 +169,12 @@ class ShimState:
             self.ready_after_s = time.monotonic() - self.started
         log.info("ready: warm-up took %.1f s, %.1f s since the shim started", time.monotonic() - started,
                  time.monotonic() - self.started)
+
+
+    def _load_counter(self) -> PromptCounter:
+        from preprocess.tokenizer import load_tokenizer
+
+        return PromptCounter(load_tokenizer(self.settings.model_dir), self.settings.chat.fast_chat_template)
 
 
 def shim_state(request: Request) -> ShimState:

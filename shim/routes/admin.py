@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from preprocess import settings as cfg
 
 from ..bodies import SystemPromptRequest, json_body, parse_body
+from ..ensemble import EnsembleError
 from ..errors import ApiError
 from ..state import shim_state
 
@@ -61,15 +62,38 @@ async def get_system_prompt(request: Request):
     return {"system_prompt": shim_state(request).system_prompt}
 
 
+# Room a system prompt must leave in the model length, beside the largest routing limit:
+# a question of this many tokens must still fit.
+QUESTION_ROOM_TOKENS = 256
+PROBE_QUESTION = "hi"
+
+
 @router.post("/system_prompt", openapi_extra=json_body(SystemPromptRequest))
 async def set_system_prompt(request: Request):
-    """Takes effect for the next request; each request carries exactly one prompt."""
+    """Takes effect for the next request; each request carries exactly one prompt. Stored
+    only once a test prompt with it has gone through the chat template and leaves room to
+    ask and answer, so no value can make every later request fail. "" restores the default."""
     state = shim_state(request)
     body = await parse_body(request, SystemPromptRequest)
     try:
-        state.system_prompt = cfg.validate_system_prompt(body.system_prompt)
+        wanted = cfg.validate_system_prompt(body.system_prompt) or state.settings.chat.system_prompt
     except ValueError as exc:
         raise ApiError(422, str(exc)) from None
+    try:
+        probe = await state.client.explain(PROBE_QUESTION, wanted, {"max_new_tokens": 1})
+    except EnsembleError as exc:
+        if exc.status < 500:
+            raise ApiError(422, f"system_prompt: a test prompt with it fails, so it was not stored: {exc.message}") \
+                from None
+        raise ApiError(503, f"system_prompt: cannot test it now ({exc.message}); not stored, retry shortly") from None
+    max_model_len = (state.generator.read() or {}).get("max_model_len")
+    needed = probe["prompt_tokens"] + state.limits.default_max_tokens + QUESTION_ROOM_TOKENS
+    if max_model_len and needed > max_model_len:
+        raise ApiError(422, f"system_prompt: with it a prompt starts at {probe['prompt_tokens']} tokens, which leaves "
+                            f"no room for a {QUESTION_ROOM_TOKENS}-token question and a "
+                            f"{state.limits.default_max_tokens}-token answer in the model length of "
+                            f"{max_model_len}; not stored")
+    state.system_prompt = wanted
     return {"system_prompt": state.system_prompt}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from ..bodies import PredictRequest, json_body, parse_body
+from ..render import HEAVY_REPLY_CHARS, json_reply
 from ..state import shim_state
 
 router = APIRouter()
@@ -28,6 +29,7 @@ async def predict(request: Request):
     state = shim_state(request)
     body = await parse_body(request, PredictRequest)
     prompts = body.prompts()
-    overrides = state.limits.admit(prompts, body.overrides(), indexed=isinstance(body.prompt, list))
-    texts = [a.text for a in await state.generate(request, prompts, overrides)]
-    return {"response": texts if isinstance(body.prompt, list) else texts[0]}
+    overrides, work = await state.admit(prompts, body.overrides())
+    texts = [a.text for a in await state.generate(request, prompts, overrides, work)]
+    return await json_reply(lambda: {"response": texts if isinstance(body.prompt, list) else texts[0]},
+                            heavy=sum(map(len, texts)) > HEAVY_REPLY_CHARS)

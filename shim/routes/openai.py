@@ -28,9 +28,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from ..state import run_until_disconnect, shim_state
-from ..bodies import ChatRequest, CompletionRequest, OpenAIParams, first_non_text, json_body, parse_body
+from ..bodies import ChatRequest, CompletionRequest, OpenAIParams, json_body, parse_body
 from ..ensemble import Answer
 from ..errors import ApiError
+from ..render import HEAVY_REPLY_CHARS, json_reply
 from ..streaming import Piece
 
 log = logging.getLogger("shim.openai")
@@ -45,6 +46,12 @@ def usage(answers: list[Answer], prompts: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
+def heavy(answers: list[Answer]) -> bool:
+    """Replies worth building off the event loop: logprobs (dozens of objects per token),
+    or much text."""
+    return any(a.logprobs for a in answers) or sum(len(a.text) for a in answers) > HEAVY_REPLY_CHARS
+
+
 def event(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -54,9 +61,9 @@ async def streamed(request: Request, body: OpenAIParams, row: str, row_input: st
     """SSE of one streamed answer: `chunk(piece, first)` makes each piece's chunk choice. The
     first piece is awaited before the response starts, so a refusal is still an HTTP error."""
     state = shim_state(request)
-    field = "messages" if row_input == "messages" else "prompt"
-    overrides = state.limits.admit([row], {**body.overrides(), **extra}, field=field, indexed=False)
-    pieces = state.stream(row, overrides, row_input=row_input, texts=body.texts())
+    overrides, work = await state.admit([row], {**body.overrides(), **extra}, row_input=row_input,
+                                        verbatim=bool(extra.get("verbatim")))
+    pieces = state.stream(row, overrides, work, row_input=row_input, texts=body.texts())
     first = await run_until_disconnect(request, anext(pieces))
     include_usage = body.stream_options is not None and body.stream_options.include_usage
 
@@ -108,14 +115,15 @@ def completion_logprobs(answer: Answer | Piece) -> dict | None:
             "top_logprobs": [dict(top) for _, _, top in answer.logprobs], "text_offset": offsets}
 
 
-async def generate(request: Request, rows: list[str], params: OpenAIParams, field: str, indexed: bool,
-                   row_input: str = "prompt", extra: dict[str, Any] | None = None) -> list[Answer]:
+async def generate(request: Request, rows: list[str], params: OpenAIParams, row_input: str = "prompt",
+                   extra: dict[str, Any] | None = None) -> list[Answer]:
     state = shim_state(request)
-    overrides = state.limits.admit(rows, {**params.overrides(), **(extra or {})}, choices=params.n,
-                                   field=field, indexed=indexed)
+    extra = extra or {}
+    overrides, work = await state.admit(rows, {**params.overrides(), **extra}, choices=params.n,
+                                        row_input=row_input, verbatim=bool(extra.get("verbatim")))
     outputs = (("logprobs",) if overrides.get("top_logprobs") is not None else ()) + \
         (("prompt_ids",) if params.return_token_ids else ())
-    return await state.generate(request, [r for r in rows for _ in range(params.n)], overrides,
+    return await state.generate(request, [r for r in rows for _ in range(params.n)], overrides, work,
                                 row_input=row_input, texts=params.texts(), outputs=outputs)
 
 
@@ -131,9 +139,6 @@ async def chat(request: Request):
     model_name = shim_state(request).settings.model_dir.name
     if not any(m.role == "user" for m in body.messages):
         raise ApiError(422, "messages: no message with role 'user'")
-    broken = first_non_text([m.content for m in body.messages])
-    if broken is not None:
-        raise ApiError(400, f"messages[{broken}].content is not valid UTF-8 text (a lone surrogate)")
     conversation = json.dumps([{"role": m.role, "content": m.content} for m in body.messages], ensure_ascii=False)
     body.check_stream(1)
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -144,13 +149,17 @@ async def chat(request: Request):
 
         head = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model_name}
         return await streamed(request, body, conversation, "messages", {}, chat_chunk, head)
-    answers = await generate(request, [conversation], body, field="messages", indexed=False, row_input="messages")
-    extra = {"prompt_token_ids": answers[0].prompt_ids} if body.return_token_ids else {}
-    return {"id": ident, "object": "chat.completion", "created": created, "model": model_name,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": a.text},
-                         "logprobs": chat_logprobs(a), "finish_reason": a.finish_reason}
-                        for i, a in enumerate(answers)],
-            "usage": usage(answers, 1), **extra}
+    answers = await generate(request, [conversation], body, row_input="messages")
+
+    def reply() -> dict:
+        extra = {"prompt_token_ids": answers[0].prompt_ids} if body.return_token_ids else {}
+        return {"id": ident, "object": "chat.completion", "created": created, "model": model_name,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": a.text},
+                             "logprobs": chat_logprobs(a), "finish_reason": a.finish_reason}
+                            for i, a in enumerate(answers)],
+                "usage": usage(answers, 1), **extra}
+
+    return await json_reply(reply, heavy(answers))
 
 
 @router.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
@@ -167,10 +176,14 @@ async def completions(request: Request):
 
         head = {"id": ident, "object": "text_completion", "created": created, "model": model_name}
         return await streamed(request, body, prompts[0], "prompt", {"verbatim": True}, completion_chunk, head)
-    answers = await generate(request, prompts, body, field="prompt", indexed=isinstance(body.prompt, list),
-                             extra={"verbatim": True})
-    choices = [{"index": i, "text": a.text, "finish_reason": a.finish_reason, "logprobs": completion_logprobs(a),
-                **({"prompt_token_ids": a.prompt_ids} if body.return_token_ids else {})}
-               for i, a in enumerate(answers)]
-    return {"id": ident, "object": "text_completion", "created": created, "model": model_name,
-            "choices": choices, "usage": usage(answers, len(prompts))}
+    answers = await generate(request, prompts, body, extra={"verbatim": True})
+
+    def reply() -> dict:
+        choices = [{"index": i, "text": a.text, "finish_reason": a.finish_reason,
+                    "logprobs": completion_logprobs(a),
+                    **({"prompt_token_ids": a.prompt_ids} if body.return_token_ids else {})}
+                   for i, a in enumerate(answers)]
+        return {"id": ident, "object": "text_completion", "created": created, "model": model_name,
+                "choices": choices, "usage": usage(answers, len(prompts))}
+
+    return await json_reply(reply, heavy(answers))

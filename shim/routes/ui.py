@@ -33,7 +33,7 @@ async def page():
 async def explain(request: Request):
     state = shim_state(request)
     body = await parse_body(request, ExplainRequest)
-    overrides = state.limits.admit([body.prompt], body.overrides(), indexed=False)
+    overrides, _ = await state.admit([body.prompt], body.overrides())
     explained = await state.client.explain(body.prompt, state.system_prompt, overrides)
     try:
         check_prompt_length(0, explained["prompt_tokens"], (state.generator.read() or {}).get("max_model_len"))

@@ -24,7 +24,7 @@ def test_triton_errors_map_to_shim_statuses(status, message, expected):
 
 def test_a_shorter_answer_list_is_a_502_never_passed_on(monkeypatch):
     """A fault injected into one chunk's reply: a row goes missing; the client refuses the list."""
-    async def one_row_lost(self, inputs, extra_outputs):
+    async def one_row_lost(self, inputs, extra_outputs, offset=0):
         rows = inputs[0].shape()[0]  # the prompt tensor, [rows, 1]
         return [Answer("a", 1, 1, "length") for _ in range(rows)][1:]
 

@@ -53,14 +53,16 @@ class FailingTriton:
     ("500", "Failed to process the request(s) for model 'postprocess_0_0', message: Stub process "
             "'postprocess_0_0' is not healthy.", 502, True),
 ])
-def test_only_model_failures_count_toward_a_restart(status, message, shim_status, counted):
+def test_only_model_failures_make_the_server_suspect(status, message, shim_status, counted):
+    """A client's model failure only makes the shim probe; it never counts toward a restart."""
     client = EnsembleClient("127.0.0.1:1")
     client._client = FailingTriton(status, message)
     for _ in range(3):
         with pytest.raises(Exception) as caught:
             asyncio.run(client.generate(["q"]))
         assert caught.value.status == shim_status
-    assert client.failures_in_a_row == (3 if counted else 0)
+    assert client.suspect == counted
+    assert client.failures_in_a_row == 0 and not client.persistently_failing(count=1, seconds=0)
 
 
 def test_map_triton_error_strips_the_ensemble_prefix():

@@ -17,20 +17,23 @@ class TritonPythonModel:
         self.stage = PostprocessStage(load(os.environ))
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            def read(name):
-                return pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+        return io.answer_each(requests, self._one, self._invalid, self._fault)
 
-            try:
-                answers = self.stage.run(
-                    io.decode_strings(read("TEXT"), "TEXT"),
-                    io.decode_strings(read("ROUTE"), "ROUTE"),
-                    read("IS_CODE").reshape(-1).tolist(),
-                )
-            except ValueError as exc:
-                responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)))
-                continue
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("answer", io.encode_strings(answers))]))
-        return responses
+    def _one(self, request):
+        def read(name):
+            return pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+
+        answers = self.stage.run(io.decode_strings(read("TEXT"), "TEXT"), io.decode_strings(read("ROUTE"), "ROUTE"),
+                                 read("IS_CODE").reshape(-1).tolist())
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("answer", io.encode_strings(answers))])
+
+    @staticmethod
+    def _invalid(exc):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
+
+    @staticmethod
+    def _fault(request, exc):
+        # Clean-up keeps no state between requests: what fails here fails on this request's text.
+        log.exception("postprocess could not clean request %s", request.request_id())
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(io.request_fault("postprocess", exc),
+                                                                     pb_utils.TritonError.INVALID_ARG))

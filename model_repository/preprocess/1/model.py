@@ -39,8 +39,10 @@ class TritonPythonModel:
 
     @staticmethod
     def _internal(request, exc):
-        log.error("preprocess failed on request %s: %s: %s", request.request_id(), type(exc).__name__, exc)
-        return error_response("internal error in preprocess (see the server log)", pb_utils.TritonError.INTERNAL)
+        # The stage keeps no state between requests, so what fails here fails on this
+        # request's content: a 400, never a failure that looks like a dead server.
+        log.exception("preprocess could not prepare request %s", request.request_id())
+        return error_response(io.request_fault("preprocess", exc), pb_utils.TritonError.INVALID_ARG)
 
     def _one(self, request):
         prompts, messages = optional(request, "prompt"), optional(request, "messages")
