@@ -107,14 +107,7 @@ class ShimState:
                 # The generator is rebuilding an engine by itself: failures are not a dead server.
                 self.client.reset_failures()
             if self.restart_server is not None and self.client.suspect:
-                await self._probe()
-                if self.client.persistently_failing():
-                    log.error("the shim's own probe request fails although Triton says ready (%d in a row): "
-                              "restarting tritonserver", self.client.failures_in_a_row)
-                    self.ready = False
-                    self.client.reset_failures()
-                    self.metrics.server_restarts.inc()
-                    await asyncio.to_thread(self.restart_server)
+                await self.check_for_dead_server()
             up = generator_up and await self.client.ready()
             if not up and not self.ready:
                 self._report_waiting()
@@ -125,11 +118,24 @@ class ShimState:
                 self.ready = False
             await asyncio.sleep(0.5)
 
+    async def check_for_dead_server(self) -> bool:
+        """After a model failure: probe, and restart tritonserver when the probes have kept
+        failing (3 in a row over 5 s). Whether it restarted."""
+        await self._probe()
+        if not self.client.persistently_failing():
+            return False
+        log.error("the shim's own probe request fails although Triton says ready (%d in a row): "
+                  "restarting tritonserver", self.client.failures_in_a_row)
+        self.ready = False
+        self.client.reset_failures()
+        self.metrics.server_restarts.inc()
+        await asyncio.to_thread(self.restart_server)
+        return True
+
     async def _probe(self) -> None:
-        """After a model failure: one request of the shim's own (the warm-up prompt, one
-        token), whose input is known to be good. Only its failure counts toward a restart;
-        a probe that is merely slow (a busy engine) or meets a restarting engine (503)
-        proves nothing either way."""
+        """One request of the shim's own (the warm-up prompt, one token), whose input is
+        known to be good. Only its failure counts toward a restart; a probe that is merely
+        slow (a busy engine) or meets a restarting engine (503) proves nothing either way."""
         try:
             await asyncio.wait_for(self.client.generate([self.settings.warmup.prompt], self.system_prompt,
                                                         {"max_new_tokens": 1}), PROBE_TIMEOUT_S)

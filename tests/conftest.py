@@ -32,7 +32,8 @@ TINY_MODEL = ARTIFACTS / "tiny-llama-answers-gpu"
 TINY_MODEL_LEN = 1024  # tokens, prompt and answer together: vLLM ends an answer there ("length")
 TINY_ANSWER = " GPU"  # what the tiny model says, greedily, to any prompt: once per generated token
 LEAK_CANARY = "canary-secret-4b1d"
-SESSION_TOKEN_BUDGET = 16_000  # set as HF_TOKEN etc.; must never be echoed
+SESSION_TOKEN_BUDGET = 24_000  # SHIM_MAX_REQUEST_TOKENS of the session server
+SESSION_QUEUE_BUDGET = 60_000  # its SHIM_MAX_QUEUED_TOKENS
 
 
 _PORTS_GIVEN: set[int] = set()
@@ -299,8 +300,9 @@ def server_env(model_dir: Path, **extra: str) -> dict:
         "LLM_RUNTIME_DIR": tempfile.mkdtemp(prefix="llm-test-runtime-"),
         "MAX_NEW_TOKENS": "8", "MAX_NEW_TOKENS_CODE_SOFT": "8", "MAX_NEW_TOKENS_CODE": "8",
         # Bounds the work any one request (schemathesis's included) can ask of 2 cores:
-        # 16 prompts x 1000 tokens, a few seconds with the tiny model.
-        "SHIM_MAX_REQUEST_TOKENS": str(SESSION_TOKEN_BUDGET),
+        # 16 prompts x 1000 new tokens and their prompts, a few seconds with the tiny model;
+        # and what all requests in flight together may ask.
+        "SHIM_MAX_REQUEST_TOKENS": str(SESSION_TOKEN_BUDGET), "SHIM_MAX_QUEUED_TOKENS": str(SESSION_QUEUE_BUDGET),
         # Short door timeouts, so the tests that hold a request open finish quickly.
         "SHIM_HEADER_TIMEOUT_S": "3", "SHIM_BODY_TIMEOUT_S": "5",
     })

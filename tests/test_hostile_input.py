@@ -137,9 +137,9 @@ def test_no_redirect_built_from_the_host_header(server):
 
 
 def test_work_budget_refuses_oversized_requests_on_every_route(server):
-    over = SESSION_TOKEN_BUDGET // 100 + 1  # prompts x 100 tokens, just over the budget
+    """Counted as prompt tokens after the template plus prompts x n x new tokens."""
     cases = [
-        ("/predict", {"prompt": ["q"] * over, "max_new_tokens": 100}),
+        ("/predict", {"prompt": ["q"] * 200, "max_new_tokens": 100}),
         ("/v1/completions", {"prompt": "q", "n": 16, "max_tokens": SESSION_TOKEN_BUDGET // 16 + 1}),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "q"}], "n": 4,
                                   "max_tokens": SESSION_TOKEN_BUDGET // 4 + 1}),
@@ -147,9 +147,14 @@ def test_work_budget_refuses_oversized_requests_on_every_route(server):
     for route, body in cases:
         status, reply = server.post(route, body)
         assert status == 413 and "SHIM_MAX_REQUEST_TOKENS" in reply["error"], (route, reply)
-    # Just inside the budget is served.
-    status, reply = server.post("/predict", {"prompt": ["q"] * (over - 1), "max_new_tokens": 1})
-    assert status == 200 and len(reply["response"]) == over - 1
+    # One token over: the 413 counts the prompt's tokens as the engine gets them, once for n choices.
+    status, reply = server.post("/v1/completions", {"prompt": "q", "max_tokens": 1})
+    prompt_tokens, n = reply["usage"]["prompt_tokens"], 16
+    over = (SESSION_TOKEN_BUDGET - prompt_tokens) // n + 1
+    status, reply = server.post("/v1/completions", {"prompt": "q", "n": n, "max_tokens": over})
+    assert status == 413 and f"up to {prompt_tokens + n * over} tokens of work" in reply["error"], reply
+    status, reply = server.post("/v1/completions", {"prompt": "q", "n": n, "max_tokens": 1})
+    assert status == 200 and len(reply["choices"]) == n
 
 
 def test_openai_rows_count_prompts_times_n_against_the_prompt_limit(server):

@@ -37,8 +37,12 @@ def test_system_prompt_over_the_limit_is_refused_not_cut(server):
     status, body = server.post("/system_prompt", {"system_prompt": "长" * (limit + 1)})
     assert status == 422 and str(limit) in body["error"]
     assert server.get("/system_prompt")[1]["system_prompt"] == before
+    # At the character limit, but longer than the tiny model: refused too, by the model length.
     status, body = server.post("/system_prompt", {"system_prompt": "长" * limit})
-    assert status == 200 and len(body["system_prompt"]) == limit
+    assert status == 422 and "model length" in body["error"]
+    assert server.get("/system_prompt")[1]["system_prompt"] == before
+    status, body = server.post("/system_prompt", {"system_prompt": "长" * 100})
+    assert status == 200 and len(body["system_prompt"]) == 100
     assert server.post("/system_prompt", {"system_prompt": 5})[0] == 422
     server.post("/system_prompt", {"system_prompt": before})
 

@@ -84,3 +84,71 @@ def test_cancel_markers_guard_the_folder_and_stale_ones_are_swept(tmp_path):
     os.utime(tmp_path / "cancelled" / "answered-before-the-mark", (old, old))
     assert markers.sweep() == 1
     assert [p.name for p in (tmp_path / "cancelled").iterdir()] == ["fresh"]
+
+
+class ScriptedTriton:
+    """Fault injection: each infer takes the next outcome, an InferenceServerException to
+    raise (with Triton's real message for a dead stub) or None for one good answer."""
+
+    DEAD_STUB = ("Failed to process the request(s) for model 'postprocess_0_0', message: Stub process "
+                 "'postprocess_0_0' is not healthy.")
+
+    def __init__(self, outcomes):
+        self.outcomes = list(outcomes)
+
+    async def infer(self, *args, **kwargs):
+        outcome = self.outcomes.pop(0)
+        if outcome is not None:
+            raise InferenceServerException(outcome, status="500")
+        import numpy as np
+
+        answers = {"answer": [b"ok"], "prompt_tokens": [3], "completion_tokens": [1], "finish_reason": [b"length"]}
+
+        class Result:
+            def as_numpy(self, name):
+                return np.array(answers[name], dtype=np.object_ if name in ("answer", "finish_reason") else np.int32)
+        return Result()
+
+
+def shim_with(outcomes, restarts):
+    from preprocess import settings as cfg
+    from shim.state import ShimState
+
+    client = EnsembleClient("127.0.0.1:1")
+    client._client = ScriptedTriton(outcomes)
+    return ShimState(cfg.load({}), {}, client, restart_server=lambda: restarts.append(1))
+
+
+def test_client_failures_never_restart_when_the_probe_answers():
+    """Twenty requests that fail as a dead model would, each followed by the shim's probe,
+    which answers: the server is never restarted, however long it goes on."""
+    restarts = []
+    state = shim_with([ScriptedTriton.DEAD_STUB, None] * 20, restarts)
+
+    async def run():
+        for _ in range(20):
+            with pytest.raises(Exception):
+                await state.client.generate(["a client's request"])
+            assert state.client.suspect
+            state.client.first_failure_at = time.monotonic() - 60  # as if failing for a minute
+            assert not await state.check_for_dead_server()
+            assert not state.client.suspect
+    asyncio.run(run())
+    assert restarts == []
+
+
+def test_probes_that_keep_failing_restart_the_server():
+    """The positive control: a dead stub fails the probes too, and three failed probes over
+    five seconds restart tritonserver, once."""
+    restarts = []
+    state = shim_with([ScriptedTriton.DEAD_STUB] * 4, restarts)
+
+    async def run():
+        with pytest.raises(Exception):
+            await state.client.generate(["a client's request"])
+        assert not await state.check_for_dead_server()
+        assert not await state.check_for_dead_server()
+        state.client.first_failure_at -= 5  # the three failed probes span five seconds
+        assert await state.check_for_dead_server()
+    asyncio.run(run())
+    assert restarts == [1] and state.metrics.server_restarts._value.get() == 1
