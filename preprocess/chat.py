@@ -130,6 +130,8 @@ class ChatFormatter:
     def count_tokens(self, conversations: Sequence[Messages]) -> list[int]:
         """How many token ids format_conversations gives each conversation, without building
         them: each distinct text is counted once (a judge batch repeats one system prompt)."""
+        if not conversations:
+            return []
         if self.tokenizer is None:  # plain prompts: UTF-8 bytes, a bound on any byte-level tokenizer
             return [len(self._renderer(list(messages)).encode("utf-8", "surrogatepass")) for messages in conversations]
         distinct = list(dict.fromkeys(text for messages in conversations for _, text in messages))

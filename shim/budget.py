@@ -35,6 +35,8 @@ class PromptCounter:
               verbatim: bool = False) -> list[int]:
         """Per row: a question, a conversation (JSON, row_input "messages"), or a prompt as
         given (verbatim: the completions route)."""
+        if not rows:
+            return []
         if verbatim:
             if self.tokenizer is None:
                 return [len(row.encode("utf-8")) for row in rows]

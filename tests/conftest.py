@@ -33,7 +33,7 @@ TINY_MODEL_LEN = 1024  # tokens, prompt and answer together: vLLM ends an answer
 TINY_ANSWER = " GPU"  # what the tiny model says, greedily, to any prompt: once per generated token
 LEAK_CANARY = "canary-secret-4b1d"
 SESSION_TOKEN_BUDGET = 24_000  # SHIM_MAX_REQUEST_TOKENS of the session server
-SESSION_QUEUE_BUDGET = 60_000  # its SHIM_MAX_QUEUED_TOKENS
+SESSION_QUEUE_BUDGET = 70_000  # its SHIM_MAX_QUEUED_TOKENS: three 520-prompt batches fit
 
 
 _PORTS_GIVEN: set[int] = set()

@@ -141,8 +141,8 @@ def test_work_budget_refuses_oversized_requests_on_every_route(server):
     cases = [
         ("/predict", {"prompt": ["q"] * 200, "max_new_tokens": 100}),
         ("/v1/completions", {"prompt": "q", "n": 16, "max_tokens": SESSION_TOKEN_BUDGET // 16 + 1}),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "q"}], "n": 4,
-                                  "max_tokens": SESSION_TOKEN_BUDGET // 4 + 1}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "q"}], "n": 8,
+                                  "max_tokens": SESSION_TOKEN_BUDGET // 8 + 1}),
     ]
     for route, body in cases:
         status, reply = server.post(route, body)

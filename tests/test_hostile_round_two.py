@@ -10,6 +10,7 @@ import time
 import httpx
 import psutil
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from .conftest import SESSION_QUEUE_BUDGET, SESSION_TOKEN_BUDGET, engine_in_slices, request_outcome, run_threads, \
     scrape_metrics, wait_for
@@ -146,6 +147,51 @@ def test_twenty_hostile_requests_over_30_s_restart_nothing(server):
     assert server.health() == "ok"
 
 
+def user(text) -> list:
+    return [{"role": "user", "content": text}]
+
+
+# Every text field of every route, as a body around one text.
+TEXT_FIELDS = {
+    "/predict prompt": ("/predict", lambda t: {"prompt": t, "max_new_tokens": 1}),
+    "/predict prompt list": ("/predict", lambda t: {"prompt": ["ok", t], "max_new_tokens": 1}),
+    "/explain prompt": ("/explain", lambda t: {"prompt": t}),
+    "chat content": ("/v1/chat/completions", lambda t: {"messages": user(t), "max_tokens": 1}),
+    "chat system turn": ("/v1/chat/completions", lambda t: {"messages": [{"role": "system", "content": t},
+                                                                         *user("hi")], "max_tokens": 1}),
+    "chat stop": ("/v1/chat/completions", lambda t: {"messages": user("hi"), "max_tokens": 1, "stop": [t]}),
+    "chat user": ("/v1/chat/completions", lambda t: {"messages": user("hi"), "max_tokens": 1, "user": t}),
+    "chat model": ("/v1/chat/completions", lambda t: {"messages": user("hi"), "max_tokens": 1, "model": t}),
+    "chat schema value": ("/v1/chat/completions", lambda t: chat({"enum": [t]}, max_tokens=1)),
+    "chat schema key": ("/v1/chat/completions", lambda t: chat({"type": "object", "properties": {t: {}}},
+                                                               max_tokens=1)),
+    "completion prompt": ("/v1/completions", lambda t: {"prompt": t, "max_tokens": 1}),
+    "system prompt": ("/system_prompt", lambda t: {"system_prompt": t}),
+}
+any_text = st.text(st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=()), max_size=20)
+
+
+def test_arbitrary_unicode_in_every_text_field_is_served_or_refused_never_a_5xx(server):
+    before = server.get("/system_prompt")[1]["system_prompt"]
+    pid, restarts_before = tritonserver_pid(server), restarts(server)
+
+    @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(field=st.sampled_from(sorted(TEXT_FIELDS)), text=any_text)
+    def one(field, text):
+        route, body = TEXT_FIELDS[field]
+        status, reply = server.post(route, json.dumps(body(text)).encode())  # lone surrogates as \ud800
+        assert status is not None and status < 500, (field, text, status, reply)
+        if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
+            assert status == 400 and "UTF-8" in reply["error"], (field, reply)
+
+    try:
+        one()
+    finally:
+        server.post("/system_prompt", {"system_prompt": before})
+    assert restarts(server) == restarts_before and tritonserver_pid(server) == pid
+    assert server.post("/predict", VICTIM)[0] == 200
+
+
 def test_system_prompt_is_tested_before_it_is_stored(server):
     """Case 3: a prompt that would make every later request fail is never stored."""
     before = server.get("/system_prompt")[1]["system_prompt"]
@@ -178,26 +224,28 @@ def test_prompt_tokens_count_toward_the_work_budget(server):
 def test_a_full_queue_is_a_429_with_retry_after(server):
     """Work admitted and unanswered is bounded server-wide: past SHIM_MAX_QUEUED_TOKENS a
     request is refused at once, not queued, and the work in flight is still answered."""
-    row = server.post("/explain", {"prompt": "why " * 200})[1]["prompt_tokens"] + 1
-    body = {"prompt": ["why " * 200] * (22_000 // row), "max_new_tokens": 1}  # about 22,000 tokens of work
+    row = server.post("/explain", {"prompt": "why " * 200})[1]["prompt_tokens"] + 1  # and one new token
+    rows = 22_000 // row
+    body = {"prompt": ["why " * 200] * rows, "max_new_tokens": 1}
+    work, held_count = rows * row, SESSION_QUEUE_BUDGET // (rows * row)  # as many as fit, then one more
     held, outcomes = [], []
     with engine_in_slices(server):
         def send():
             outcomes.append(request_outcome("POST", server.url + "/predict", body, timeout=240))
 
-        for _ in range(2):
+        for _ in range(held_count):
             thread = threading.Thread(target=send, daemon=True)
             thread.start()
             held.append(thread)
-        queued = wait_for(lambda: (q := scrape_metrics(server.url + "/metrics").get("llm_shim_queued_tokens", 0))
-                          > SESSION_QUEUE_BUDGET / 2 and q, 120)
-        assert queued, "the two requests were never admitted together"
+        queued = wait_for(lambda: scrape_metrics(server.url + "/metrics").get("llm_shim_queued_tokens", 0)
+                          >= held_count * work, 120)
+        assert queued, "the requests were never admitted together"
         refused = httpx.post(server.url + "/predict", json=body, timeout=60)
-        assert refused.status_code == 429 and "SHIM_MAX_QUEUED_TOKENS" in refused.json()["error"]
+        assert refused.status_code == 429 and "SHIM_MAX_QUEUED_TOKENS" in refused.json()["error"], refused.text
         assert int(refused.headers["retry-after"]) >= 1
     for thread in held:
         thread.join(240)
-    assert [o.status for o in outcomes] == [200, 200], outcomes
+    assert [o.status for o in outcomes] == [200] * held_count, outcomes
     assert wait_for(lambda: scrape_metrics(server.url + "/metrics")["llm_shim_queued_tokens"] == 0, 60) is not None
 
 

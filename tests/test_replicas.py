@@ -64,8 +64,11 @@ class PlainTriton:
 
 @pytest.fixture(scope="module")
 def replicated(tiny_model):
+    # The judge's 650 questions count their prompt tokens (about 100 each with the default
+    # system prompt): the product's default work limit, not the session's small one.
     env = server_env(tiny_model, DATA_PARALLEL_SIZE="2", MAX_NEW_TOKENS="1", MAX_NEW_TOKENS_CODE="1",
-                     MAX_NEW_TOKENS_CODE_SOFT=str(CODE_LIMIT))
+                     MAX_NEW_TOKENS_CODE_SOFT=str(CODE_LIMIT), SHIM_MAX_REQUEST_TOKENS="1048576",
+                     SHIM_MAX_QUEUED_TOKENS="4194304")
     (ARTIFACTS / "plain-tritonserver.log").write_text("")
     triton = PlainTriton(env)
     triton.start()

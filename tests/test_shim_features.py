@@ -115,4 +115,6 @@ def test_the_engine_samples_with_the_generators_penalties(server):
 def test_info_lists_the_limits_a_client_meets(server):
     limits = server.get("/info")[1]["limits"]
     assert limits["max_request_tokens"] == int(server.env["SHIM_MAX_REQUEST_TOKENS"])
+    assert limits["max_queued_tokens"] == int(server.env["SHIM_MAX_QUEUED_TOKENS"])
+    assert limits["grammar_check_memory_mb"] == 1024 and limits["grammar_check_timeout_s"] == 5.0
     assert limits["header_timeout_s"] == float(server.env["SHIM_HEADER_TIMEOUT_S"])

@@ -47,6 +47,9 @@ async def info(request: Request):
         "limits": {
             "max_batch_prompts": state.limits.max_batch_prompts,
             "max_request_tokens": state.limits.max_request_tokens,
+            "max_queued_tokens": state.ledger.limit,
+            "grammar_check_memory_mb": settings.grammar.check_memory_mb,
+            "grammar_check_timeout_s": settings.grammar.check_timeout_s,
             "max_body_bytes": settings.shim.max_body_bytes,
             "max_header_bytes": settings.shim.max_header_bytes,
             "header_timeout_s": settings.shim.header_timeout_s,

@@ -23,7 +23,7 @@ def tokenizer():
 
 
 @settings(max_examples=60, deadline=None)
-@given(system=st.text(max_size=40), questions=st.lists(st.text(max_size=60), min_size=1, max_size=5))
+@given(system=st.text(max_size=40), questions=st.lists(st.text(max_size=60), max_size=5))
 def test_counts_are_the_token_ids_the_preprocess_stage_makes(tokenizer, system, questions):
     formatter = ChatFormatter(tokenizer)
     expected = [len(p.token_ids) for p in formatter.format_batch(system, questions)]
@@ -39,6 +39,7 @@ def test_conversations_and_verbatim_prompts_are_counted_too(tokenizer):
     assert counter.count([json.dumps(turns)], "S", row_input="messages") == [len(formatted[0].token_ids)]
     assert counter.count(["a b c"], "S", verbatim=True) == [len(tokenizer("a b c").input_ids)]
     assert PromptCounter(None).count(["héllo"], "S", verbatim=True) == [6]  # UTF-8 bytes: a bound
+    assert counter.count([], "S") == counter.count([], "S", verbatim=True) == []
 
 
 def test_the_judge_batch_at_the_routing_limits_fits_the_default_budget(tokenizer):
