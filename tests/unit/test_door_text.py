@@ -14,8 +14,9 @@ from shim.ensemble import first_failure_ends_all, renumber_prompt
 from shim.errors import ApiError
 from shim.render import render_json
 
-# Any code point, lone surrogates (category Cs) included.
-any_text = st.text(st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=()), max_size=12)
+# Any code point, with lone surrogates (category Cs, 2,048 of 1.1 million) drawn often.
+any_text = st.text(st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=())
+                   | st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), max_size=12)
 json_like = st.recursive(st.none() | st.booleans() | st.integers() | any_text,
                          lambda children: st.lists(children, max_size=4) | st.dictionaries(any_text, children,
                                                                                            max_size=4),
