@@ -217,6 +217,7 @@ class ShimSettings:
     request_timeout_s: float = 600.0
     header_timeout_s: float = 10.0  # the whole request head must arrive within this
     body_timeout_s: float = 30.0  # and the whole body within this
+    drain_s: float = 30.0  # on SIGTERM, how long requests in flight may take to finish
     max_header_bytes: int = 64 * 1024
     triton_home: Path | None = None  # a tritonserver install (bin/, backends/); None: pytriton's
     # TRITON_URL: a Triton the shim did not start (host:port of its HTTP endpoint); the shim
@@ -273,6 +274,7 @@ def load_shim(environ: Mapping[str, str]) -> ShimSettings:
         max_queued_tokens=env.int("SHIM_MAX_QUEUED_TOKENS", 4 * 1_048_576, 1),
         header_timeout_s=env.float("SHIM_HEADER_TIMEOUT_S", 10.0, 0.1),
         body_timeout_s=env.float("SHIM_BODY_TIMEOUT_S", 30.0, 0.1),
+        drain_s=env.float("SHIM_DRAIN_S", 30.0, 0.0, 3600.0),
         max_header_bytes=env.int("SHIM_MAX_HEADER_BYTES", 64 * 1024, 1024),
         request_timeout_s=env.float("SHIM_REQUEST_TIMEOUT_S", 600.0, 1.0),
         triton_home=Path(home) if (home := env.raw("TRITON_HOME")) else None,
@@ -321,8 +323,8 @@ PUBLIC_VARIABLES = (
     "VLLM_LOG_LEVEL", "VLLM_SCHEDULER_DEFAULTS", "VLLM_ASYNC_SCHEDULING", "VLLM_MAX_CUDAGRAPH_CAPTURE_SIZE",
     "VLLM_USE_V1", "VLLM_PLUGINS", "CUDA_VISIBLE_DEVICES", "VLLM_CPU_KVCACHE_SPACE",
     "PORT", "TRITON_HTTP_PORT", "TRITON_GRPC_PORT", "TRITON_METRICS_PORT", "SHIM_MAX_BODY_BYTES",
-    "SHIM_MAX_BATCH_PROMPTS", "SHIM_MAX_REQUEST_TOKENS", "SHIM_MAX_QUEUED_TOKENS", "GRAMMAR_CHECK_MEMORY_MB",
-    "GRAMMAR_CHECK_TIMEOUT_S", "SHIM_REQUEST_TIMEOUT_S", "SHIM_HEADER_TIMEOUT_S",
+    "SHIM_MAX_BATCH_PROMPTS", "SHIM_MAX_REQUEST_TOKENS", "SHIM_MAX_QUEUED_TOKENS", "SHIM_DRAIN_S",
+    "GRAMMAR_CHECK_MEMORY_MB", "GRAMMAR_CHECK_TIMEOUT_S", "SHIM_REQUEST_TIMEOUT_S", "SHIM_HEADER_TIMEOUT_S",
     "SHIM_BODY_TIMEOUT_S", "SHIM_MAX_HEADER_BYTES", "TRITON_HOME", "TRITON_URL", "DATA_PARALLEL_SIZE",
     "TRITON_BIND_ADDRESS", "TRITON_METRICS_ADDRESS", "VLLM_ENGINE_STATS", "ENGINE_FRONTEND",
     "VLLM_FAST_PENALTIES",

@@ -46,7 +46,8 @@ def create_app(settings: cfg.Settings | None = None, client: EnsembleClient | No
     app = FastAPI(title="LLM service (Triton ensemble shim)", lifespan=lifespan, redirect_slashes=False)
     app.state.shim = state
     app.add_middleware(Guards, max_body_bytes=shim.max_body_bytes, body_timeout_s=shim.body_timeout_s,
-                       admin_token=shim.admin_token, metrics=state.metrics, routes=app.router.routes)
+                       admin_token=shim.admin_token, metrics=state.metrics, routes=app.router.routes,
+                       drain=state.drain)
     install_handlers(app)
     for part in (judge, admin, openai, ui):
         app.include_router(part.router)

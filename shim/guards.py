@@ -1,6 +1,7 @@
 """Cross-cutting HTTP concerns of the shim, as pure ASGI middleware (BaseHTTPMiddleware
 hides client disconnects from the routes, and the shim aborts generations on disconnect):
-the body-size limit and read deadline, the admin token, and request metrics.
+the body-size limit and read deadline, the admin token (or, without one, loopback only),
+the drain's refusal of new work and its count of requests in flight, and request metrics.
 
 Every response is counted in `llm_shim_requests_total`, labelled with the route template
 (never the raw path) even when the guard itself refuses the request, and 5xx included: an
@@ -20,11 +21,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.routing import Match
 
+from .drain import RETRY_AFTER_S, Drain
 from .errors import error
 
 log = logging.getLogger("shim.guards")
 
 ADMIN_ROUTES = {("POST", "/system_prompt")}
+# Answered while draining, and not counted as work in flight: what probes and scrapers ask.
+OBSERVING_ROUTES = {("GET", "/"), ("GET", "/health/live"), ("GET", "/health/ready"), ("GET", "/metrics"),
+                    ("GET", "/info")}
 
 
 class ShimMetrics:
@@ -80,8 +85,9 @@ class BodyRefused(Exception):
 
 class Guards:
     def __init__(self, app, max_body_bytes: int, body_timeout_s: float, admin_token: str | None,
-                 metrics: ShimMetrics, routes):
+                 metrics: ShimMetrics, routes, drain: Drain | None = None):
         self.app = app
+        self.drain = drain or Drain()
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
         self.admin_token = admin_token
@@ -112,8 +118,11 @@ class Guards:
                 count(str(status["code"]))
             await send(message)
 
+        working = (scope["method"], scope["path"]) not in OBSERVING_ROUTES
+        if working:
+            self.drain.in_flight += 1
         try:
-            refusal, receive = await self._check(scope, receive)
+            refusal, receive = await self._check(scope, receive, working)
             if refusal is not None:
                 await refusal(scope, receive, send_and_record)
             else:
@@ -130,9 +139,14 @@ class Guards:
             status["code"] = status["code"] or 500
         finally:
             count(str(status["code"] or 499))  # no response started: the client left first
+            if working:
+                self.drain.in_flight -= 1
 
-    async def _check(self, scope, receive):
+    async def _check(self, scope, receive, working: bool):
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if working and self.drain.draining:
+            return error(503, "the server is shutting down; send this request to another replica",
+                         {"Retry-After": str(RETRY_AFTER_S)}), receive
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             return error(413, f"request body of {length} bytes is over the limit of "

@@ -27,6 +27,7 @@ from preprocess.engine.placement import plan_replicas, visible_devices
 
 from .app import create_app
 from .door import hardened_protocol
+from .drain import DrainingServer
 
 log = logging.getLogger("serve")
 
@@ -169,8 +170,10 @@ class TritonSupervisor:
 
 
 def run_shim(app, shim: cfg.ShimSettings) -> None:
-    uvicorn.run(app, host=shim.host, port=shim.port, log_level="warning", timeout_graceful_shutdown=5,
-                http=hardened_protocol(shim.header_timeout_s), h11_max_incomplete_event_size=shim.max_header_bytes)
+    config = uvicorn.Config(app, host=shim.host, port=shim.port, log_level="warning", timeout_graceful_shutdown=5,
+                            http=hardened_protocol(shim.header_timeout_s),
+                            h11_max_incomplete_event_size=shim.max_header_bytes)
+    DrainingServer(config, app.state.shim.drain, shim.drain_s).run()
 
 
 def attach(settings: cfg.Settings) -> int:

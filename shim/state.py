@@ -19,6 +19,7 @@ from preprocess.warmup import warmup_prompts
 from .bodies import Limits
 from .budget import PromptCounter, WorkLedger, check_request_work
 from .ensemble import Answer, EnsembleClient, EnsembleError
+from .drain import Drain
 from .errors import ApiError, ClientGone
 from .guards import ShimMetrics
 from .streaming import Piece, StreamClient
@@ -47,6 +48,7 @@ class ShimState:
                                     cancel_markers=self.client.cancel_markers)
         self.generator = GeneratorState(runtime)
         self.metrics = ShimMetrics()
+        self.drain = Drain()  # set on the first SIGTERM (shim.drain)
         # Byte counts (a bound) until the tokenizer is loaded, off the loop, before warm-up.
         self.counter = PromptCounter(None)
         self.ledger = WorkLedger(max(shim.max_queued_tokens, shim.max_request_tokens), self.metrics.queued_tokens.set)

@@ -252,6 +252,7 @@ class Server:
     process: subprocess.Popen
     env: dict
     statuses_seen: list = field(default_factory=list)
+    readiness_seen: list = field(default_factory=list)  # (HTTP status, body status) of /health/ready
     log_path: Path | None = None
 
     def get(self, path, **kw):
@@ -327,7 +328,9 @@ def start_server(env: dict, log_name: str, command: list[str] | None = None, cwd
         try:
             status, body = server.get("/", timeout=2)
             server.statuses_seen.append(body.get("status") if isinstance(body, dict) else body)
-            if server.statuses_seen[-1] in ("ok", "batch"):
+            ready, ready_body = server.get("/health/ready", timeout=2)
+            server.readiness_seen.append((ready, ready_body.get("status") if isinstance(ready_body, dict) else None))
+            if server.statuses_seen[-1] in ("ok", "batch") and ready == 200:
                 return server
         except OSError:
             server.statuses_seen.append("unreachable")
