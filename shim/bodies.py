@@ -2,11 +2,13 @@
 
 Reading (`parse_body`): only `application/json` (415 otherwise: a browser can send
 text/plain or a form cross-site without a preflight, never JSON), at most
-`JSON_MAX_DEPTH` levels deep (400), then the model with strict types (422: `"4"` is not
-an integer, `"yes"` is not a boolean). Then `Limits.admit` checks the per-request settings
-against `preprocess.contract` (400 naming the field and its range) and the work a request
-asks for (413). The schemas also go into the OpenAPI document (`json_body`), which
-FastAPI cannot infer from a handler that reads `Request` itself.
+`JSON_MAX_DEPTH` levels deep and UTF-8 text in every string (400 naming the field), then
+the model with strict types (422: `"4"` is not an integer, `"yes"` is not a boolean); a
+large body is read on a worker thread. Then `Limits.admit` checks the per-request settings
+against `preprocess.contract` (400 naming the field and its range) and the number of rows
+(413); the work a request asks for is counted in shim.budget. The schemas also go into the
+OpenAPI document (`json_body`), which FastAPI cannot infer from a handler that reads
+`Request` itself.
 """
 from __future__ import annotations
 
@@ -145,10 +147,15 @@ class CompletionRequest(OpenAIParams):
 
 
 def json_path(parts: tuple) -> str:
-    """`messages[0].content` for ("messages", 0, "content")."""
+    """`messages[0].content` for ("messages", 0, "content"), always valid UTF-8: a key that
+    is not appears escaped (`\\ud800`)."""
     text = ""
     for part in parts:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            name = str(part).encode("utf-8", "backslashreplace").decode("utf-8")
+            text += f".{name}" if text else name
     return text or "body"
 
 
@@ -170,7 +177,7 @@ def json_problem(data: Any, limit: int) -> str | None:
                 return f"invalid JSON: nested more than {limit} levels deep"
             if isinstance(node, dict):
                 for key, value in node.items():
-                    stack.append((key, depth, path + (f"{key!r} (a key)",)))
+                    stack.append((key, depth, path + (f"{key} (a key)",)))
                     stack.append((value, depth + 1, path + (key,)))
             else:
                 stack.extend((value, depth + 1, path + (index,)) for index, value in enumerate(node))

@@ -7,6 +7,7 @@ sizes, sent together, not N requests; answers come back in order, or the whole c
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import re
@@ -195,7 +196,7 @@ class EnsembleClient:
         if not prompts:
             return []
         chunks = even_chunks(prompts, self.max_batch_size)
-        offsets = [sum(len(c) for c in chunks[:k]) for k in range(len(chunks))]
+        offsets = itertools.accumulate((len(chunk) for chunk in chunks[:-1]), initial=0)
         results = await first_failure_ends_all(
             self._call(build_inputs(chunk, system_prompt, overrides or {}, row_input, texts), outputs, offset)
             for chunk, offset in zip(chunks, offsets))

@@ -10,9 +10,9 @@ from typing import Any, Callable
 
 from fastapi.responses import JSONResponse, Response
 
+HEAVY_REPLY_CHARS = 256 * 1024  # replies with more answer text than this are made off the loop
 # Containers are walked down to this depth, and longer lists element by element; below
 # that, each piece is one json.dumps call of bounded size.
-HEAVY_REPLY_CHARS = 256 * 1024  # replies with more answer text than this are made off the loop
 WALK_DEPTH = 4
 WALK_LIST_ITEMS = 32
 

@@ -44,6 +44,9 @@ def test_a_lone_surrogate_anywhere_is_found_and_its_place_named_in_utf8(data):
 
 
 def test_the_named_place_is_the_field_path():
+    # A bad key on the path is named escaped: the message itself must be sendable.
+    assert json_problem({"\ud800": "\udfff"}, 32) == "\\ud800 is not valid UTF-8 text (a lone surrogate)"
+    assert json_problem({"a": {"\udc00": 1}}, 32) == "a.\\udc00 (a key) is not valid UTF-8 text (a lone surrogate)"
     assert json_problem({"messages": [{"content": "ok"}, {"content": "a\ud800"}]}, 32) == \
         "messages[1].content is not valid UTF-8 text (a lone surrogate)"
     with pytest.raises(ApiError) as caught:
