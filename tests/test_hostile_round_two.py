@@ -202,10 +202,17 @@ def test_arbitrary_unicode_in_every_text_field_is_served_or_refused_never_a_5xx(
 def test_system_prompt_is_tested_before_it_is_stored(server):
     """Case 3: a prompt that would make every later request fail is never stored."""
     before = server.get("/system_prompt")[1]["system_prompt"]
-    status, body = server.post("/system_prompt", {"system_prompt": "7" * 20_000})  # inside the character limit
+
+    def hostile():
+        return [server.post("/system_prompt", {"system_prompt": "7" * 20_000}),  # inside the character limit
+                server.post("/system_prompt", b'{"system_prompt": "\\ud800"}')]
+
+    (long_one, surrogate), _ = with_victims(server, hostile)
+    status, body = long_one
     assert status == 422 and "model length" in body["error"] and "not stored" in body["error"], body
+    status, body = surrogate
+    assert status == 400 and "system_prompt is not valid UTF-8" in body["error"], body
     assert server.get("/system_prompt")[1]["system_prompt"] == before
-    assert server.post("/predict", VICTIM)[0] == 200
     try:
         status, body = server.post("/system_prompt", {"system_prompt": ""})  # the default, as used
         assert status == 200 and body["system_prompt"] and server.get("/system_prompt")[1] == body
@@ -271,11 +278,12 @@ def test_one_failed_chunk_ends_the_others_and_names_the_row_in_the_request(serve
     prompts[700] = "word " * 2000  # over the tiny model's 1,024 tokens
     before = generated_tokens(server)
     with engine_in_slices(server):  # the engine cannot finish the first chunk before the error
-        status, body = server.post("/v1/completions", {"prompt": prompts, "max_tokens": tokens})
+        (status, body), victims = with_victims(
+            server, lambda: server.post("/v1/completions", {"prompt": prompts, "max_tokens": tokens}))
     assert status == 400 and body["error"].startswith("prompt 700 "), body
     # A sentinel of the same shape, sent after: vLLM admits first come first served, so had
     # the first chunk gone on, its answers would be counted by the time the sentinel's are.
     status, _ = server.post("/v1/completions", {"prompt": ["q"] * chunk, "max_tokens": tokens})
     assert status == 200
-    made_for_the_failed_request = generated_tokens(server) - before - chunk * tokens
+    made_for_the_failed_request = generated_tokens(server) - before - chunk * tokens - len(victims)
     assert made_for_the_failed_request < chunk * tokens / 2, made_for_the_failed_request
