@@ -12,8 +12,10 @@ import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from .bench import generated_tokens
 from .conftest import SESSION_QUEUE_BUDGET, SESSION_TOKEN_BUDGET, engine_in_slices, request_outcome, run_threads, \
     scrape_metrics, wait_for
+from .test_hostile_input import tritonserver_pid
 
 pytestmark = pytest.mark.server
 
@@ -51,10 +53,6 @@ def with_victims(server, hostile) -> tuple[object, list]:
 
 def restarts(server) -> float:
     return scrape_metrics(server.url + "/metrics").get("llm_shim_server_restarts_total", 0.0)
-
-
-def tritonserver_pid(server) -> int:
-    return next(c.pid for c in psutil.Process(server.process.pid).children(recursive=True) if c.name() == "tritonserver")
 
 
 def chat(schema, **extra) -> dict:
@@ -263,20 +261,13 @@ def test_a_full_queue_is_a_429_with_retry_after(server):
     assert wait_for(lambda: scrape_metrics(server.url + "/metrics")["llm_shim_queued_tokens"] == 0, 60) is not None
 
 
-def generated_tokens(server) -> float:
-    """Tokens of every answer the generator has given (counted when an answer is done)."""
-    from .conftest import over_replicas
-
-    return over_replicas(scrape_metrics(server.metrics_url)).get("llm_generator_generation_tokens_total", 0.0)
-
-
 def test_one_failed_chunk_ends_the_others_and_names_the_row_in_the_request(server):
     """Case 5: prompt 700 of 1,024 too long. The error names 700 (not 188, its place in its
     chunk), and the other chunk's 512 prompts are aborted in vLLM, not generated to the end."""
     chunk, tokens = 512, 16
     prompts = ["q"] * (2 * chunk)
     prompts[700] = "word " * 2000  # over the tiny model's 1,024 tokens
-    before = generated_tokens(server)
+    before = generated_tokens(server.metrics_url)
     with engine_in_slices(server):  # the engine cannot finish the first chunk before the error
         (status, body), victims = with_victims(
             server, lambda: server.post("/v1/completions", {"prompt": prompts, "max_tokens": tokens}))
@@ -285,5 +276,5 @@ def test_one_failed_chunk_ends_the_others_and_names_the_row_in_the_request(serve
     # the first chunk gone on, its answers would be counted by the time the sentinel's are.
     status, _ = server.post("/v1/completions", {"prompt": ["q"] * chunk, "max_tokens": tokens})
     assert status == 200
-    made_for_the_failed_request = generated_tokens(server) - before - chunk * tokens - len(victims)
+    made_for_the_failed_request = generated_tokens(server.metrics_url) - before - chunk * tokens - len(victims)
     assert made_for_the_failed_request < chunk * tokens / 2, made_for_the_failed_request

@@ -43,9 +43,9 @@ def pattern_bound(pattern: str) -> int:
         parsed = sre_parse.parse(pattern)
     except Exception:  # JSON-schema (ECMA) syntax Python does not read: every count, multiplied
         product = 1
-        for low, _, high in ((m.group(1), m.group(2) is not None, m.group(2)) for m in _REPEAT.finditer(pattern)):
-            product *= max(1, min(int(high) if high else int(low), MAX_SCHEMA_PRODUCT + 1))
-            product = min(product, MAX_SCHEMA_PRODUCT + 1)
+        for match in _REPEAT.finditer(pattern):
+            low, high = match.group(1), match.group(2)
+            product = min(product * max(1, min(int(high or low), MAX_SCHEMA_PRODUCT + 1)), MAX_SCHEMA_PRODUCT + 1)
         return product
     return _sre_bound(parsed, sre_parse)
 
