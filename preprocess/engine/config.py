@@ -98,6 +98,7 @@ class SpeculativeSettings:
 class EngineSettings:
     use_vllm: str = "true"  # auto / true / false
     force_vllm: bool = False
+    allow_unsupported_vllm: bool = False  # start on a vLLM outside versions.SUPPORTED_VLLM
     engine_mode: str = "v1"
     metax: bool = False
     gpu_memory_utilization: float = 0.85
@@ -194,6 +195,7 @@ def load_engine(environ: Mapping[str, str], metax: bool | None = None, cpu_only:
     return EngineSettings(
         use_vllm=env.choice("USE_VLLM", "true", ("auto", "true", "false")),
         force_vllm=env.bool("FORCE_VLLM", False),
+        allow_unsupported_vllm=env.bool("ALLOW_UNSUPPORTED_VLLM", False),
         engine_mode=env.choice("SERVE_VLLM_ENGINE", "v1", ("v1", "v0")),
         metax=metax,
         gpu_memory_utilization=env.float("GPU_MEMORY_UTILIZATION", 0.60 if metax else 0.3 if cpu_only else 0.85,
@@ -239,6 +241,11 @@ def default_capture_size(max_num_seqs: int | None, graphs: bool) -> int | None:
     if not graphs:
         return None
     return max_num_seqs or 1024
+
+
+# Engine arguments that only vLLM releases before the supported range take; passed when
+# asked for, dropped by `accepted_kwargs` (with a log line) where this vLLM lacks them.
+ENGINE_ARGUMENTS_OF_OLDER_VLLM = frozenset({"tokenizer_pool_size", "tokenizer_pool_type"})
 
 
 def engine_kwargs(settings: EngineSettings, model_dir: str) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from ..tokenizer import load_tokenizer
 from . import config as engine_config
 from . import placement
 from .fallback import EngineStartError
+from .versions import check_vllm_version
 from .metrics import engine_stat_loggers
 from .generation import (BatchHandle, Completion, EngineUnavailable, GenerationItem, GenerationResult, PromptTooLong,
                          Runner, StreamDelta, StreamListener, check_prompt_lengths)
@@ -63,6 +64,16 @@ def model_max_len(model_dir: Path) -> int | None:
         return None
     value = config.get("max_position_embeddings")
     return int(value) if isinstance(value, int) else None
+
+
+def installed_vllm() -> tuple[str | None, str | None]:
+    """(vLLM's version, None) when it imports, else (None, the import error)."""
+    try:
+        import vllm
+
+        return str(getattr(vllm, "__version__", "unknown")), None
+    except Exception as exc:  # a broken install is a reason to fall back, told in the log
+        return None, f"{type(exc).__name__}: {exc}"
 
 
 def accelerator_count() -> int:
@@ -117,6 +128,8 @@ class GeneratorService:
         if self.metrics is not None:
             self.metrics.add_replicas(len(self.placements))
         self.process_frontends = placement.process_frontends(self.engine.frontend, len(self.placements))
+        self.fallback: str | None = None  # why transformers serves where vLLM was asked for
+        self.vllm_version: str | None = None
         self.replicas = self._start_replicas()
         self.publish_state()
         self._stop = threading.Event()
@@ -148,26 +161,34 @@ class GeneratorService:
         return self._hooked(self._new_runner(where), where.index)
 
     def _new_runner(self, where: placement.Replica) -> Runner:
-        try:
-            import vllm  # noqa: F401
-
-            importable = True
-        except Exception as exc:
-            log.warning("vllm import failed: %s", exc)
-            importable = False
+        vllm_version, import_error = installed_vllm()
+        self.vllm_version = vllm_version
+        if vllm_version is not None and self.engine.use_vllm != "false":
+            log.info("%s", check_vllm_version(vllm_version, self.engine.allow_unsupported_vllm))
         use, reason = engine_config.should_try_vllm(
-            self.engine, importable, engine_config.has_c_compiler(), self.accelerator)
+            self.engine, vllm_version is not None, engine_config.has_c_compiler(), self.accelerator)
         if use:
             try:
-                return self._vllm_runner(where)
+                runner = self._vllm_runner(where)
+                self.fallback = None
+                return runner
             except EngineStartError as exc:
                 if self.engine.force_vllm:
                     raise RuntimeError(f"FORCE_VLLM=1 and vLLM did not start: {exc}") from None
-                log.warning("vLLM did not start (%s); falling back to transformers", exc)
+                self.fallback = f"vLLM did not start: {exc}"
         else:
-            log.info("not using vLLM: %s", reason)
+            if import_error is not None:
+                reason = f"{reason} ({import_error})"
             if self.engine.force_vllm and self.engine.use_vllm != "false":
                 raise RuntimeError(f"FORCE_VLLM=1 but vLLM cannot be used: {reason}")
+            chosen = self.engine.use_vllm == "false" or (self.engine.use_vllm == "auto" and not self.accelerator)
+            self.fallback = None if chosen else f"vLLM cannot be used: {reason}"
+            if chosen:
+                log.info("not using vLLM: %s", reason)
+        if self.fallback is not None:
+            # One line an operator cannot miss: transformers serves many times slower than vLLM.
+            log.error("SLOW: serving with transformers instead of vLLM (%s); FORCE_VLLM=1 fails start-up instead",
+                      self.fallback)
         from .hf_runner import TransformersRunner
 
         device = f"cuda:{where.positions[0]}" if where.positions else None
@@ -318,6 +339,8 @@ class GeneratorService:
             "ready": self.ready,
             "serving": self.serving,
             "backend": runner.backend,
+            "engine_fallback": self.fallback,
+            "vllm_version": self.vllm_version,
             "engine_mode": getattr(runner, "engine_mode", type(runner).__name__),
             "frontend": "process" if self.process_frontends else "thread",
             "model_dir": str(self.model_dir),

@@ -24,6 +24,8 @@ async def info(request: Request):
     routing = settings.routing
     return {
         "backend": generator.get("backend"),
+        "engine_fallback": generator.get("engine_fallback"),  # why transformers serves, when vLLM was asked for
+        "vllm_version": generator.get("vllm_version"),
         "engine_mode": generator.get("engine_mode"),
         "frontend": generator.get("frontend"),  # where each replica's AsyncLLM runs: process or thread
         "model_dir": generator.get("model_dir") or str(settings.model_dir),

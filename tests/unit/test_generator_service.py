@@ -5,11 +5,13 @@ import time
 
 import psutil
 import pytest
+import vllm
 
 import preprocess.engine.vllm_runner as vllm_runner
 from preprocess.engine import config as engine_config
 from preprocess.engine.fallback import EngineStartError
 from preprocess.engine.service import GeneratorService, prepare_generator_process
+from preprocess.engine.versions import UnsupportedVllm
 
 
 def service(tiny_model, **env):
@@ -25,12 +27,44 @@ def vllm_fails(monkeypatch):
     monkeypatch.setattr(vllm_runner, "VllmRunner", failing)
 
 
-def test_vllm_failure_falls_back_to_transformers(tiny_model, vllm_fails, caplog):
-    with caplog.at_level("WARNING"):
+def test_vllm_failure_falls_back_to_transformers_loudly(tiny_model, vllm_fails, caplog):
+    with caplog.at_level("INFO"):
         s = service(tiny_model)
     try:
         assert s.replicas[0].runner.backend == "transformers"
-        assert "falling back to transformers" in caplog.text and "No available memory" in caplog.text
+        slow = [r for r in caplog.records if r.levelname == "ERROR" and "SLOW" in r.getMessage()]
+        assert len(slow) == 1 and "\n" not in slow[0].getMessage(), caplog.text
+        assert "instead of vLLM (vLLM did not start: ValueError: No available memory" in slow[0].getMessage()
+        assert s.info()["engine_fallback"] == "vLLM did not start: ValueError: No available memory for the cache blocks."
+        assert f"vLLM {vllm.__version__} (supported: >=0.25.0,<0.33)" in caplog.text  # the version, at start
+    finally:
+        s.shutdown(5)
+
+
+def test_transformers_by_choice_is_no_fallback(tiny_model, caplog):
+    s = service(tiny_model, USE_VLLM="false")
+    try:
+        assert s.info()["backend"] == "transformers" and s.info()["engine_fallback"] is None
+        assert "SLOW" not in caplog.text
+    finally:
+        s.shutdown(5)
+
+
+def test_an_unsupported_vllm_stops_start_up_in_one_line(tiny_model, monkeypatch, vllm_fails):
+    monkeypatch.setattr(vllm, "__version__", "0.24.1")  # fault injection: what an older image has
+    with pytest.raises(UnsupportedVllm) as failure:
+        service(tiny_model)
+    assert str(failure.value) == ("vLLM 0.24.1 is not supported (supported: >=0.25.0,<0.33); install a supported "
+                                  "release, or set ALLOW_UNSUPPORTED_VLLM=1 to start anyway")
+
+
+def test_allow_unsupported_vllm_starts_anyway(tiny_model, monkeypatch, vllm_fails, caplog):
+    monkeypatch.setattr(vllm, "__version__", "0.40.0")
+    with caplog.at_level("INFO"):
+        s = service(tiny_model, ALLOW_UNSUPPORTED_VLLM="1")
+    try:
+        assert "vLLM 0.40.0 is outside the supported range >=0.25.0,<0.33; starting anyway" in caplog.text
+        assert s.info()["vllm_version"] == "0.40.0"
     finally:
         s.shutdown(5)
 

@@ -227,15 +227,15 @@ def test_two_replicas_share_a_request_in_order_and_survive_one_down(tiny_model, 
         assert [r.completion_tokens for r in results] == limits
         assert [len(part) for part in received[0]] == [9]  # replica 0 answered everything
         deadline = time.monotonic() + 30  # the watchdog looks every 0.5 s
-        while service.state.status()[1] != (1, 2) and time.monotonic() < deadline:
+        while service.state.status().replicas != (1, 2) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert service.state.status() == (True, (1, 2))  # published for the shim
+        assert service.state.status()[:2] == (True, (1, 2))  # published for the shim
         second._next_attempt = 0.0  # let the watchdog rebuild it
         deadline = time.monotonic() + 120  # the rebuild loads the tiny model: a bound, not a timing
         while not (service.ready and second.restarts == 1) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert second.restarts == 1 and service.ready and service.info()["restarts"] == 1
-        assert service.state.status()[1] == (2, 2)
+        assert service.state.status().replicas == (2, 2)
         # Every answer is off the count, and a late answer of the dead engine does not count.
         assert [r.in_flight for r in service.replicas] == [0, 0] and second.engine_generation == 1
         second.add_in_flight(-5, generation=0)
