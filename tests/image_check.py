@@ -5,7 +5,7 @@
 Checks, each with a bound on the work it waits for: `GET /` goes from warming to serving;
 `POST /predict` with a list answers every prompt, in order (each answer equals the answer to
 that prompt alone: greedy decoding); the server runs as a non-root user under an init as
-PID 1; `podman stop` ends the container within its grace period, by the drain rather than
+PID 1, on a read-only root, with vLLM as its engine; `podman stop` ends the container within its grace period, by the drain rather than
 SIGKILL, with no process of it left on the host. Prints the timings; exits 1 on a failure.
 """
 from __future__ import annotations
@@ -47,7 +47,10 @@ def main(argv=None) -> int:
     port = free_port()
     env = {"PORT": port, "HOST": "127.0.0.1", "TRITON_HTTP_PORT": free_port(), "TRITON_GRPC_PORT": free_port(),
            "TRITON_METRICS_PORT": free_port(), "VLLM_CPU_KVCACHE_SPACE": "1", "MAX_NEW_TOKENS": "8"}
+    # A read-only root, as the Kubernetes manifest runs it: the server writes only to /tmp
+    # (podman's --read-only mounts a tmpfs there) and to $HOME's caches.
     command = [*podman, "run", "-d", "--name", name, "--network", "host", "--shm-size", "1g",
+               "--read-only", "--tmpfs", "/home/llm:rw,mode=1777",
                *shlex.split(args.ulimits), *(f"--env={k}={v}" for k, v in env.items()), args.image]
     failures: list[str] = []
 
@@ -102,6 +105,9 @@ def main(argv=None) -> int:
         check(pid1.endswith("tini"), f"PID 1 is {pid1}")
         top = subprocess.run([*podman, "top", name, "hpid", "args"], capture_output=True, text=True).stdout.splitlines()
         host_pids = [int(line.split()[0]) for line in top[1:] if line.split() and line.split()[0].isdigit()]
+        info = http("GET", url + "/info")[1]
+        check(info.get("backend") == "vllm" and not info.get("engine_fallback"),
+              f"the engine is {info.get('backend')} {info.get('vllm_version')} (fallback: {info.get('engine_fallback')})")
         check(len(host_pids) >= 4, f"{len(host_pids)} processes inside (tini, shim, tritonserver, stubs, engine)")
 
         began = time.monotonic()

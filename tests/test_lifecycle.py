@@ -14,13 +14,22 @@ from .conftest import REPO, request_outcome, scrape_metrics, server_env, start_s
 pytestmark = pytest.mark.server
 
 
-def test_entry_script_serves_transformers_backend_and_ctrl_c_stops_everything(tiny_model):
+def test_entry_script_falls_back_to_transformers_loudly_and_ctrl_c_stops_everything(tiny_model):
+    """The images' entry, with a vLLM that cannot start (a real vLLM error: no awq weights for
+    this model): transformers serves, and every operator-facing surface says so."""
     # The images run docker/entrypoint.sh on their own Python; here that Python is the venv's.
-    env = server_env(tiny_model, USE_VLLM="false", PYTHON=sys.executable)
+    env = server_env(tiny_model, USE_VLLM="true", VLLM_QUANTIZATION="awq", PYTHON=sys.executable)
     server = start_server(env, "server-transformers.log", command=[str(REPO / "docker" / "entrypoint.sh")])
     try:
         info = server.get("/info")[1]
         assert info["backend"] == "transformers"
+        assert info["engine_fallback"].startswith("vLLM did not start: ValidationError") and \
+            "Cannot find the config file for awq" in info["engine_fallback"], info["engine_fallback"]
+        health = server.get("/")[1]  # the judge's status values, and the fallback beside them
+        assert health == {"status": "batch", "engine": "transformers", "engine_fallback": info["engine_fallback"]}
+        assert wait_for(lambda: scrape_metrics(server.url + "/metrics").get("llm_engine_fallback") == 1.0, 30)
+        slow = [line for line in server.log_text().splitlines() if "SLOW: serving with transformers" in line]
+        assert len(slow) == 1 and "Cannot find the config file for awq" in slow[0], slow
         assert info["batch_mode"] is True  # docker/run_model.sh, the entry's default preset, applied
         status, body = server.post("/predict", {"prompt": ["hello", "世界"], "max_new_tokens": 3})
         assert status == 200 and len(body["response"]) == 2

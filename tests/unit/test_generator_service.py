@@ -74,6 +74,12 @@ def test_force_vllm_fails_the_load_with_the_root_cause(tiny_model, vllm_fails):
         service(tiny_model, FORCE_VLLM="1")
 
 
+def test_force_vllm_fails_on_a_real_vllm_error(tiny_model):
+    """No double: vLLM itself refuses `awq` for a model without awq weights."""
+    with pytest.raises(RuntimeError, match=r"^FORCE_VLLM=1 and vLLM did not start: ValidationError: .*awq"):
+        service(tiny_model, FORCE_VLLM="1", VLLM_QUANTIZATION="awq")
+
+
 def test_use_vllm_false_serves_with_transformers(tiny_model):
     s = service(tiny_model, USE_VLLM="false")
     try:
