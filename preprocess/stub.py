@@ -3,7 +3,17 @@ from __future__ import annotations
 
 import locale
 import logging
+import shutil
 import sys
+from pathlib import Path
+
+
+def python_executable() -> str:
+    """This interpreter; inside a Triton stub, whose sys.executable is not Python, the
+    python3 on PATH (the venv's, which is how the stub finds its environment)."""
+    if Path(sys.executable).name.startswith("python"):
+        return sys.executable
+    return shutil.which("python3") or "python3"
 
 
 def prepare_stub_process(component: str) -> logging.Logger:

@@ -8,8 +8,9 @@ three kinds, and that no live process maps or holds open, are removed.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from preprocess.engine.orphan_guard import shm_in_use
 
 SHM = Path("/dev/shm")
 KINDS = ("psm_", "sem.mp-", "triton_python_backend_shm_region_")
@@ -23,25 +24,9 @@ def shm_names(shm: Path = SHM) -> set[str]:
 
 
 def names_in_use(shm: Path = SHM) -> set[str]:
-    """Names under `shm` that a live process maps or holds open (from /proc; processes this
-    user may not read are skipped, so run as the user who ran the servers)."""
-    prefix, used = f"{shm}/", set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            for line in (proc / "maps").read_text().splitlines():
-                fields = line.split(maxsplit=5)  # address, perms, offset, device, inode[, path]
-                path = fields[5] if len(fields) == 6 else ""
-                if path.startswith(prefix):
-                    used.add(path[len(prefix):].removesuffix(" (deleted)"))
-            for fd in (proc / "fd").iterdir():
-                target = os.readlink(fd)
-                if target.startswith(prefix):
-                    used.add(target[len(prefix):])
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-    return used
+    """Names under `shm` that a live process maps or holds open (the orphan guard's reading
+    of /proc; processes this user may not read are skipped)."""
+    return shm_in_use(shm)
 
 
 def remove_orphans(before: set[str], shm: Path = SHM) -> list[str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import select
-import shutil
 import subprocess
 import sys
 import threading
@@ -23,19 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from ..contract import InvalidRequest
+from ..stub import python_executable
 
 log = logging.getLogger("preprocess.grammar")
 
 WORKER = Path(__file__).with_name("worker.py")
 CACHE_SIZE = 256
-
-
-def python_executable() -> str:
-    """This interpreter; inside a Triton stub, whose sys.executable is not Python, the
-    python3 on PATH (the venv's, which is how the stub finds its environment)."""
-    if Path(sys.executable).name.startswith("python"):
-        return sys.executable
-    return shutil.which("python3") or "python3"
 
 
 def tokenizer_setup(tokenizer: Any) -> dict[str, Any] | None:

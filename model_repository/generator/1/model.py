@@ -14,7 +14,7 @@ import time
 
 import triton_python_backend_utils as pb_utils
 
-from preprocess.stub import prepare_stub_process
+from preprocess.stub import prepare_stub_process, python_executable
 
 log = prepare_stub_process("generator")
 
@@ -22,6 +22,7 @@ from preprocess import triton_io as io  # noqa: E402
 from preprocess.engine.generation import classify_error, generation_items  # noqa: E402
 from preprocess.engine.service import GeneratorService, prepare_generator_process  # noqa: E402
 from preprocess.engine.metrics import GeneratorMetrics  # noqa: E402
+from preprocess.engine.orphan_guard import start_guard  # noqa: E402
 from preprocess.engine.stream_socket import StreamServer, socket_path  # noqa: E402
 from preprocess.runtime import CancelMarkers  # noqa: E402
 
@@ -55,6 +56,8 @@ def read_items(request):
 class TritonPythonModel:
     def initialize(self, args):
         settings = prepare_generator_process(os.environ)
+        # Ends this stub's engine processes if the stub dies without shutting them down.
+        self.orphan_guard = start_guard(os.getpid(), python_executable())
         runtime = settings.runtime_dir  # set by `./build.sh serve`; the shim reads the state there
         self.metrics = GeneratorMetrics(pb_utils)  # the service adds a figure set per replica
         self.service = GeneratorService(settings, self.metrics, process_environ=os.environ)

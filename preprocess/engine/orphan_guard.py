@@ -1,0 +1,148 @@
+"""Engines die with their generator, however the generator dies.
+
+vLLM starts its engine core (and on GPUs its workers) as processes of their own. When the
+generator's stub is killed hard (tritonserver SIGKILLed, or stopped past its exit timeout),
+they are re-parented and keep running, with their memory: on a GPU the next start cannot
+allocate, and the fallback chain ends at transformers. Measured on CPU: after `kill -9` of a
+plain tritonserver, `VLLM::EngineCore` and `VLLM::Worker` were alive 60 s later.
+
+One guard process per generator, started by `start_guard`: every second it records the
+generator's descendants (pid and start time) and the /dev/shm segments they and the
+generator map; once the generator is gone, it sends the descendants SIGTERM (vLLM's own
+shutdown) and SIGKILL to whatever is alive 5 s later, then removes the recorded segments
+that no live process maps (a killed process cannot unlink its own). A process is signalled
+only if its start time is the recorded one, so a pid the system has since reused is left alone. The guard runs in a session of its own,
+so a group kill of the server does not take it before it has done its work; it exits with
+its generator.
+
+    python3 orphan_guard.py GENERATOR_PID      (run by path: it imports psutil only)
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+SHM = Path("/dev/shm")
+
+POLL_S = 1.0
+GRACE_S = 5.0
+
+
+def descendants(process: psutil.Process, own_pid: int) -> dict[int, float]:
+    found = {}
+    try:
+        for child in process.children(recursive=True):
+            if child.pid != own_pid:
+                try:
+                    found[child.pid] = child.create_time()
+                except psutil.Error:
+                    continue
+    except psutil.Error:
+        pass
+    return found
+
+
+def still_the_same(pid: int, started: float) -> psutil.Process | None:
+    try:
+        process = psutil.Process(pid)
+        return process if abs(process.create_time() - started) < 0.01 else None
+    except psutil.Error:
+        return None
+
+
+def end(recorded: dict[int, float], grace_s: float = GRACE_S) -> list[int]:
+    """SIGTERM, then SIGKILL after `grace_s`, to the recorded processes still alive. The pids signalled."""
+    alive = [p for pid, started in recorded.items() if (p := still_the_same(pid, started)) is not None]
+    for process in alive:
+        try:
+            process.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, left = psutil.wait_procs(alive, timeout=grace_s)
+    for process in left:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    return [p.pid for p in alive]
+
+
+def shm_mapped(pid: int, shm: Path = SHM) -> set[str]:
+    """Names under `shm` that process `pid` maps or holds open."""
+    prefix, used = f"{shm}/", set()
+    try:
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            fields = line.split(maxsplit=5)  # address, perms, offset, device, inode[, path]
+            if len(fields) == 6 and fields[5].startswith(prefix):
+                used.add(fields[5][len(prefix):].removesuffix(" (deleted)"))
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            target = os.readlink(fd)
+            if target.startswith(prefix):
+                used.add(target[len(prefix):])
+    except OSError:  # gone meanwhile, or not ours to read
+        pass
+    return used
+
+
+def shm_in_use(shm: Path = SHM) -> set[str]:
+    """Names under `shm` that any live process maps or holds open."""
+    used: set[str] = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            used |= shm_mapped(int(entry.name), shm)
+    return used
+
+
+def remove_unused(names: set[str], shm: Path = SHM) -> list[str]:
+    removed = []
+    for name in sorted(names - shm_in_use(shm)):
+        try:
+            (shm / name).unlink()
+            removed.append(name)
+        except OSError:  # already gone
+            pass
+    return removed
+
+
+def running(pid: int, started: float) -> bool:
+    process = still_the_same(pid, started)
+    try:
+        return process is not None and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def watch(generator_pid: int, poll_s: float = POLL_S) -> tuple[list[int], list[str]]:
+    """Until the generator is gone; then (pids signalled, segments removed)."""
+    try:
+        generator = psutil.Process(generator_pid)
+        born = generator.create_time()
+    except psutil.Error:
+        return [], []
+    own = psutil.Process().pid
+    recorded: dict[int, float] = {}
+    segments: set[str] = set()
+    while running(generator_pid, born):
+        recorded.update(descendants(generator, own))
+        # Forget the processes that ended on their own (an engine rebuilt after a death).
+        recorded = {pid: started for pid, started in recorded.items() if still_the_same(pid, started)}
+        for pid in (generator_pid, *recorded):
+            segments |= shm_mapped(pid)
+        time.sleep(poll_s)
+    ended = end(recorded)
+    return ended, remove_unused(segments)
+
+
+def start_guard(generator_pid: int, python: str) -> subprocess.Popen:
+    return subprocess.Popen([python, __file__, str(generator_pid)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+if __name__ == "__main__":
+    watch(int(sys.argv[1]))
