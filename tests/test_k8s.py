@@ -87,3 +87,15 @@ def test_every_probe_path_is_served_and_says_ready_only_when_serving(server):
         status, body = server.get(path)
         assert status == 200 and body["status"] in ("ok", "batch", "alive"), (probe, path, body)
     assert server.get("/health/ready")[1] == server.get("/")[1]
+
+
+def test_the_autoscaler_reads_the_waiting_queue_and_the_pod_monitor_scrapes_both_ports():
+    hpa = documents()[("HorizontalPodAutoscaler", "llm")]["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    assert hpa == "vllm_num_requests_waiting"  # vllm:num_requests_waiting, renamed by the adapter rule
+    assert "vllm:num_requests_waiting" in MANIFEST.read_text()
+    monitor = yaml.safe_load((MANIFEST.parent / "podmonitor.yaml").read_text())
+    ports = {p["name"] for p in container()["ports"]}
+    scraped = {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]}
+    assert scraped == {"http", "triton-metrics"} and scraped <= ports, (scraped, ports)
+    labels = documents()[("Deployment", "llm")]["spec"]["template"]["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()

@@ -66,3 +66,43 @@ def test_generator_figures_after_real_requests(server):
     assert m["llm_generator_kv_cache_concurrency"] == pytest.approx(expected, rel=0.01)
     # Triton's own figures are there too
     assert any(k.startswith("nv_inference_request_success") for k in m)
+
+
+def test_the_waiting_queue_rises_under_load_where_tritons_pending_count_does_not(server):
+    """The scaling signal: a batch larger than vLLM's max_num_seqs queues inside vLLM, which
+    `vllm:num_requests_waiting` shows; Triton's pending count stays 0, because the generator
+    hands every prompt to vLLM at once. The engine runs in slices, so the queue lasts on any
+    machine."""
+    import threading
+
+    from .conftest import engine_in_slices, request_outcome, wait_for
+
+    info = server.get("/info")[1]
+    capacity = info["scheduler"]["max_num_seqs"]
+    prompts = [f"queued {k}" for k in range(capacity + 48)]
+    samples = []
+
+    def sample():
+        values = scrape_metrics(server.metrics_url)
+        waiting = values.get('vllm:num_requests_waiting{replica=0}', 0.0)
+        pending = sum(v for k, v in values.items() if k.startswith("nv_inference_pending_request_count"))
+        samples.append((waiting, pending))
+        return waiting > 0
+
+    # Four requests at once, each within the session's per-request work limit.
+    parts = [prompts[k::4] for k in range(4)]
+    outcomes = []
+    with engine_in_slices(server):
+        batches = [threading.Thread(target=lambda part=part: outcomes.append(request_outcome(
+            "POST", server.url + "/predict", {"prompt": part, "max_new_tokens": 2}, timeout=600))) for part in parts]
+        for batch in batches:
+            batch.start()
+        rose = wait_for(sample, 120)
+        sample()
+    for batch in batches:
+        batch.join(600)
+    assert [o.status for o in outcomes] == [200] * 4, outcomes
+    assert rose, samples[-5:]
+    assert all(pending == 0 for _, pending in samples), samples
+    # and it drains: nothing waits once the batch is answered
+    assert wait_for(lambda: scrape_metrics(server.metrics_url).get('vllm:num_requests_waiting{replica=0}') == 0, 30)

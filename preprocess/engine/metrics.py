@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -19,16 +20,21 @@ from .generation import GenerationItem, GenerationResult
 
 log = logging.getLogger("preprocess.engine.metrics")
 
+SCHEDULER_FIGURES_S = 0.5  # how often the scheduler's figures are sent (each is a round trip)
 LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
 
 
 class KvCacheGauge:
-    """Latest KV-cache usage, fed by a vLLM stat logger (the engine's own figures)."""
+    """The engine's latest scheduler figures, fed by a vLLM stat logger (vLLM's own
+    numbers): KV-cache usage, and the requests running and waiting in its scheduler."""
 
     def __init__(self):
         self.usage = 0.0
         self.total_blocks = 0
         self.block_size = 0
+        self.running = 0
+        self.waiting = 0
+        self.recorded = False  # whether vLLM has reported at all (not with VLLM_ENGINE_STATS=0)
 
     def stat_logger_factory(self):
         gauge = self
@@ -47,6 +53,9 @@ class KvCacheGauge:
             def record(self, scheduler_stats, iteration_stats, *args, **kwargs):
                 if scheduler_stats is not None:
                     gauge.usage = float(scheduler_stats.kv_cache_usage)
+                    gauge.running = int(getattr(scheduler_stats, "num_running_reqs", 0))
+                    gauge.waiting = int(getattr(scheduler_stats, "num_waiting_reqs", 0))
+                    gauge.recorded = True
 
             def log_engine_initialized(self):
                 pass
@@ -127,6 +136,12 @@ class ReplicaFigures:
         self.kv_total = families["kv_total"].Metric(labels=labels)
         self.kv_concurrency = families["kv_concurrency"].Metric(labels=labels)
         self.engine_up = families["engine_up"].Metric(labels=labels)
+        self.waiting = families["waiting"].Metric(labels=labels)
+        self.running = families["running"].Metric(labels=labels)
+        self.kv_usage = families["kv_usage"].Metric(labels=labels)
+        self.scheduler_sent: tuple | None = None
+        # Without vLLM's statistics (VLLM_ENGINE_STATS=0): () -> (prompts in flight, max_num_seqs)
+        self.load = None
         self.ttft = families["ttft"].Metric(labels=labels, buckets=LATENCY_BUCKETS) if histograms else None
         self.e2e = families["e2e"].Metric(labels=labels, buckets=LATENCY_BUCKETS) if histograms else None
         self.buckets: dict[str, object] = {}  # by max_new_tokens
@@ -169,6 +184,26 @@ class ReplicaFigures:
             metrics[value] = self._families[family].Metric(labels={**self.labels, label: value})
         return metrics[value]
 
+    def update_scheduler(self) -> None:
+        """vLLM's scheduler figures, sent when they changed. Without vLLM's statistics, the
+        running and waiting counts follow from the prompts in flight and max_num_seqs (what
+        the scheduler runs at once; a preemption for lack of KV cache is not seen then)."""
+        kv = self.kv
+        if kv.recorded:
+            figures = (kv.waiting, kv.running, round(kv.usage, 4))
+        elif self.load is not None:
+            in_flight, max_seqs = self.load()
+            figures = (max(0, in_flight - max_seqs), min(in_flight, max_seqs), None)
+        else:
+            return
+        if figures == self.scheduler_sent:
+            return
+        self.scheduler_sent = figures
+        self.waiting.set(figures[0])
+        self.running.set(figures[1])
+        if figures[2] is not None:
+            self.kv_usage.set(figures[2])
+
     def update_kv(self) -> None:
         kv = self.kv
         if not kv.total_blocks:
@@ -208,6 +243,10 @@ class GeneratorMetrics:
             "kv_concurrency": ("llm_generator_kv_cache_concurrency", gauge,
                                "Requests the KV cache holds at the current average request length"),
             "engine_up": ("llm_generator_engine_up", gauge, "1 when the replica's engine serves, 0 while it restarts"),
+            # vLLM's own names, which KEDA scalers and vLLM's production stack read (SCHEDULER_FIGURES)
+            "waiting": ("vllm:num_requests_waiting", gauge, "Requests waiting in vLLM's scheduler queue"),
+            "running": ("vllm:num_requests_running", gauge, "Requests vLLM's scheduler runs"),
+            "kv_usage": ("vllm:kv_cache_usage_perc", gauge, "KV-cache usage, 0 to 1"),
             "streams": ("llm_generator_streams_total", counter,
                         "Streamed answers by outcome: finished, cancelled (aborted in vLLM) or failed"),
         }
@@ -218,6 +257,7 @@ class GeneratorMetrics:
         self._families = {key: pb_utils.MetricFamily(name=name, description=text, kind=kind)
                           for key, (name, kind, text) in described.items()}
         self._histograms = histogram is not None
+        self._scheduler_sent_at = 0.0
         self._lock = threading.Lock()  # the metrics thread and the watchdog update; close() empties
         self._replicas: list[ReplicaFigures] = []
         self.add_replicas(replicas)
@@ -246,7 +286,10 @@ class GeneratorMetrics:
 
     def _apply_events(self) -> None:
         while True:
-            events = [self._events.get()]
+            try:
+                events = [self._events.get(timeout=SCHEDULER_FIGURES_S)]
+            except queue.Empty:  # nothing happened: still send the scheduler's figures
+                events = []
             while True:  # take everything queued meanwhile: one call per figure
                 try:
                     events.append(self._events.get_nowait())
@@ -279,6 +322,18 @@ class GeneratorMetrics:
                 tally.answers.extend(payload)
         for replica, tally in tallies.items():
             self._replicas[replica].apply(tally)
+        now = time.monotonic()
+        if now - self._scheduler_sent_at >= SCHEDULER_FIGURES_S:
+            self._scheduler_sent_at = now
+            for figures in self._replicas:
+                figures.update_scheduler()
+
+    def set_load(self, replica: int, load) -> None:
+        """`load() -> (prompts in flight, max_num_seqs)`: the running and waiting counts when
+        vLLM reports no statistics."""
+        with self._lock:
+            if replica < len(self._replicas):
+                self._replicas[replica].load = load
 
     def set_engine_up(self, up: bool, replica: int = 0) -> None:
         """Called from the watchdog thread: under the lock, as close() may be emptying the families."""

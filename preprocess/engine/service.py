@@ -66,6 +66,11 @@ def model_max_len(model_dir: Path) -> int | None:
     return int(value) if isinstance(value, int) else None
 
 
+def scheduler_capacity(runner: Runner, otherwise: int) -> int:
+    """How many requests the runner's scheduler runs at once (vLLM's max_num_seqs)."""
+    return int((getattr(runner, "scheduler", None) or {}).get("max_num_seqs") or otherwise)
+
+
 def installed_vllm() -> tuple[str | None, str | None]:
     """(vLLM's version, None) when it imports, else (None, the import error)."""
     try:
@@ -131,6 +136,9 @@ class GeneratorService:
         self.fallback: str | None = None  # why transformers serves where vLLM was asked for
         self.vllm_version: str | None = None
         self.replicas = self._start_replicas()
+        if self.metrics is not None:
+            for index, replica in enumerate(self.replicas):
+                self.metrics.set_load(index, lambda r=replica: (r.in_flight, scheduler_capacity(r.runner, r.in_flight)))
         self.publish_state()
         self._stop = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, name="engine-watchdog", daemon=True)

@@ -197,3 +197,32 @@ def test_each_replica_has_its_own_figures(recorded):
     assert [pb_utils.value("llm_generator_kv_cache_blocks_total", replica=r) for r in "01"] == [80, 40]
     assert [pb_utils.value("llm_generator_engine_up", replica=r) for r in "01"] == [1, 0]
     assert len(pb_utils.observed("llm_generator_e2e_latency_seconds", replica="1")) == 2
+
+
+def test_vllm_scheduler_figures_under_vllm_names_with_nothing_else_happening():
+    pb_utils = RecordingPbUtils()
+    metrics = GeneratorMetrics(pb_utils, replicas=2)
+    try:
+        kv = metrics.kv_gauge(1)
+        kv.waiting, kv.running, kv.usage, kv.recorded = 7, 256, 0.5, True  # what vLLM's stat logger records
+        # No request event arrives: the metrics thread still sends them (bounded wait).
+        assert wait_for(lambda: pb_utils.metrics.get(("vllm:num_requests_waiting", (("replica", "1"),)))
+                        and pb_utils.value("vllm:num_requests_waiting", "1") == 7, 10)
+        assert pb_utils.value("vllm:num_requests_running", "1") == 256
+        assert pb_utils.value("vllm:kv_cache_usage_perc", "1") == 0.5
+    finally:
+        metrics.close()
+
+
+def test_without_vllm_statistics_the_counts_follow_from_the_prompts_in_flight():
+    pb_utils = RecordingPbUtils()
+    metrics = GeneratorMetrics(pb_utils, replicas=1)
+    try:
+        metrics.set_load(0, lambda: (300, 256))  # VLLM_ENGINE_STATS=0: vLLM reports nothing
+        assert wait_for(lambda: pb_utils.value("vllm:num_requests_waiting") == 44, 10)
+        assert pb_utils.value("vllm:num_requests_running") == 256
+        metrics.set_load(0, lambda: (3, 256))
+        assert wait_for(lambda: pb_utils.value("vllm:num_requests_waiting") == 0, 10)
+        assert pb_utils.value("vllm:num_requests_running") == 3
+    finally:
+        metrics.close()
