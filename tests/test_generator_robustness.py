@@ -46,9 +46,10 @@ def test_the_engine_shares_the_shims_session(server):
 
 
 @pytest.mark.faults
-def test_killed_engine_comes_back_without_a_restart(server):
-    """The generator rebuilds its engine by itself; the failures of the requests in flight
-    must not trip the shim's restart rule (that would reload every model)."""
+def test_killed_engine_comes_back_without_a_restart_and_the_batches_in_flight_whole(server):
+    """The generator rebuilds its engine by itself, and sends the batches in flight again,
+    once, to the new engine: each comes back whole. Nothing of it trips the shim's restart
+    rule (that would reload every model). A request that arrives during the outage gets 503."""
     state = server.generator_state()
     engine_pid, stub_pid = state["engine_pid"], state["pid"]
     assert engine_pid and engine_pid != stub_pid
@@ -58,7 +59,7 @@ def test_killed_engine_comes_back_without_a_restart(server):
     def batch_client(i):
         outcomes.append(request_outcome("POST", server.url + "/predict",
                                         {"prompt": [f"in flight {i} {k}" for k in range(8)], "max_new_tokens": 200,
-                                         "ignore_eos": True}, timeout=120))
+                                         "ignore_eos": True}, timeout=300))
 
     def stream_client():
         # A stream in flight when the engine dies ends with an error event and [DONE]: no hang.
@@ -91,7 +92,9 @@ def test_killed_engine_comes_back_without_a_restart(server):
                 join_timeout_s=300)
     during, engine_ready_after_it, recovered_s = probe
     assert during.status == 503 and "error" in during.body and not engine_ready_after_it, during
-    assert all(o.error is None and o.status in (200, 503) for o in outcomes), outcomes
+    assert len(outcomes) == 4 and all(o.error is None and o.status == 200 and len(o.body["response"]) == 8
+                                      for o in outcomes), outcomes
+    assert "submitting 8 prompt(s) again" in server.log_text()  # they were in flight when it died
     status, *events = streamed
     assert status == 200 and events[-1] == "[DONE]", streamed[:3] + streamed[-3:]
     last = json.loads(events[-2])

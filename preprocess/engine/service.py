@@ -28,7 +28,7 @@ from .fallback import EngineStartError
 from .versions import check_vllm_version
 from .metrics import engine_stat_loggers
 from .generation import (BatchHandle, Completion, EngineUnavailable, GenerationItem, GenerationResult, PromptTooLong,
-                         Runner, StreamDelta, StreamListener, check_prompt_lengths)
+                         Runner, StreamDelta, StreamListener, check_prompt_lengths, classify_error)
 from .replicas import EngineReplica, SplitRequest, joined_handle
 
 log = logging.getLogger("generator")
@@ -64,6 +64,14 @@ def model_max_len(model_dir: Path) -> int | None:
         return None
     value = config.get("max_position_embeddings")
     return int(value) if isinstance(value, int) else None
+
+
+def died_under(outcome: Any, engine_healthy: bool) -> bool:
+    """Whether `outcome` is a failure from the engine going away (not the request's own
+    fault, not a cancellation its client asked for while the engine was well)."""
+    if not isinstance(outcome, BaseException) or classify_error(outcome, engine_healthy) != "unavailable":
+        return False
+    return not engine_healthy or not isinstance(outcome, asyncio.CancelledError)
 
 
 def scheduler_capacity(runner: Runner, otherwise: int) -> int:
@@ -235,9 +243,11 @@ class GeneratorService:
         """At least one replica serves: requests are still answered."""
         return any(r.ready for r in self.replicas)
 
-    def submit(self, items: Sequence[GenerationItem], on_done: Completion) -> BatchHandle | None:
+    def submit(self, items: Sequence[GenerationItem], on_done: Completion, resubmit: bool = True) -> BatchHandle | None:
         """Spread `items` over the serving replicas so that their loads level out; the
-        answers come back in the items' order, through `on_done`, once."""
+        answers come back in the items' order, through `on_done`, once. With `resubmit`, a
+        part whose engine dies under it is sent again once (see _resubmit_when_serving)."""
+        resubmit = resubmit and self.engine.resubmit_wait_s > 0
         serving = [r for r in self.replicas if r.ready]
         if not serving:
             on_done(EngineUnavailable("the generator engine is restarting; retry shortly"))
@@ -259,20 +269,44 @@ class GeneratorService:
                 break
             generation = replica.engine_generation
             replica.add_in_flight(len(positions), generation)
-            handle = replica.runner.submit([items[i] for i in positions],
-                                           self._part_done(split, part, replica, len(positions), generation))
+            part_items = [items[i] for i in positions]
+            handle = replica.runner.submit(part_items, self._part_done(split, part, replica, part_items, generation,
+                                                                       resubmit))
             parts.append((replica, handle))
         return joined_handle(parts)
 
-    def _part_done(self, split: SplitRequest, part: int, replica: EngineReplica, count: int,
-                   generation: int) -> Completion:
+    def _part_done(self, split: SplitRequest, part: int, replica: EngineReplica, part_items: list[GenerationItem],
+                   generation: int, resubmit: bool) -> Completion:
         def done(outcome):
             # On the replica's engine thread: bookkeeping only, the adapter sends elsewhere.
-            replica.add_in_flight(-count, generation)
+            replica.add_in_flight(-len(part_items), generation)
+            if resubmit and not split.answered and died_under(outcome, replica.runner.healthy):
+                self._resubmit_when_serving(part_items, lambda again: split.part_done(part, again))
+                return
             if self.metrics is not None and not isinstance(outcome, BaseException):
                 self.metrics.finished(outcome, replica.index)
             split.part_done(part, outcome)
         return done
+
+    def _resubmit_when_serving(self, items: list[GenerationItem], on_done: Completion) -> None:
+        """Prompts whose engine died before answering: once a replica serves again (the
+        rebuilt engine, or another replica) within ENGINE_RESUBMIT_S, they are submitted
+        again, once; past the bound, or on a second death, they get the 503. On a thread of
+        its own: the caller is the dying engine's thread. Not cancellable meanwhile."""
+        wait_s = self.engine.resubmit_wait_s
+
+        def wait_then_submit() -> None:
+            deadline = time.monotonic() + wait_s
+            while not self.serving and time.monotonic() < deadline and not self._stop.is_set():
+                time.sleep(0.2)
+            if not self.serving:
+                on_done(EngineUnavailable(f"the generator engine died and was not back within {wait_s:g} s "
+                                          "(ENGINE_RESUBMIT_S); retry shortly"))
+                return
+            log.warning("submitting %d prompt(s) again: their engine died before answering", len(items))
+            self.submit(items, on_done, resubmit=False)
+
+        threading.Thread(target=wait_then_submit, name="resubmit", daemon=True).start()
 
     def stream(self, item: GenerationItem, on_delta: StreamListener) -> BatchHandle | None:
         """One answer, piece by piece, from the least loaded serving replica (see

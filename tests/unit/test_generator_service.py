@@ -250,3 +250,18 @@ def test_engine_stats_off_passes_no_logger():
     assert [f.__name__ for f in engine_stat_loggers(on.engine_stats, None)] == ["Unscraped"]
     assert [f.__name__ for f in engine_stat_loggers(on.engine_stats, KvCacheGauge())] == ["Unscraped", "Recorder"]
     assert engine_config.engine_kwargs(on, "/m")["disable_log_stats"] is False
+
+
+def test_which_failures_are_sent_again():
+    import asyncio
+
+    from preprocess.engine.generation import EngineUnavailable, PromptTooLong
+    from preprocess.engine.service import died_under
+
+    assert died_under(EngineUnavailable("the engine stopped"), engine_healthy=False)
+    assert died_under(type("EngineDeadError", (RuntimeError,), {})("gone"), engine_healthy=True)
+    assert died_under(asyncio.CancelledError(), engine_healthy=False)  # the loop stopped under it
+    assert not died_under(asyncio.CancelledError(), engine_healthy=True)  # its client left: never again
+    assert not died_under(PromptTooLong("too long"), engine_healthy=False)  # the request's own fault
+    assert not died_under(ValueError("a bug"), engine_healthy=True)
+    assert not died_under([], engine_healthy=False)  # an answer
