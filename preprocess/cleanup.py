@@ -2,7 +2,7 @@
 
 Guarantees: no thinking text survives, whether the block is closed, unclosed (an answer
 cut off mid-thought) or only a lone `</think>` ends it; and sentence splitting keeps the
-newlines it splits on. (The README's "Where we differ" lists these against the replaced
+newlines it splits on. (docs/differences.md lists these against the replaced
 service.)
 """
 from __future__ import annotations

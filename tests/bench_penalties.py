@@ -1,6 +1,6 @@
 """What vLLM's penalties cost the judge's batch, and what the generator's penalties save.
 
-Two parts, on the GPU (README "Benchmark"):
+Two parts, on the GPU (docs/performance.md):
 
 1. The penalty function alone, vLLM's against `preprocess/engine/penalties.py`, on random
    logits of the model's vocabulary at the judge batch's two phases (650 sequences early

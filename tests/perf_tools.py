@@ -1,4 +1,4 @@
-"""perf_analyzer from the tritonclient 2.51 wheel, ready to run (the README's "perf_analyzer" lines)."""
+"""perf_analyzer from the tritonclient 2.51 wheel, ready to run (the perf_analyzer lines of docs/api.md)."""
 from __future__ import annotations
 
 import os

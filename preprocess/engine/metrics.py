@@ -68,9 +68,9 @@ def unscraped_prometheus_logger():
 
     vLLM records its Prometheus figures in the process that runs AsyncLLM, here the
     generator stub, where no endpoint serves them (ours are above, on Triton's port). vLLM
-    adds that recorder unless it is given one, so it gets this one. Measured with py-spy on
-    an H200 x2 (two replicas, 2048 x 256): the stub ran at 100% of a core, and
-    PrometheusStatLogger.record took 15.6% of its samples."""
+    adds that recorder unless it is given one, so it gets this one: recording figures that
+    nobody scrapes cost the stub's one core a large share of its time under load (py-spy;
+    docs/performance.md, "vLLM's per-step statistics")."""
     try:
         from vllm.v1.metrics.loggers import PrometheusStatLogger
     except ImportError:

@@ -18,11 +18,10 @@ It reaches vLLM's engine processes as a vLLM general plugin (`register`, the
 starts. It takes effect only where `VLLM_PLUGINS` names it: the generator does that
 (`VLLM_FAST_PENALTIES`), and any other vLLM in the same environment keeps its own sampler.
 
-Measured (README, Benchmark): on CPU, 650 sequences, a 49,152-token vocabulary, 4.3 ms a
-call against vLLM's 570 ms. On a GPU, vLLM 0.25 runs dense models with its V2 model runner,
-whose sampler applies the penalties in one fused kernel (on an H200, 0.13 ms a step at 650
-sequences and 49,152 tokens, 0.39 ms at Qwen3's 151,936) and never calls the function this
-replaces: there it stays off by default, and `penalties_in_use` says `vllm` whatever loads.
+On CPU it replaces vLLM's function for a large gain (docs/performance.md, "Penalties over
+the tokens each sequence has seen"). On a GPU, vLLM runs dense models with its V2 model
+runner, whose sampler applies the penalties in one fused kernel and never calls the function
+this replaces: there it stays off by default, and `penalties_in_use` says `vllm` whatever loads.
 """
 from __future__ import annotations
 

@@ -77,9 +77,9 @@ def plan_replicas(replicas: int, tensor_parallel: int, visible: Sequence[str], a
 
 def process_frontends(frontend: str, replicas: int) -> bool:
     """ENGINE_FRONTEND: each replica's AsyncLLM in a child process (`process`), in the stub
-    (`thread`), or `auto`: a process each when there is more than one replica. Measured on
-    2 x H200: two replicas 1.09x faster at 650 x 128 with a process each (the one stub was
-    at 100% of a core); one replica at c=256 no faster (README, "Measured on two GPUs")."""
+    (`thread`), or `auto`: a process each when there is more than one replica, whose
+    front ends would otherwise share the stub's one core; one replica gains nothing from it
+    (docs/architecture.md, "Replicas and tensor parallelism")."""
     return frontend == "process" or (frontend == "auto" and replicas > 1)
 
 

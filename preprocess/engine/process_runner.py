@@ -3,8 +3,8 @@
 Why a process: AsyncLLM's output handling (decoding the engine core's messages,
 detokenizing, stop checks, per-request bookkeeping) runs in the process that holds
 AsyncLLM. With every replica's AsyncLLM in the one stub, that work shared one core and one
-GIL: on 2 x H200 the stub ran at 100% of a core while both GPUs worked, and two replicas
-gave 1.67x of one (README, "Measured on two GPUs"). Here each replica's AsyncLLM has a
+GIL, and with two replicas the stub's core, not the GPUs, was the limit. Here each
+replica's AsyncLLM has a
 process of its own, and the stub exchanges one message per request part (the prompts in,
 the finished answers out) or per streamed piece.
 

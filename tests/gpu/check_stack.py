@@ -1,5 +1,5 @@
 """Stops a GPU run unless the machine runs docker/stack/nvidia.txt: the NVIDIA image's stack
-(vLLM, torch, transformers; the Python and Triton named in that file's comment and the README)."""
+(vLLM, torch, transformers; the Python and Triton named in that file's comment and docs/images.md)."""
 import importlib.metadata
 import sys
 from pathlib import Path

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the H100/H200 machine, after the .gpu parts are installed (README "GPU").
+# On the H100/H200 machine, after the .gpu parts are installed (README, "On a GPU machine with no network").
 #   bash tests/gpu/run.sh qwen3-4b 650 128
 # Carry .gpu-tok (SmolLM2's tokenizer files). Writes the bench JSON under $OUT.
 set -euo pipefail

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the H100/H200 machine, after the .gpu parts are installed (README "Benchmark").
+# On the H100/H200 machine, after the .gpu parts are installed (README, "On a GPU machine with no network"; docs/performance.md).
 #   bash tests/gpu/run_engine.sh batch  [qwen3-4b] [extra bench_engine arguments]
 #   bash tests/gpu/run_engine.sh online [qwen3-4b]
 # Carry .gpu-tok (SmolLM2's tokenizer files) and, for a profile, .gpu-pyspy.

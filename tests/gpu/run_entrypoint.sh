@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the H100/H200 machine, after the .gpu parts are installed (README "GPU"): the image's
+# On the H100/H200 machine, after the .gpu parts are installed (README, "On a GPU machine with no network"): the image's
 # own entry, docker/entrypoint.sh, on the pinned stack (docker/stack/nvidia.txt), started
 # cold and then warm, each time with the judge's batch.
 #   bash tests/gpu/run_entrypoint.sh [qwen3-4b] [starts] [questions]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the two-GPU H200 machine, after the .gpu parts are installed (README "More than one GPU").
+# On the two-GPU H200 machine, after the .gpu parts are installed (README, "On a GPU machine with no network"; docs/performance.md).
 #   bash tests/gpu/run_replicas.sh [qwen3-4b] [extra bench_replicas arguments]
 # Carry .gpu-tok (SmolLM2's tokenizer files). Writes replicas.json, its log and the
 # products' server logs under $OUT.

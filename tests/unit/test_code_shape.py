@@ -1,4 +1,4 @@
-"""The shape the README's architecture section describes, checked on the source itself."""
+"""The shape docs/architecture.md describes, checked on the source itself."""
 from __future__ import annotations
 
 import ast
