@@ -47,7 +47,7 @@ def create_app(settings: cfg.Settings | None = None, client: EnsembleClient | No
     app.state.shim = state
     app.add_middleware(Guards, max_body_bytes=shim.max_body_bytes, body_timeout_s=shim.body_timeout_s,
                        admin_token=shim.admin_token, metrics=state.metrics, routes=app.router.routes,
-                       drain=state.drain)
+                       drain=state.drain, api_key=shim.api_key)
     install_handlers(app)
     for part in (judge, admin, openai, ui):
         app.include_router(part.router)

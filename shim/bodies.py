@@ -208,8 +208,8 @@ def decode_body(raw: bytes, model: type[BaseModel]):
         if unsupported and len(unsupported) == len(errors):
             raise ApiError(400, f"unsupported field{'s' if len(unsupported) > 1 else ''} "
                                 f"{', '.join(unsupported)}: this server does not implement "
-                                f"{'them' if len(unsupported) > 1 else 'it'}") from None
-        raise ApiError(422, describe_validation(errors)) from None
+                                f"{'them' if len(unsupported) > 1 else 'it'}", param=unsupported[0]) from None
+        raise ApiError(422, describe_validation(errors), param=field_at_fault(errors)) from None
 
 
 async def parse_body(request: Request, model: type[BaseModel]):
@@ -226,14 +226,21 @@ async def parse_body(request: Request, model: type[BaseModel]):
     return decode_body(raw, model)
 
 
+def error_location(item: dict) -> str:
+    """`messages[0].content`-style: the field (and list index) of one validation error."""
+    location = [str(p) for p in item.get("loc", ()) if p not in ("body", "str", "list[str]", "int", "float")]
+    return location[0] + "".join(f"[{p}]" for p in location[1:]) if location else "body"
+
+
 def describe_validation(errors: list[dict]) -> str:
     """One line naming the field (and list index) at fault."""
-    problems = []
-    for item in errors:
-        location = [str(p) for p in item.get("loc", ()) if p not in ("body", "str", "list[str]", "int", "float")]
-        where = location[0] + "".join(f"[{p}]" for p in location[1:]) if location else "body"
-        problems.append(f"{where}: {item.get('msg')}")
+    problems = [f"{error_location(item)}: {item.get('msg')}" for item in errors]
     return "; ".join(dict.fromkeys(problems)) or "invalid request"
+
+
+def field_at_fault(errors: list[dict]) -> str | None:
+    """The first field at fault, OpenAI's `param`."""
+    return error_location(errors[0]) if errors else None
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.routing import Match
 
 from .drain import RETRY_AFTER_S, Drain
-from .errors import error
+from .errors import OPENAI_ROUTES, error
 
 log = logging.getLogger("shim.guards")
 
@@ -88,12 +88,13 @@ class BodyRefused(Exception):
 
 class Guards:
     def __init__(self, app, max_body_bytes: int, body_timeout_s: float, admin_token: str | None,
-                 metrics: ShimMetrics, routes, drain: Drain | None = None):
+                 metrics: ShimMetrics, routes, drain: Drain | None = None, api_key: str | None = None):
         self.app = app
         self.drain = drain or Drain()
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
         self.admin_token = admin_token
+        self.api_key = api_key  # SHIM_API_KEY: required on /v1 when set
         self.metrics = metrics
         self.routes = routes
 
@@ -134,11 +135,11 @@ class Guards:
             if exc.message is None:  # the client went away mid-body: nobody to answer
                 status["code"] = 499
             else:
-                await error(exc.status, exc.message)(scope, receive, send_and_record)
+                await error(exc.status, exc.message, path=scope["path"])(scope, receive, send_and_record)
         except Exception:
             log.exception("unhandled error on %s %s", scope["method"], route)
             if status["code"] is None:
-                await error(500, "internal error in the shim")(scope, receive, send_and_record)
+                await error(500, "internal error in the shim", path=scope["path"])(scope, receive, send_and_record)
             status["code"] = status["code"] or 500
         finally:
             count(str(status["code"] or 499))  # no response started: the client left first
@@ -149,11 +150,17 @@ class Guards:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if working and self.drain.draining:
             return error(503, "the server is shutting down; send this request to another replica",
-                         {"Retry-After": str(RETRY_AFTER_S)}), receive
+                         {"Retry-After": str(RETRY_AFTER_S)}, path=scope["path"]), receive
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             return error(413, f"request body of {length} bytes is over the limit of "
-                              f"{self.max_body_bytes} (SHIM_MAX_BODY_BYTES)"), receive
+                              f"{self.max_body_bytes} (SHIM_MAX_BODY_BYTES)", path=scope["path"]), receive
+        if self.api_key and scope["path"].startswith(OPENAI_ROUTES):
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                why = "no API key given" if not given else "the API key is not this server's"
+                return error(401, f"{why}: send Authorization: Bearer <SHIM_API_KEY>", path=scope["path"],
+                             code="invalid_api_key"), receive
         if (scope["method"], scope["path"]) in ADMIN_ROUTES:
             if self.admin_token:
                 given = headers.get("authorization", "")

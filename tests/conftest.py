@@ -392,3 +392,10 @@ def pytest_sessionfinish(session, exitstatus):
 def pytest_collection_modifyitems(items):
     """Fault tests kill parts of the shared server: run them last."""
     items.sort(key=lambda item: item.get_closest_marker("faults") is not None)
+
+
+def error_text(body) -> str:
+    """An error reply's message, in either shape: `{"error": "..."}` (the judge's and the
+    operators' routes) or OpenAI's `{"error": {"message": ...}}` (/v1)."""
+    found = body["error"]
+    return found["message"] if isinstance(found, dict) else found

@@ -17,7 +17,7 @@ import pytest
 
 from shim.serve import OWN_PROCESS_GROUP
 
-from .conftest import (ARTIFACTS, REPO, free_port, scrape_metrics, server_env, start_server, stop_process,
+from .conftest import (ARTIFACTS, REPO, TINY_MODEL, free_port, scrape_metrics, server_env, start_server, stop_process,
                        stop_server, wait_for)
 
 pytestmark = pytest.mark.server
@@ -113,7 +113,7 @@ def test_the_attached_shim_streams_through_the_grpc_url(replicated):
     import openai
 
     client = openai.OpenAI(base_url=replicated.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-    chunks = list(client.completions.create(model="any", prompt="hello", max_tokens=3, stream=True))
+    chunks = list(client.completions.create(model=TINY_MODEL.name, prompt="hello", max_tokens=3, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == " GPU" * 3
     assert chunks[-1].choices[0].finish_reason == "length"
 

@@ -18,6 +18,7 @@
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -30,7 +31,7 @@ from fastapi.responses import StreamingResponse
 from ..state import run_until_disconnect, shim_state
 from ..bodies import ChatRequest, CompletionRequest, OpenAIParams, json_body, parse_body
 from ..ensemble import Answer
-from ..errors import ApiError
+from ..errors import ApiError, openai_error_body
 from ..render import HEAVY_REPLY_CHARS, json_reply
 from ..streaming import Piece
 
@@ -67,28 +68,40 @@ async def streamed(request: Request, body: OpenAIParams, row: str, row_input: st
     first = await run_until_disconnect(request, anext(pieces))
     include_usage = body.stream_options is not None and body.stream_options.include_usage
 
+    keepalive_s = state.settings.shim.sse_keepalive_s
+
     async def events():
-        piece, generated = first, 0
+        piece, generated, waiting = first, 0, None
         try:
             while True:
                 generated += piece.completion_tokens
                 yield event({**head, "choices": [chunk(piece, piece is first)]})
                 if piece.finish_reason is not None:
                     break
-                piece = await anext(pieces)
+                # A comment line whenever the stream has been silent for SHIM_SSE_KEEPALIVE_S,
+                # so that proxies and clients do not take a slow engine for a dead connection.
+                waiting = asyncio.ensure_future(anext(pieces))
+                while not (await asyncio.wait({waiting}, timeout=keepalive_s))[0]:
+                    yield ": keep-alive\n\n"
+                piece, waiting = waiting.result(), None
         except ApiError as exc:
             log.warning("stream ended by an error: %s", exc.message)
-            yield event({"error": {"message": exc.message, "type": "server_error", "code": exc.status}})
+            yield event(openai_error_body(exc.status, exc.message, exc.param, exc.code))
         else:
             if include_usage:
                 yield event({**head, "choices": [], "usage": {
                     "prompt_tokens": piece.prompt_tokens, "completion_tokens": generated,
                     "total_tokens": piece.prompt_tokens + generated}})
         finally:
+            if waiting is not None:  # the client left while a piece was awaited
+                waiting.cancel()
+                await asyncio.gather(waiting, return_exceptions=True)
             await pieces.aclose()  # a client gone mid-stream: cancels the generation
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    # No caching and no proxy buffering: each event must reach the client as it is sent.
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
 def chat_logprobs(answer: Answer | Piece) -> dict | None:
@@ -127,18 +140,29 @@ async def generate(request: Request, rows: list[str], params: OpenAIParams, row_
                                 row_input=row_input, texts=params.texts(), outputs=outputs)
 
 
+def served_model(request: Request, asked: str | None) -> str:
+    """The model's name, as /v1/models lists it; a request that names another gets a 404."""
+    name = shim_state(request).settings.model_dir.name
+    if asked is not None and asked != name:
+        raise ApiError(404, f"the model {asked!r} does not exist here; this server serves {name!r} (GET /v1/models)",
+                       param="model", code="model_not_found")
+    return name
+
+
 @router.get("/v1/models")
 async def models(request: Request):
-    name = shim_state(request).settings.model_dir.name
-    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "local"}]}
+    state = shim_state(request)
+    max_len = (state.generator.read() or {}).get("max_model_len")
+    return {"object": "list", "data": [{"id": state.settings.model_dir.name, "object": "model", "created": 0,
+                                        "owned_by": "local", "max_model_len": max_len}]}
 
 
 @router.post("/v1/chat/completions", openapi_extra=json_body(ChatRequest))
 async def chat(request: Request):
     body: ChatRequest = await parse_body(request, ChatRequest)
-    model_name = shim_state(request).settings.model_dir.name
+    model_name = served_model(request, body.model)
     if not any(m.role == "user" for m in body.messages):
-        raise ApiError(422, "messages: no message with role 'user'")
+        raise ApiError(422, "messages: no message with role 'user'", param="messages")
     conversation = json.dumps([{"role": m.role, "content": m.content} for m in body.messages], ensure_ascii=False)
     body.check_stream(1)
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -165,7 +189,7 @@ async def chat(request: Request):
 @router.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
 async def completions(request: Request):
     body: CompletionRequest = await parse_body(request, CompletionRequest)
-    model_name = shim_state(request).settings.model_dir.name
+    model_name = served_model(request, body.model)
     prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
     body.check_stream(len(prompts))
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
