@@ -71,10 +71,33 @@ class SystemPromptRequest(BaseModel):
     system_prompt: StrictStr
 
 
+class TextPart(BaseModel):
+    """One part of a message's content, as OpenAI defines them; only text parts are served."""
+    model_config = ConfigDict(extra="ignore")
+    type: StrictStr
+    text: StrictStr | None = None
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: StrictStr
+    content: StrictStr | list[TextPart]
+
+    def text(self, index: int) -> str:
+        """The content as one text: a list of text parts joined by newlines (as vLLM joins
+        them), or ApiError 400 naming a part of another type."""
+        if isinstance(self.content, str):
+            return self.content
+        texts = []
+        for number, part in enumerate(self.content):
+            where = f"messages[{index}].content[{number}]"
+            if part.type != "text":
+                raise ApiError(400, f"{where}.type: {part.type!r} parts are not served here; only 'text'",
+                               param=f"{where}.type")
+            if part.text is None:
+                raise ApiError(400, f"{where}.text: a text part needs its text", param=f"{where}.text")
+            texts.append(part.text)
+        return "\n".join(texts)
 
 
 class StreamOptions(BaseModel):

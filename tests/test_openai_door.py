@@ -109,3 +109,21 @@ def test_a_stream_is_neither_cached_nor_buffered_and_keeps_alive_while_silent(ke
     data = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
     assert lines[-1] == "data: [DONE]" and data[-1]["usage"]["completion_tokens"] >= 1, lines[-3:]
     assert not any("error" in d for d in data), data
+
+
+def test_content_as_text_parts_is_the_same_conversation_as_text(client, tokenizer):
+    """Chat UIs send content as an array of parts: text parts join with newlines, into the
+    same prompt as the joined string; another part type is a 400 naming it."""
+    parts = [{"type": "text", "text": "What is a warp?"}, {"type": "text", "text": "One line, please."}]
+    as_parts = client.chat.completions.create(model=TINY_MODEL.name, messages=[{"role": "user", "content": parts}],
+                                              max_tokens=2, extra_body={"return_token_ids": True})
+    as_text = client.chat.completions.create(
+        model=TINY_MODEL.name, messages=[{"role": "user", "content": "What is a warp?\nOne line, please."}],
+        max_tokens=2, extra_body={"return_token_ids": True})
+    assert as_parts.model_extra["prompt_token_ids"] == as_text.model_extra["prompt_token_ids"]
+    assert "One line, please." in tokenizer.decode(as_parts.model_extra["prompt_token_ids"])
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=TINY_MODEL.name, max_tokens=1, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "see"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
+    assert refused.value.body["param"] == "messages[0].content[1].type"
+    assert "'image_url' parts are not served here" in refused.value.body["message"]

@@ -163,7 +163,8 @@ async def chat(request: Request):
     model_name = served_model(request, body.model)
     if not any(m.role == "user" for m in body.messages):
         raise ApiError(422, "messages: no message with role 'user'", param="messages")
-    conversation = json.dumps([{"role": m.role, "content": m.content} for m in body.messages], ensure_ascii=False)
+    conversation = json.dumps([{"role": m.role, "content": m.text(i)} for i, m in enumerate(body.messages)],
+                              ensure_ascii=False)
     body.check_stream(1)
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
