@@ -63,8 +63,9 @@ def fits(value: Any, numpy_type) -> bool:
 def build_inputs(prompts: Sequence[str], system_prompt: str | None, overrides: dict[str, Any],
                  row_input: str = "prompt", texts: Mapping[str, str] | None = None, client=triton_http) -> list:
     """`prompts` go in as `row_input` ("prompt", or "messages" for conversations as JSON);
-    `texts` (stop, response_format) and the overrides apply to every row. `client`: the
-    tritonclient module whose InferInput to build (HTTP, or gRPC for streams)."""
+    `texts` (stop, response_format) and the overrides apply to every row; an override given
+    as a list holds one value per row. `client`: the tritonclient module whose InferInput to
+    build (HTTP, or gRPC for streams)."""
     inputs = [_text_input(row_input, prompts, client)]
     if system_prompt is not None:
         inputs.append(_text_input("system_prompt", [system_prompt] * len(prompts), client))
@@ -75,13 +76,22 @@ def build_inputs(prompts: Sequence[str], system_prompt: str | None, overrides: d
         if value is None:
             continue
         triton_type, numpy_type = SETTINGS[name].triton_type, SETTINGS[name].numpy_type
-        if not fits(value, numpy_type):  # NumPy would wrap it silently (2**32 - 1 -> top_k -1)
-            raise EnsembleError(400, f"{name}: {value!r} is out of range for {triton_type}")
-        array = np.full((len(prompts), 1), value, dtype=numpy_type)
+        values = value if isinstance(value, list) else [value]
+        for one in values:
+            if not fits(one, numpy_type):  # NumPy would wrap it silently (2**32 - 1 -> top_k -1)
+                raise EnsembleError(400, f"{name}: {one!r} is out of range for {triton_type}")
+        array = (np.array(value, dtype=numpy_type).reshape(-1, 1) if isinstance(value, list)
+                 else np.full((len(prompts), 1), value, dtype=numpy_type))
         tensor = client.InferInput(name, list(array.shape), triton_type)
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     return inputs
+
+
+def rows_of(overrides: dict[str, Any], start: int, count: int) -> dict[str, Any]:
+    """The overrides of rows start..start+count: a per-row list is cut to them."""
+    return {name: value[start:start + count] if isinstance(value, list) else value
+            for name, value in overrides.items()}
 
 
 def even_chunks(items: Sequence, limit: int) -> list[Sequence]:
@@ -198,7 +208,8 @@ class EnsembleClient:
         chunks = even_chunks(prompts, self.max_batch_size)
         offsets = itertools.accumulate((len(chunk) for chunk in chunks[:-1]), initial=0)
         results = await first_failure_ends_all(
-            self._call(build_inputs(chunk, system_prompt, overrides or {}, row_input, texts), outputs, offset)
+            self._call(build_inputs(chunk, system_prompt, rows_of(overrides or {}, offset, len(chunk)), row_input,
+                                    texts), outputs, offset)
             for chunk, offset in zip(chunks, offsets))
         answers = [answer for chunk in results for answer in chunk]
         if len(answers) != len(prompts):  # a server bug, never passed on as a shorter list

@@ -178,3 +178,20 @@ def test_a_triton_client_sends_a_conversation_to_the_ensemble(triton, tokenizer)
     ids = result.as_numpy("prompt_ids")[0].tolist()
     assert contains_in_order(ids, [plain_ids(tokenizer, t["content"]) for t in turns])
     assert result.as_numpy("answer")[0][0].decode() == TINY_ANSWER.strip() + TINY_ANSWER * 1
+
+
+def test_n_choices_under_one_seed_are_distinct_samples_and_the_same_set_again(client):
+    schema = {"type": "object", "properties": {"w": {"enum": WORDS}}, "required": ["w"], "additionalProperties": False}
+
+    def four():
+        reply = client.completions.create(
+            model=TINY_MODEL.name, prompt="x", max_tokens=16, temperature=1.0, seed=1, n=4,
+            extra_body={"top_k": -1, "response_format": {"type": "json_schema",
+                                                        "json_schema": {"name": "w", "schema": schema}}})
+        return [c.text for c in sorted(reply.choices, key=lambda c: c.index)]
+
+    first = four()
+    assert len(first) == 4 and all(json.loads(text)["w"] in WORDS for text in first)
+    assert len(set(first)) > 1, first  # not one sample four times
+    assert four() == first  # reproducible as a set, in order
+    assert first[0] == sampled(client, 1) and first[2] == sampled(client, 3)  # choice i is seed + i

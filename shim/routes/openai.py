@@ -136,8 +136,17 @@ async def generate(request: Request, rows: list[str], params: OpenAIParams, row_
                                         row_input=row_input, verbatim=bool(extra.get("verbatim")))
     outputs = (("logprobs",) if overrides.get("top_logprobs") is not None else ()) + \
         (("prompt_ids",) if params.return_token_ids else ())
+    if params.n > 1 and overrides.get("seed") is not None:
+        # n choices under one seed are n samples, reproducible as a set: choice i gets seed + i.
+        overrides = {**overrides, "seed": [choice_seed(overrides["seed"], k % params.n)
+                                           for k in range(len(rows) * params.n)]}
     return await state.generate(request, [r for r in rows for _ in range(params.n)], overrides, work,
                                 row_input=row_input, texts=params.texts(), outputs=outputs)
+
+
+def choice_seed(seed: int, choice: int) -> int:
+    """The seed of choice `choice` (seed + choice, within the seed's 0..2^63-1)."""
+    return (seed + choice) % 2**63
 
 
 def served_model(request: Request, asked: str | None) -> str:
