@@ -86,6 +86,11 @@ class BodyRefused(Exception):
         self.status, self.message = status, message
 
 
+def bearer_matches(headers: dict[str, str], secret: str) -> bool:
+    """Whether the request carries `Authorization: Bearer <secret>`, compared in constant time."""
+    return hmac.compare_digest(headers.get("authorization", "").encode(), f"Bearer {secret}".encode())
+
+
 class Guards:
     def __init__(self, app, max_body_bytes: int, body_timeout_s: float, admin_token: str | None,
                  metrics: ShimMetrics, routes, drain: Drain | None = None, api_key: str | None = None):
@@ -156,15 +161,13 @@ class Guards:
             return error(413, f"request body of {length} bytes is over the limit of "
                               f"{self.max_body_bytes} (SHIM_MAX_BODY_BYTES)", path=scope["path"]), receive
         if self.api_key and scope["path"].startswith(OPENAI_ROUTES):
-            given = headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-                why = "no API key given" if not given else "the API key is not this server's"
+            if not bearer_matches(headers, self.api_key):
+                why = "no API key given" if not headers.get("authorization") else "the API key is not this server's"
                 return error(401, f"{why}: send Authorization: Bearer <SHIM_API_KEY>", path=scope["path"],
                              code="invalid_api_key"), receive
         if (scope["method"], scope["path"]) in ADMIN_ROUTES:
             if self.admin_token:
-                given = headers.get("authorization", "")
-                if not hmac.compare_digest(given.encode(), f"Bearer {self.admin_token}".encode()):
+                if not bearer_matches(headers, self.admin_token):
                     return error(401, "this route needs Authorization: Bearer <SHIM_ADMIN_TOKEN>"), receive
             elif not from_loopback(scope):
                 return error(403, "this route answers only on this host while SHIM_ADMIN_TOKEN is not set; "

@@ -243,7 +243,7 @@ class GeneratorMetrics:
             "kv_concurrency": ("llm_generator_kv_cache_concurrency", gauge,
                                "Requests the KV cache holds at the current average request length"),
             "engine_up": ("llm_generator_engine_up", gauge, "1 when the replica's engine serves, 0 while it restarts"),
-            # vLLM's own names, which KEDA scalers and vLLM's production stack read (SCHEDULER_FIGURES)
+            # vLLM's own names, which KEDA scalers and vLLM's production stack read (sent every SCHEDULER_FIGURES_S)
             "waiting": ("vllm:num_requests_waiting", gauge, "Requests waiting in vLLM's scheduler queue"),
             "running": ("vllm:num_requests_running", gauge, "Requests vLLM's scheduler runs"),
             "kv_usage": ("vllm:kv_cache_usage_perc", gauge, "KV-cache usage, 0 to 1"),

@@ -14,7 +14,6 @@ import json
 import logging
 import select
 import subprocess
-import sys
 import threading
 import time
 from collections import OrderedDict

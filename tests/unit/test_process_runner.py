@@ -19,7 +19,7 @@ from preprocess.engine.process_runner import error_from_message, error_message
 from preprocess.engine.service import GeneratorService, prepare_generator_process
 from preprocess.sampling import SamplingSettings
 
-from ..conftest import TINY_ANSWER, wait_for
+from ..conftest import TINY_ANSWER
 
 
 def settings(max_tokens: int, **extra) -> SamplingSettings:
