@@ -195,12 +195,13 @@ def warmed(client) -> None:
 
 
 @contextlib.contextmanager
-def engine_in_slices(server, run_s: float = 0.02, pause_s: float = 0.2):
+def engine_in_slices(server, run_s: float = 0.02, pause_s: float = 0.2, held: threading.Event | None = None):
     """The server's vLLM engines (core processes and their workers) run only in slices of
     `run_s` with `pause_s` stopped between them (SIGSTOP/SIGCONT). The tokens an engine can
     make then stay few per slice, while every other process gets the pauses to react: a
     test can then tell "the client left before the end" from "the engine was faster", on
-    any machine. Always continued on exit; a process that died meanwhile is skipped."""
+    any machine. With `held`, the engines stay stopped until it is set (work piles up in
+    front of them). Always continued on exit; a process that died meanwhile is skipped."""
     import psutil
 
     engines = [psutil.Process(r["engine_pid"]) for r in server.get("/info")[1]["replicas"] if r.get("engine_pid")]
@@ -216,12 +217,16 @@ def engine_in_slices(server, run_s: float = 0.02, pause_s: float = 0.2):
                 pass
 
     def slices():
+        while held is not None and not held.is_set() and not stop.is_set():
+            held.wait(0.1)
         while not stop.is_set():
             signal_all(signal.SIGCONT)
             time.sleep(run_s)
             signal_all(signal.SIGSTOP)
             stop.wait(pause_s)
 
+    if held is not None:
+        signal_all(signal.SIGSTOP)
     slicer = threading.Thread(target=slices, daemon=True)
     slicer.start()
     try:

@@ -71,15 +71,18 @@ def test_generator_figures_after_real_requests(server):
 def test_the_waiting_queue_rises_under_load_where_tritons_pending_count_does_not(server):
     """The scaling signal: a batch larger than vLLM's max_num_seqs queues inside vLLM, which
     `vllm:num_requests_waiting` shows; Triton's pending count stays 0, because the generator
-    hands every prompt to vLLM at once. The engine runs in slices, so the queue lasts on any
-    machine."""
+    hands every prompt to vLLM at once. The engine is held stopped until every prompt has
+    been handed to it, then runs in slices: half again what it runs at once is queued in front
+    of it, on any machine (four requests arriving one by one could each be answered before
+    the next came)."""
     import threading
 
     from .conftest import engine_in_slices, request_outcome, wait_for
 
     info = server.get("/info")[1]
     capacity = info["scheduler"]["max_num_seqs"]
-    prompts = [f"queued {k}" for k in range(capacity + 48)]
+    prompts = [f"queued {k}" for k in range(capacity + capacity // 2)]
+    received = "llm_generator_prompts_total{replica=0}"
     samples = []
 
     def sample():
@@ -89,19 +92,25 @@ def test_the_waiting_queue_rises_under_load_where_tritons_pending_count_does_not
         samples.append((waiting, pending))
         return waiting > 0
 
-    # Four requests at once, each within the session's per-request work limit.
+    # Four requests at once, each within the session's per-request work limit, all within its queue limit.
     parts = [prompts[k::4] for k in range(4)]
     outcomes = []
-    with engine_in_slices(server):
+    before = scrape_metrics(server.metrics_url).get(received, 0.0)
+    all_in = threading.Event()
+    with engine_in_slices(server, held=all_in):
         batches = [threading.Thread(target=lambda part=part: outcomes.append(request_outcome(
             "POST", server.url + "/predict", {"prompt": part, "max_new_tokens": 2}, timeout=600))) for part in parts]
         for batch in batches:
             batch.start()
+        handed = wait_for(lambda: outcomes or scrape_metrics(server.metrics_url).get(received, 0.0) - before >= len(prompts),
+                          300)  # or a request was answered (refused) meanwhile
+        all_in.set()
         rose = wait_for(sample, 120)
         sample()
     for batch in batches:
         batch.join(600)
     assert [o.status for o in outcomes] == [200] * 4, outcomes
+    assert handed, "the prompts never all reached the generator"
     assert rose, samples[-5:]
     assert all(pending == 0 for _, pending in samples), samples
     # and it drains: nothing waits once the batch is answered

@@ -8,12 +8,14 @@ plain tritonserver, `VLLM::EngineCore` and `VLLM::Worker` were alive 60 s later.
 
 One guard process per generator, started by `start_guard`: every second it records the
 generator's descendants (pid and start time) and the /dev/shm segments they and the
-generator map; once the generator is gone, it sends the descendants SIGTERM (vLLM's own
-shutdown) and SIGKILL to whatever is alive 5 s later, then removes the recorded segments
-that no live process maps (a killed process cannot unlink its own). A process is signalled
+generator map. Once the generator is gone, or its server is (a stub whose server died can
+hang in its own teardown and never exit: seen once in CI, a stub alive 60 s after `kill -9`
+of tritonserver), it sends the descendants, and the generator if still there, SIGTERM
+(vLLM's own shutdown) and SIGKILL to whatever is alive 5 s later, then removes the recorded
+segments that no live process maps (a killed process cannot unlink its own). A process is signalled
 only if its start time is the recorded one, so a pid the system has since reused is left alone. The guard runs in a session of its own,
-so a group kill of the server does not take it before it has done its work; it exits with
-its generator.
+so a group kill of the server does not take it before it has done its work; it exits once
+that work is done.
 
     python3 orphan_guard.py GENERATOR_PID      (run by path: it imports psutil only)
 """
@@ -119,22 +121,26 @@ def running(pid: int, started: float) -> bool:
 
 
 def watch(generator_pid: int, poll_s: float = POLL_S) -> tuple[list[int], list[str]]:
-    """Until the generator is gone; then (pids signalled, segments removed)."""
+    """Until the generator or its server (its parent) is gone; then (pids signalled, segments removed)."""
     try:
         generator = psutil.Process(generator_pid)
         born = generator.create_time()
+        server = generator.parent()
+        server_born = server.create_time() if server is not None else None
     except psutil.Error:
         return [], []
     own = psutil.Process().pid
     recorded: dict[int, float] = {}
     segments: set[str] = set()
-    while running(generator_pid, born):
+    while running(generator_pid, born) and (server is None or running(server.pid, server_born)):
         recorded.update(descendants(generator, own))
         # Forget the processes that ended on their own (an engine rebuilt after a death).
         recorded = {pid: started for pid, started in recorded.items() if still_the_same(pid, started)}
         for pid in (generator_pid, *recorded):
             segments |= shm_mapped(pid)
         time.sleep(poll_s)
+    if running(generator_pid, born):  # its server is gone: nothing will ever talk to it again
+        recorded[generator_pid] = born
     ended = end(recorded)
     return ended, remove_unused(segments)
 

@@ -42,6 +42,40 @@ def test_a_killed_parent_takes_its_children_and_their_shared_memory_along():
         guard.kill()
 
 
+SERVER = textwrap.dedent("""
+    import subprocess, sys, time
+    stub = subprocess.Popen([sys.executable, "-c", sys.argv[1]], stdout=subprocess.PIPE, text=True)
+    print(stub.pid, stub.stdout.readline().strip(), flush=True)
+    time.sleep(300)
+""")
+STUCK_STUB = textwrap.dedent("""
+    import subprocess, sys, time
+    engine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    print(engine.pid, flush=True)
+    time.sleep(300)  # never notices its server's death, as a stub stuck in its teardown
+""")
+
+
+def test_a_stub_that_outlives_its_server_is_ended_with_its_engine():
+    server = subprocess.Popen([sys.executable, "-c", SERVER, STUCK_STUB], stdout=subprocess.PIPE, text=True)
+    stub_pid, engine_pid = (int(pid) for pid in server.stdout.readline().split())
+    guard = orphan_guard.start_guard(stub_pid, sys.executable)
+    try:
+        time.sleep(2 * orphan_guard.POLL_S + 0.5)  # the guard has recorded the engine
+        server.kill()
+        server.wait(10)
+        guard.wait(60)  # a bound: the guard exits as soon as its work is done
+        for pid in (stub_pid, engine_pid):
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", pid
+    finally:
+        for pid in (stub_pid, engine_pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        guard.kill()
+
+
 def test_a_reused_pid_is_never_signalled():
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
