@@ -7,14 +7,15 @@ allocate, and the fallback chain ends at transformers. Measured on CPU: after `k
 plain tritonserver, `VLLM::EngineCore` and `VLLM::Worker` were alive 60 s later.
 
 One guard process per generator, started by `start_guard`: every second it records the
-generator's descendants (pid and start time) and the /dev/shm segments they and the
-generator map. Once the generator is gone, or its server is (a stub whose server died can
-hang in its own teardown and never exit: seen once in CI, a stub alive 60 s after `kill -9`
-of tritonserver), it sends the descendants, and the generator if still there, SIGTERM
-(vLLM's own shutdown) and SIGKILL to whatever is alive 5 s later, then removes the recorded
-segments that no live process maps (a killed process cannot unlink its own). A process is signalled
-only if its start time is the recorded one, so a pid the system has since reused is left alone. The guard runs in a session of its own,
-so a group kill of the server does not take it before it has done its work; it exits once
+generator's descendants (pid and start time, in ticks since boot) and the /dev/shm
+segments they and the generator map. Once the generator is gone, or its server is (a stub
+whose server died can hang in its own teardown and never exit: seen once in CI, a stub
+alive 60 s after `kill -9` of tritonserver), it sends the descendants, and the generator
+if still there, SIGTERM (vLLM's own shutdown) and SIGKILL to whatever is alive 5 s later,
+then removes the recorded segments that no live process maps (a killed process cannot
+unlink its own). A process is signalled only if its start time is the recorded one, so a
+pid the system has since reused is left alone. The guard runs in a session of its own, so
+a group kill of the server does not take it before it has done its work; it exits once
 that work is done.
 
     python3 orphan_guard.py GENERATOR_PID      (run by path: it imports psutil only)
@@ -36,29 +37,41 @@ POLL_S = 1.0
 GRACE_S = 5.0
 
 
-def descendants(process: psutil.Process, own_pid: int) -> dict[int, float]:
+def start_ticks(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (/proc/PID/stat, field 22), or
+    None when it is gone. Not psutil's create_time: that adds the boot time, which the
+    kernel reports in whole seconds and a clock adjustment can step, and one step would
+    make the guard take a live generator (or its server) for gone and end it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def descendants(process: psutil.Process, own_pid: int) -> dict[int, int]:
     found = {}
     try:
-        for child in process.children(recursive=True):
-            if child.pid != own_pid:
-                try:
-                    found[child.pid] = child.create_time()
-                except psutil.Error:
-                    continue
+        children = process.children(recursive=True)
     except psutil.Error:
-        pass
+        return found
+    for child in children:
+        started = start_ticks(child.pid)
+        if child.pid != own_pid and started is not None:
+            found[child.pid] = started
     return found
 
 
-def still_the_same(pid: int, started: float) -> psutil.Process | None:
+def still_the_same(pid: int, started: int) -> psutil.Process | None:
+    if start_ticks(pid) != started:
+        return None
     try:
-        process = psutil.Process(pid)
-        return process if abs(process.create_time() - started) < 0.01 else None
+        return psutil.Process(pid)
     except psutil.Error:
         return None
 
 
-def end(recorded: dict[int, float], grace_s: float = GRACE_S) -> list[int]:
+def end(recorded: dict[int, int], grace_s: float = GRACE_S) -> list[int]:
     """SIGTERM, then SIGKILL after `grace_s`, to the recorded processes still alive. The pids signalled."""
     alive = [p for pid, started in recorded.items() if (p := still_the_same(pid, started)) is not None]
     for process in alive:
@@ -112,7 +125,7 @@ def remove_unused(names: set[str], shm: Path = SHM) -> list[str]:
     return removed
 
 
-def running(pid: int, started: float) -> bool:
+def running(pid: int, started: int | None) -> bool:
     process = still_the_same(pid, started)
     try:
         return process is not None and process.status() != psutil.STATUS_ZOMBIE
@@ -124,13 +137,15 @@ def watch(generator_pid: int, poll_s: float = POLL_S) -> tuple[list[int], list[s
     """Until the generator or its server (its parent) is gone; then (pids signalled, segments removed)."""
     try:
         generator = psutil.Process(generator_pid)
-        born = generator.create_time()
         server = generator.parent()
-        server_born = server.create_time() if server is not None else None
     except psutil.Error:
         return [], []
+    born = start_ticks(generator_pid)
+    server_born = start_ticks(server.pid) if server is not None else None
+    if born is None:
+        return [], []
     own = psutil.Process().pid
-    recorded: dict[int, float] = {}
+    recorded: dict[int, int] = {}
     segments: set[str] = set()
     while running(generator_pid, born) and (server is None or running(server.pid, server_born)):
         recorded.update(descendants(generator, own))

@@ -79,8 +79,9 @@ def test_a_stub_that_outlives_its_server_is_ended_with_its_engine():
 def test_a_reused_pid_is_never_signalled():
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        started = psutil.Process(bystander.pid).create_time()
-        assert orphan_guard.end({bystander.pid: started - 100.0}, grace_s=0.1) == []  # another start time
+        started = orphan_guard.start_ticks(bystander.pid)
+        assert started == orphan_guard.start_ticks(bystander.pid) and started > 0
+        assert orphan_guard.end({bystander.pid: started - 100}, grace_s=0.1) == []  # another start time
         assert bystander.poll() is None
         assert orphan_guard.end({bystander.pid: started}, grace_s=10) == [bystander.pid]
         assert not psutil.pid_exists(bystander.pid) or psutil.Process(bystander.pid).status() == "zombie"
