@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 
 from . import settings as cfg
 from . import controls
-from .chat import ChatFormatter
+from .chat import ChatFormatter, TemplateOptions, Turn
 from .cleanup import clean_answer
 from .contract import NOT_SET
 from .grammar.sandbox import GrammarSandbox
@@ -72,15 +72,16 @@ class PreprocessStage:
         """Every row prepared, or InvalidRequest naming the first bad row."""
         count = len(rows.prompts)
         systems = [self._system_prompt(rows.at(rows.system_prompts, i)) for i in range(count)]
-        conversations: dict[int, list[tuple[str, str]]] = {}
+        conversations: dict[int, tuple[list[Turn], TemplateOptions]] = {}
         decisions, samplings = [], []
         for row in range(count):
             try:
-                decision, sampling, turns = self._decide(rows, row)
+                decision, sampling, conversation = self._decide(rows, row)
             except InvalidRequest as exc:
                 raise InvalidRequest(f"prompt {row}: {exc}") from None
-            if turns is not None:
-                conversations[row] = with_system_prompt(turns, systems[row])
+            if conversation is not None:
+                turns, options = conversation
+                conversations[row] = (with_system_prompt(turns, systems[row]), options)
             decisions.append(decision)
             samplings.append(sampling)
         if self.routing.log_routing:
@@ -91,7 +92,10 @@ class PreprocessStage:
             prepared[i] = PreparedRow(text, ids, decisions[i], samplings[i])
         if conversations:
             try:
-                formatted = self.formatter.format_conversations(list(conversations.values()))
+                formatted = self.formatter.format_conversations([turns for turns, _ in conversations.values()],
+                                                                options=[o for _, o in conversations.values()])
+            except InvalidRequest:
+                raise
             except Exception as exc:  # the template's own refusal (role order, a role it lacks)
                 raise InvalidRequest(f"messages: the chat template cannot render this conversation ({exc})") from None
             for i, prompt in zip(conversations, formatted):
@@ -108,7 +112,8 @@ class PreprocessStage:
     def _decide(self, rows: RequestRows, row: int):
         """The row's route, token limit and sampling, and its conversation if it has one."""
         message_text = rows.at(rows.messages, row)
-        turns = messages_from_tensor(message_text, row) if message_text else None
+        conversation = messages_from_tensor(message_text, row) if message_text else None
+        turns = conversation[0] if conversation is not None else None
         question = last_user_text(turns) if turns is not None else rows.prompts[row]
         if question is None:
             raise InvalidRequest("each row needs a prompt or messages")
@@ -133,7 +138,7 @@ class PreprocessStage:
                            response_format=controls.structured_output_from_tensor(
                                rows.at(rows.response_format, row, "")))
         self.grammar.check(sampling.response_format)
-        return decision, sampling, turns
+        return decision, sampling, conversation
 
     def _verbatim(self, prompts: Sequence[str | None]) -> list[tuple[str, list[int]]]:
         """Completions as given (as `vllm serve` does): the text tokenized with the model's

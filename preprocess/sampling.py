@@ -5,12 +5,17 @@ reaches vLLM, so no request can make the engine refuse it.
 """
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Mapping
 
 from . import controls
 from .contract import NOT_SET, SAMPLING_NAMES, SETTINGS, InvalidRequest, OutOfRange
 from .settings import SamplingDefaults
+
+log = logging.getLogger("preprocess.sampling")
 
 OVERRIDE_NAMES = SAMPLING_NAMES
 
@@ -72,3 +77,35 @@ def resolve(defaults: SamplingDefaults, max_tokens: int, overrides: Mapping[str,
     given = {k: v for k, v in overrides.items() if k in OVERRIDE_NAMES and v is not None}
     settings = replace(base, **given).validate()
     return replace(settings, top_k=int(settings.top_k))
+
+
+# What /v1 applies to a sampling field a client leaves out: the model's own
+# generation_config.json, as `vllm serve` does, over OpenAI's neutral values. The judge's
+# defaults (TEMPERATURE, TOP_K...) are for /predict: with them, a client sending
+# `temperature` alone would still get greedy text (top_k 1).
+OPENAI_NEUTRAL = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0,
+                  "frequency_penalty": 0.0, "presence_penalty": 0.0}
+GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")  # what vLLM reads there
+
+
+def model_sampling_defaults(model_dir: Path) -> dict[str, float | int]:
+    """OPENAI_NEUTRAL with the sampling fields of `model_dir/generation_config.json` on
+    top; a value outside the contract's range is left out (logged)."""
+    defaults = dict(OPENAI_NEUTRAL)
+    try:
+        config = json.loads((Path(model_dir) / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return defaults
+    for name in GENERATION_CONFIG_FIELDS:
+        value = config.get(name) if isinstance(config, dict) else None
+        if name == "top_k" and value == 0:  # transformers' "off"
+            value = -1
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        try:
+            SETTINGS[name].check(value)
+        except OutOfRange as exc:
+            log.warning("generation_config.json: %s left out of the /v1 defaults (%s)", name, exc)
+            continue
+        defaults[name] = int(value) if name == "top_k" else float(value)
+    return defaults

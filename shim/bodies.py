@@ -78,14 +78,65 @@ class TextPart(BaseModel):
     text: StrictStr | None = None
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr
+    arguments: StrictStr  # JSON text, as OpenAI sends it
+
+
+class ToolCallIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr = Field(min_length=1, max_length=64)
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None  # the parameters are always enforced on forced calls
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: dict[str, StrictStr]
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: StrictStr | list[TextPart]
+    content: StrictStr | list[TextPart] | None = None
+    name: StrictStr | None = None
+    tool_call_id: StrictStr | None = None
+    tool_calls: list[ToolCallIn] | None = None
 
-    def text(self, index: int) -> str:
+    def as_dict(self, index: int) -> dict[str, Any]:
+        """The message as the ensemble's `messages` carries it (preprocess.conversation)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text(index)}
+        for name in ("name", "tool_call_id"):
+            if getattr(self, name) is not None:
+                message[name] = getattr(self, name)
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        return message
+
+    def text(self, index: int) -> str | None:
         """The content as one text: a list of text parts joined by newlines (as vLLM joins
         them), or ApiError 400 naming a part of another type."""
+        if self.content is None:
+            if self.role == "assistant" and self.tool_calls:
+                return None
+            raise ApiError(400, f"messages[{index}].content: only an assistant turn with tool_calls may have none",
+                           param=f"messages[{index}].content")
         if isinstance(self.content, str):
             return self.content
         texts = []
@@ -106,7 +157,7 @@ class StreamOptions(BaseModel):
 
 
 class OpenAIParams(SamplingFields):
-    # A field this server does not implement (tools, logit_bias, echo...) is refused by
+    # A field this server does not implement (logit_bias, echo, functions...) is refused by
     # name, never ignored: a client must not believe it was applied.
     model_config = ConfigDict(extra="forbid")
     model: StrictStr | None = None
@@ -136,6 +187,13 @@ class OpenAIParams(SamplingFields):
             raise ApiError(400, "return_token_ids: not available with stream: true")
 
     def overrides(self) -> dict[str, Any]:
+        """The request's own settings. A token limit over MAX_NEW_TOKENS_LIMIT is a 400 here,
+        not clipped as on /predict (the replaced service's behaviour): a client is told."""
+        for name in ("max_completion_tokens", "max_tokens"):
+            value = getattr(self, name)
+            if value is not None and value > MAX_NEW_TOKENS_LIMIT:
+                raise ApiError(400, f"{name}: {value} is over this server's limit of {MAX_NEW_TOKENS_LIMIT} "
+                                    "new tokens", param=name)
         return {**self.sampling(), "max_new_tokens": self.max_completion_tokens or self.max_tokens,
                 "raw": self.raw or None, "seed": self.seed, "top_logprobs": self.top_logprobs_wanted()}
 
@@ -154,6 +212,10 @@ class ChatRequest(OpenAIParams):
     messages: list[Message] = Field(min_length=1)
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=64)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None  # required may call several tools; a named choice calls one
+    chat_template_kwargs: dict[str, Any] | None = None  # checked against preprocess.conversation.TEMPLATE_KWARGS
 
     def top_logprobs_wanted(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:

@@ -16,7 +16,7 @@ import threading
 from typing import Any, Iterator, Sequence
 
 from preprocess.chat import ChatFormatter
-from preprocess.conversation import read_messages, with_system_prompt
+from preprocess.conversation import read_conversation, with_system_prompt
 
 from .errors import ApiError
 
@@ -42,10 +42,10 @@ class PromptCounter:
                 return [len(row.encode("utf-8")) for row in rows]
             return [len(ids) for ids in self.tokenizer(list(rows)).input_ids]
         if row_input == "messages":
-            conversations = [with_system_prompt(read_messages(json.loads(row)), system_prompt) for row in rows]
-        else:
-            conversations = [[("system", system_prompt), ("user", row)] for row in rows]
-        return self.formatter.count_tokens(conversations)
+            read = [read_conversation(json.loads(row)) for row in rows]
+            return self.formatter.count_tokens([with_system_prompt(turns, system_prompt) for turns, _ in read],
+                                               [options for _, options in read])
+        return self.formatter.count_tokens([[("system", system_prompt), ("user", row)] for row in rows])
 
 
 def request_work(prompt_tokens: Sequence[int], choices: int, max_new_tokens: int) -> int:

@@ -14,6 +14,7 @@ from preprocess import settings as cfg
 from preprocess.contract import InvalidRequest
 from preprocess.progress import Heartbeat
 from preprocess.runtime import CancelMarkers, GeneratorState
+from preprocess.sampling import model_sampling_defaults
 from preprocess.warmup import warmup_prompts
 
 from .bodies import Limits
@@ -60,6 +61,17 @@ class ShimState:
         self.started = time.monotonic()
         self.ready_after_s: float | None = None
         self.last_wait_report_s = 0.0
+        self._openai_defaults: dict[str, Any] | None = None
+
+    def openai_defaults(self) -> dict[str, Any]:
+        """What /v1 applies to a sampling field a client leaves out (model_sampling_defaults),
+        read once the model is in place."""
+        if self._openai_defaults is None:
+            found = model_sampling_defaults(self.settings.model_dir)
+            if (self.settings.model_dir / "config.json").is_file():
+                self._openai_defaults = found
+            return found
+        return self._openai_defaults
 
     @property
     def batch_mode(self) -> bool:

@@ -62,7 +62,7 @@ def test_bad_openai_input_is_a_400_naming_the_field(server):
         assert reply["error"]["param"] == param, reply
 
 
-@pytest.mark.parametrize("field, value", [("tools", []), ("logit_bias", {"1": 1}), ("tool_choice", "auto"),
+@pytest.mark.parametrize("field, value", [("functions", []), ("logit_bias", {"1": 1}), ("function_call", "auto"),
                                           ("echo", True)])
 def test_an_unsupported_field_is_a_400_naming_it(server, field, value):
     """Never silently ignored: the client would believe it was applied."""
@@ -71,5 +71,5 @@ def test_an_unsupported_field_is_a_400_naming_it(server, field, value):
         status, reply = server.post(path, {**body, "max_tokens": 1, field: value})
         assert status == 400 and error_text(reply) == f"unsupported field {field}: this server does not implement it"
     status, reply = server.post("/v1/completions", {"prompt": "x", "tools": [], "logit_bias": {}})
-    assert status == 400 and "tools, logit_bias" in error_text(reply)
+    assert status == 400 and "tools, logit_bias" in error_text(reply)  # tools are a chat feature
     assert server.post("/v1/completions", {"prompt": "x", "max_tokens": 1, "user": "u-1"})[0] == 200

@@ -90,15 +90,21 @@ def test_stop_ends_the_text_before_the_stop_string(client):
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
 
 
-def sampled(client, seed):
+def sampled(client, seed, temperature=1.0):
     # The planted " GPU" is not among the schema's words, so the random weights choose the
-    # word: at temperature 1 the answer depends on the seed.
+    # word: at temperature 1 the answer depends on the seed. Only `temperature` is sent: on
+    # /v1 the other fields take the model's defaults (top_k off), not the judge's (top_k 1).
     schema = {"type": "object", "properties": {"w": {"enum": WORDS}}, "required": ["w"], "additionalProperties": False}
     return client.completions.create(
-        model=TINY_MODEL.name, prompt="x", max_tokens=16, temperature=1.0, seed=seed,
-        extra_body={"top_k": -1,  # the server's default top_k is 1 (greedy), as the replaced service's
-                    "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": schema}}},
+        model=TINY_MODEL.name, prompt="x", max_tokens=16, temperature=temperature, seed=seed,
+        extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": schema}}},
     ).choices[0].text
+
+
+def test_temperature_alone_decides_between_greedy_and_sampled_text(client):
+    greedy = {sampled(client, seed, temperature=0) for seed in (1, 2, 3, 4)}
+    assert len(greedy) == 1, greedy
+    assert len({sampled(client, seed) for seed in (1, 2, 3, 4)}) > 1
 
 
 def test_equal_seeds_give_equal_text_at_temperature_1(client):
@@ -186,8 +192,7 @@ def test_n_choices_under_one_seed_are_distinct_samples_and_the_same_set_again(cl
     def four():
         reply = client.completions.create(
             model=TINY_MODEL.name, prompt="x", max_tokens=16, temperature=1.0, seed=1, n=4,
-            extra_body={"top_k": -1, "response_format": {"type": "json_schema",
-                                                        "json_schema": {"name": "w", "schema": schema}}})
+            extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": schema}}})
         return [c.text for c in sorted(reply.choices, key=lambda c: c.index)]
 
     first = four()

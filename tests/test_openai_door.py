@@ -53,6 +53,16 @@ def test_bad_input_is_a_400_in_openais_shape(client):
     assert refused.value.body["param"] == "echo" and "does not implement" in refused.value.body["message"]
 
 
+def test_max_tokens_over_the_limit_is_a_400_naming_it(client):
+    from preprocess.contract import MAX_NEW_TOKENS_LIMIT
+
+    for field in ("max_tokens", "max_completion_tokens"):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model=TINY_MODEL.name, messages=[{"role": "user", "content": "x"}],
+                                           **{field: MAX_NEW_TOKENS_LIMIT + 1})
+        assert str(MAX_NEW_TOKENS_LIMIT) in caught.value.body["message"] and caught.value.body["param"] == field
+
+
 def test_an_unknown_model_is_a_404(client):
     with pytest.raises(openai.NotFoundError) as missing:
         client.chat.completions.create(model="gpt-5", messages=[{"role": "user", "content": "hi"}], max_tokens=1)

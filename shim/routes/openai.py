@@ -6,6 +6,11 @@
 - Completions: the prompt as given, as `vllm serve` does: no template, routing or clean-up.
 - Request controls reach vLLM: stop, seed, presence_penalty, logprobs/top_logprobs (at
   most 20), response_format (json_object, json_schema). Any other field is a 400 naming it.
+- Sampling fields a client leaves out take the model's generation_config.json defaults
+  over OpenAI's neutral ones (preprocess.sampling.model_sampling_defaults), not the judge's;
+  a max_tokens over MAX_NEW_TOKENS_LIMIT is a 400 (/predict clips it).
+- Chat messages carry names, tool turns and assistant tool calls; `tools`, `tool_choice`
+  and `chat_template_kwargs` (an allow-list) reach the chat template (shim.tools).
 - `n` choices are n rows of one batched request, under the same limits as /predict
   (prompts x n x max tokens).
 - `stream: true` sends the tokens as vLLM makes them (server-sent events in OpenAI's
@@ -28,12 +33,15 @@ from typing import Any, Callable
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from preprocess.conversation import conversation_row
+
 from ..state import run_until_disconnect, shim_state
-from ..bodies import ChatRequest, CompletionRequest, OpenAIParams, json_body, parse_body
+from ..bodies import ChatRequest, CompletionRequest, NamedToolChoice, OpenAIParams, json_body, parse_body
 from ..ensemble import Answer
 from ..errors import ApiError, openai_error_body
 from ..render import HEAVY_REPLY_CHARS, json_reply
 from ..streaming import Piece
+from ..tools import AutoParser, plan as tool_plan
 
 log = logging.getLogger("shim.openai")
 router = APIRouter()
@@ -57,13 +65,23 @@ def event(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+def merged(pieces: list[Piece]) -> Piece:
+    """Pieces as one: the text and tokens of all, the last one's finish reason."""
+    logprobs = [entry for piece in pieces for entry in piece.logprobs or ()] if pieces[0].logprobs is not None else None
+    return Piece("".join(p.text for p in pieces), pieces[0].prompt_tokens, sum(p.completion_tokens for p in pieces),
+                 pieces[-1].finish_reason, logprobs)
+
+
 async def streamed(request: Request, body: OpenAIParams, row: str, row_input: str, extra: dict[str, Any],
-                   chunk: Callable[[Piece, bool], dict], head: dict[str, Any]) -> StreamingResponse:
+                   chunk: Callable[[Piece, bool], dict], head: dict[str, Any],
+                   whole: bool = False) -> StreamingResponse:
     """SSE of one streamed answer: `chunk(piece, first)` makes each piece's chunk choice. The
-    first piece is awaited before the response starts, so a refusal is still an HTTP error."""
+    first piece is awaited before the response starts, so a refusal is still an HTTP error.
+    `whole`: the pieces are held back and sent as one chunk at the end (keep-alive comments
+    meanwhile), for answers read as a whole (tool calls)."""
     state = shim_state(request)
-    overrides, work = await state.admit([row], {**body.overrides(), **extra}, row_input=row_input,
-                                        verbatim=bool(extra.get("verbatim")))
+    overrides, work = await state.admit([row], {**state.openai_defaults(), **body.overrides(), **extra},
+                                        row_input=row_input, verbatim=bool(extra.get("verbatim")))
     pieces = state.stream(row, overrides, work, row_input=row_input, texts=body.texts())
     first = await run_until_disconnect(request, anext(pieces))
     include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -71,11 +89,16 @@ async def streamed(request: Request, body: OpenAIParams, row: str, row_input: st
     keepalive_s = state.settings.shim.sse_keepalive_s
 
     async def events():
-        piece, generated, waiting = first, 0, None
+        piece, generated, waiting, held = first, 0, None, []
         try:
             while True:
                 generated += piece.completion_tokens
-                yield event({**head, "choices": [chunk(piece, piece is first)]})
+                if whole:
+                    held.append(piece)
+                if not whole:
+                    yield event({**head, "choices": [chunk(piece, piece is first)]})
+                elif piece.finish_reason is not None:
+                    yield event({**head, "choices": [chunk(merged(held), True)]})
                 if piece.finish_reason is not None:
                     break
                 # A comment line whenever the stream has been silent for SHIM_SSE_KEEPALIVE_S,
@@ -132,7 +155,8 @@ async def generate(request: Request, rows: list[str], params: OpenAIParams, row_
                    extra: dict[str, Any] | None = None) -> list[Answer]:
     state = shim_state(request)
     extra = extra or {}
-    overrides, work = await state.admit(rows, {**params.overrides(), **extra}, choices=params.n,
+    overrides, work = await state.admit(rows, {**state.openai_defaults(), **params.overrides(), **extra},
+                                        choices=params.n,
                                         row_input=row_input, verbatim=bool(extra.get("verbatim")))
     outputs = (("logprobs",) if overrides.get("top_logprobs") is not None else ()) + \
         (("prompt_ids",) if params.return_token_ids else ())
@@ -169,29 +193,51 @@ async def models(request: Request):
 @router.post("/v1/chat/completions", openapi_extra=json_body(ChatRequest))
 async def chat(request: Request):
     body: ChatRequest = await parse_body(request, ChatRequest)
+    state = shim_state(request)
     model_name = served_model(request, body.model)
     if not any(m.role == "user" for m in body.messages):
         raise ApiError(422, "messages: no message with role 'user'", param="messages")
-    conversation = json.dumps([{"role": m.role, "content": m.text(i)} for i, m in enumerate(body.messages)],
-                              ensure_ascii=False)
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
+    choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, NamedToolChoice) else body.tool_choice
+    calls = tool_plan(tools, choice, body.response_format, body.parallel_tool_calls)
+    if calls.response_format() is not None:
+        body = body.model_copy(update={"response_format": calls.response_format()})
+    parser = (AutoParser(state.settings.shim.tool_call_parser, state.counter.tokenizer, calls.tools)
+              if calls.mode == "auto" and calls.calls_expected else None)
+    extra = {"raw": True} if calls.calls_expected else {}  # a call's JSON is the model's own: no routing, no clean-up
+    conversation = conversation_row([m.as_dict(i) for i, m in enumerate(body.messages)], tools,
+                                    body.chat_template_kwargs)
     body.check_stream(1)
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def message(text: str, finish_reason: str | None) -> tuple[dict, str | None]:
+        content, tool_calls, finish = calls.read(text, finish_reason, parser)
+        return {"role": "assistant", "content": content, **({"tool_calls": tool_calls} if tool_calls else {})}, finish
+
     if body.stream:
         def chat_chunk(piece: Piece, first: bool) -> dict:
+            if calls.calls_expected:  # one chunk, the whole answer read (see streamed's `whole`)
+                delta, finish = message(piece.text, piece.finish_reason)
+                delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(delta.get("tool_calls", ()))]
+                if not delta["tool_calls"]:
+                    del delta["tool_calls"]
+                return {"index": 0, "delta": delta, "logprobs": chat_logprobs(piece), "finish_reason": finish}
             delta = {"role": "assistant", "content": piece.text} if first else {"content": piece.text}
             return {"index": 0, "delta": delta, "logprobs": chat_logprobs(piece), "finish_reason": piece.finish_reason}
 
         head = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model_name}
-        return await streamed(request, body, conversation, "messages", {}, chat_chunk, head)
-    answers = await generate(request, [conversation], body, row_input="messages")
+        return await streamed(request, body, conversation, "messages", extra, chat_chunk, head,
+                              whole=calls.calls_expected)
+    answers = await generate(request, [conversation], body, row_input="messages", extra=extra)
 
     def reply() -> dict:
-        extra = {"prompt_token_ids": answers[0].prompt_ids} if body.return_token_ids else {}
+        extra_fields = {"prompt_token_ids": answers[0].prompt_ids} if body.return_token_ids else {}
+        choices = []
+        for i, a in enumerate(answers):
+            said, finish = message(a.text, a.finish_reason)
+            choices.append({"index": i, "message": said, "logprobs": chat_logprobs(a), "finish_reason": finish})
         return {"id": ident, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": a.text},
-                             "logprobs": chat_logprobs(a), "finish_reason": a.finish_reason}
-                            for i, a in enumerate(answers)],
-                "usage": usage(answers, 1), **extra}
+                "choices": choices, "usage": usage(answers, 1), **extra_fields}
 
     return await json_reply(reply, heavy(answers))
 

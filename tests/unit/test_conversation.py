@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from preprocess import controls
+from preprocess.chat import Turn
 from preprocess.contract import NOT_SET, InvalidRequest
 from preprocess.conversation import MAX_TURNS, read_messages
 from preprocess.pipeline import PreprocessStage, RequestRows
@@ -45,7 +46,7 @@ def test_every_turn_reaches_the_model_as_plain_text_in_order(stage, tokenizer, t
     seen = [(("system" if t["role"] == "developer" else t["role"]), t["content"]) for t in turns]
     if not any(role == "system" for role, _ in seen):
         seen.insert(0, ("system", stage.default_system_prompt))
-    pieces = stage.formatter.pieces(tuple(role for role, _ in seen))
+    pieces = stage.formatter.pieces([Turn(role, text) for role, text in seen])
     own = stage.formatter.piece_ids(pieces)
     expected = list(own[0])
     for i, (_, text) in enumerate(seen):
@@ -133,4 +134,4 @@ def test_the_generator_rechecks_what_a_direct_client_sends():
 
 def test_read_messages_maps_developer_to_system():
     assert read_messages([{"role": "developer", "content": "d"}, {"role": "user", "content": "u"}]) == [
-        ("system", "d"), ("user", "u")]
+        Turn("system", "d"), Turn("user", "u")]
