@@ -5,8 +5,8 @@ The shim checks a request against this table before anything reaches Triton, the
 preprocess stage checks the same table again (clients may call Triton directly), and the
 Triton models and `config.pbtxt` files use the same names and dtypes
 (`tests/unit/test_contract.py` reads the configs). The ranges are vLLM's own
-`SamplingParams` checks, narrowed where the replaced service was narrower, so the engine
-never sees a value it would refuse (an engine refusal would surface as a 5xx).
+`SamplingParams` checks, narrowed where this service's contract is narrower
+(docs/differences.md), so the engine never sees a value it would refuse (an engine refusal would surface as a 5xx).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-MAX_NEW_TOKENS_LIMIT = 4096  # the replaced service clipped max_new_tokens to 1..4096
+MAX_NEW_TOKENS_LIMIT = 4096  # /predict clips max_new_tokens to 1..4096; /v1 refuses more
 PAD_ID = -1  # never a token id: pads the shorter prompts of PROMPT_IDS
 ENSEMBLE = "llm"
 STREAM_ENSEMBLE = "llm_stream"  # the same inputs; decoupled, one response per piece (gRPC streaming)
@@ -94,8 +94,8 @@ NOT_SET = -1  # SEED and TOP_LOGPROBS between preprocess and the generator: not 
 
 # Sampling settings, in the order of the ensemble's inputs. The ranges are vLLM's
 # (temperature [0, 2], top_p (0, 1], penalties [-2, 2]) except repetition_penalty, which
-# vLLM leaves open above and the replaced service capped at 2, and top_k 0, which vLLM
-# takes as "off" but the replaced service refused.
+# vLLM leaves open above and the contract caps at 2, and top_k 0, which vLLM takes as
+# "off" and the contract refuses (-1 is "off").
 SAMPLING = (
     Setting("max_new_tokens", "INT32", 1, MAX_NEW_TOKENS_LIMIT),
     Setting("temperature", "FP32", 0.0, 2.0),

@@ -48,7 +48,7 @@ class Env:
         return None if self.raw(name) is None else self.bool(name, False)
 
     def int(self, name: str, default: int, lo: int | None = None, hi: int | None = None) -> int:
-        """An integer, clipped to [lo, hi] (the replaced service clipped, it did not refuse)."""
+        """An integer, clipped to [lo, hi] (an out-of-range value is served at the bound, not refused)."""
         value = self.raw(name)
         if value is None:
             return default

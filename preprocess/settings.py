@@ -6,8 +6,8 @@ service's, so existing deployment settings keep working. A malformed value raise
 `SettingsError` with one clear line, naming the variable and the value. The `load_*`
 parts are public for tests and tools that need one section only.
 
-The one exception is `BATCH_MODE`, which the health answer reads live (`batch_mode`): the
-replaced service read it at each call so that an operator can flip it on a running server.
+The one exception is `BATCH_MODE`, which the health answer reads live (`batch_mode`), so
+that an operator can flip it on a running server.
 """
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ class SamplingDefaults:
     top_k: int = 1
     repetition_penalty: float = 1.05
     frequency_penalty: float = 0.1
-    presence_penalty: float = 0.0  # the replaced service had none: only a request sets it
+    presence_penalty: float = 0.0  # no variable sets it: only a request does
     stop_strings: tuple[str, ...] = DEFAULT_STOP_STRINGS
 
 

@@ -188,7 +188,7 @@ class OpenAIParams(SamplingFields):
 
     def overrides(self) -> dict[str, Any]:
         """The request's own settings. A token limit over MAX_NEW_TOKENS_LIMIT is a 400 here,
-        not clipped as on /predict (the replaced service's behaviour): a client is told."""
+        not clipped as on /predict: a client is told."""
         for name in ("max_completion_tokens", "max_tokens"):
             value = getattr(self, name)
             if value is not None and value > MAX_NEW_TOKENS_LIMIT:
@@ -338,8 +338,8 @@ class Limits:
     default_max_tokens: int
 
     def admit(self, overrides: dict[str, Any], prompts: int, choices: int = 1) -> dict[str, Any]:
-        """The overrides as the ensemble gets them (max_new_tokens clipped to 1..4096, as
-        the replaced service did), or ApiError naming what is out of range or over a limit."""
+        """The overrides as the ensemble gets them (max_new_tokens clipped to 1..4096, the
+        judge routes' contract), or ApiError naming what is out of range or over a limit."""
         values = {k: v for k, v in overrides.items() if v is not None}
         if "max_new_tokens" in values:
             values["max_new_tokens"] = clip(values["max_new_tokens"], 1, MAX_NEW_TOKENS_LIMIT)

@@ -1,7 +1,6 @@
 """The transformers backend: the generator's contract when vLLM is off or cannot start.
 
-It fixes the reference's transformers path: batches are generated together (left
-padding), only the new tokens are decoded (the prompt is never echoed), stop tokens and
+Batches are generated together (left padding), only the new tokens are decoded (the prompt is never echoed), stop tokens and
 stop strings are honoured, and frequency_penalty and presence_penalty are a real logits
 processor instead of arguments `generate` does not know.
 """

@@ -1,7 +1,7 @@
 """Repetition, frequency and presence penalties without vocabulary-wide tensors.
 
-vLLM's sampler applies the three penalties (the replaced service's defaults turn two of
-them on for every request) by building, every step, token counts over the whole vocabulary
+vLLM's sampler applies the three penalties (the default REPETITION_PENALTY and FREQUENCY_PENALTY
+turn two of them on for every request) by building, every step, token counts over the whole vocabulary
 for every sequence: two int64 tensors of [sequences, vocabulary + 1] (790 MB each at 650
 sequences and Qwen's 151,936 tokens), their masks, and three more full passes over the
 logits, although a row only touches the few hundred tokens of its prompt and answer.
