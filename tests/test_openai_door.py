@@ -56,6 +56,9 @@ def test_bad_input_is_a_400_in_openais_shape(client):
 def test_max_tokens_over_the_limit_is_a_400_naming_it(client):
     from preprocess.contract import MAX_NEW_TOKENS_LIMIT
 
+    within = client.chat.completions.create(model=TINY_MODEL.name, messages=[{"role": "user", "content": "x"}],
+                                            max_completion_tokens=3)
+    assert within.usage.completion_tokens == 3  # max_completion_tokens is the limit, as max_tokens is
     for field in ("max_tokens", "max_completion_tokens"):
         with pytest.raises(openai.BadRequestError) as caught:
             client.chat.completions.create(model=TINY_MODEL.name, messages=[{"role": "user", "content": "x"}],

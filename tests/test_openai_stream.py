@@ -95,12 +95,13 @@ def test_a_client_that_leaves_mid_stream_has_its_generation_aborted(server):
 
 @pytest.mark.parametrize("body, named", [
     ({"messages": QUESTION, "stream": True, "n": 2}, "n=2"),
+    ({"prompt": ["a", "b"], "stream": True}, "2 prompt(s)"),
     ({"messages": QUESTION, "stream_options": {"include_usage": True}}, "stream_options"),
     ({"messages": QUESTION, "stream": True, "stream_options": {"continuous_usage_stats": True}}, "stream_options"),
     ({"messages": QUESTION, "stream": True, "return_token_ids": True}, "return_token_ids"),
 ])
 def test_what_a_stream_cannot_do_is_refused_by_name(server, body, named):
-    status, reply = server.post("/v1/chat/completions", body)
+    status, reply = server.post("/v1/completions" if "prompt" in body else "/v1/chat/completions", body)
     assert 400 <= status < 500 and named in json.dumps(reply), reply
 
 

@@ -156,7 +156,7 @@ def test_empty_list_returns_empty_list(server):
 
 
 def test_max_new_tokens_is_clipped_not_refused(server, triton):
-    assert server.post("/predict", {"prompt": "x", "max_new_tokens": 0})[0] == 200
+    assert server.post("/predict", {"prompt": "x", "max_new_tokens": 0}) == (200, {"response": TINY_ANSWER.strip()})
     assert server.post("/predict", {"prompt": "x", "max_new_tokens": 100000})[0] == 200
     result = infer(triton, "preprocess", ["x"], max_new_tokens=100000)
     assert result.as_numpy("MAX_TOKENS").reshape(-1).tolist() == [4096]
