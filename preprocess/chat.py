@@ -15,6 +15,7 @@ that contains a special token of the tokenizer is refused.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -27,8 +28,9 @@ from .contract import InvalidRequest
 log = logging.getLogger("preprocess.chat")
 
 _PROBE_SYSTEM = "probe system"
-_JUDGE_SHAPE = (("system", False, False, False, 0), ("user", False, False, False, 0))
 _PROBE_USER = "probe user"
+_JUDGE_SHAPE = (("system", False, False, False, 0), ("user", False, False, False, 0))  # Turn.shape()s
+
 
 class ToolCall(NamedTuple):
     id: str
@@ -185,7 +187,7 @@ class ChatFormatter:
         key = (shape, options)
         cached = self._pieces.get(key)
         if cached is None:
-            counter = iter(range(1 << 30))
+            counter = itertools.count()
             messages, contents = [], []
             for turn in turns:
                 markers = [f"{self._marker}{next(counter)}\ue002" for _ in turn.texts()]
