@@ -66,9 +66,9 @@ class ToolPlan:
         if self.mode in ("named", "required"):
             try:
                 value = json.loads(text)
-            except ValueError:
+                calls = [(self.named, value)] if self.mode == "named" else [(c["name"], c["parameters"]) for c in value]
+            except (ValueError, KeyError, TypeError):  # cut short, or not what the grammar allowed
                 return text, [], finish_reason
-            calls = [(self.named, value)] if self.mode == "named" else [(c["name"], c["parameters"]) for c in value]
             return None, [tool_call(name, arguments) for name, arguments in calls], "tool_calls"
         if parser is None:
             return text, [], finish_reason

@@ -200,8 +200,9 @@ async def chat(request: Request):
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
     choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, NamedToolChoice) else body.tool_choice
     calls = tool_plan(tools, choice, body.response_format, body.parallel_tool_calls)
-    if calls.response_format() is not None:
-        body = body.model_copy(update={"response_format": calls.response_format()})
+    forced = calls.response_format()
+    if forced is not None:
+        body = body.model_copy(update={"response_format": forced})
     parser = (AutoParser(state.settings.shim.tool_call_parser, state.counter.tokenizer, calls.tools)
               if calls.mode == "auto" and calls.calls_expected else None)
     extra = {"raw": True} if calls.calls_expected else {}  # a call's JSON is the model's own: no routing, no clean-up

@@ -57,6 +57,7 @@ def test_parallel_tool_calls_false_allows_one_call():
 
 def test_a_forced_call_cut_by_the_token_limit_comes_back_as_text():
     assert plan(TOOLS, "required", None).read('[{"name": "wea', "length") == ('[{"name": "wea', [], "length")
+    assert plan(TOOLS, "required", None).read('[{"nom": 1}]', "stop") == ('[{"nom": 1}]', [], "stop")
 
 
 @pytest.mark.parametrize("tools, choice, response_format, problem", [
