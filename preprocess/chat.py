@@ -121,7 +121,7 @@ class TemplatePieces:
 
 
 class ChatFormatter:
-    """The template choice is made once, at start; its pieces are cached per role sequence."""
+    """The template choice is made once, at start; its pieces are cached per conversation shape."""
 
     def __init__(self, tokenizer: Any | None, fast_chat_template: bool = False):
         self.tokenizer = tokenizer
