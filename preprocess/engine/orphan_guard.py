@@ -11,9 +11,9 @@ generator's descendants (pid and start time, in ticks since boot) and the /dev/s
 segments they and the generator map. Once the generator is gone, or its server is (a stub
 whose server died can hang in its own teardown and never exit: seen once in CI, a stub
 alive 60 s after `kill -9` of tritonserver), it sends the descendants, and the generator
-if still there, SIGTERM (vLLM's own shutdown) and SIGKILL to whatever is alive 5 s later,
-then removes the recorded segments that no live process maps (a killed process cannot
-unlink its own). A process is signalled only if its start time is the recorded one, so a
+if it is still there 5 s later, SIGTERM (vLLM's own shutdown) and SIGKILL to whatever is
+alive 5 s after that, waits for them to be gone, then removes the recorded segments that
+no live process maps (a killed process cannot unlink its own). A process is signalled only if its start time is the recorded one, so a
 pid the system has since reused is left alone. The guard runs in a session of its own, so
 a group kill of the server does not take it before it has done its work; it exits once
 that work is done.
@@ -85,6 +85,9 @@ def end(recorded: dict[int, int], grace_s: float = GRACE_S) -> list[int]:
             process.kill()
         except psutil.Error:
             pass
+    # Until they are gone: a process killed a moment ago may still map its segments, and
+    # remove_unused would leave them (CI saw a stub's region left so).
+    psutil.wait_procs(left, timeout=grace_s)
     return [p.pid for p in alive]
 
 
@@ -154,7 +157,12 @@ def watch(generator_pid: int, poll_s: float = POLL_S) -> tuple[list[int], list[s
         for pid in (generator_pid, *recorded):
             segments |= shm_mapped(pid)
         time.sleep(poll_s)
-    if running(generator_pid, born):  # its server is gone: nothing will ever talk to it again
+    # Its server is gone: the stub exits by itself (and cleans up after itself) within a
+    # moment; one still there after GRACE_S hangs, and is ended with its engine.
+    deadline = time.monotonic() + GRACE_S
+    while running(generator_pid, born) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if running(generator_pid, born):
         recorded[generator_pid] = born
     ended = end(recorded)
     return ended, remove_unused(segments)
