@@ -116,6 +116,11 @@ class AutoParser:
     def __init__(self, name: str, tokenizer: Any, tools: tuple[dict, ...]):
         self.name, self.tokenizer, self.tools = name, tokenizer, tools
 
+    def load(self) -> None:
+        """Imports vLLM's parser (seconds, the first time): called off the event loop, before
+        generating, so a missing parser is a 501 before any work is done."""
+        vllm_tool_parser(self.name)
+
     def extract(self, text: str) -> tuple[str | None, list[dict]]:
         parser_class, request_class = vllm_tool_parser(self.name)
         request = request_class(model="served", messages=[{"role": "user", "content": "-"}],

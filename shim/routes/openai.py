@@ -205,6 +205,8 @@ async def chat(request: Request):
         body = body.model_copy(update={"response_format": forced})
     parser = (AutoParser(state.settings.shim.tool_call_parser, state.counter.tokenizer, calls.tools)
               if calls.mode == "auto" and calls.calls_expected else None)
+    if parser is not None:
+        await asyncio.to_thread(parser.load)
     extra = {"raw": True} if calls.calls_expected else {}  # a call's JSON is the model's own: no routing, no clean-up
     conversation = conversation_row([m.as_dict(i) for i, m in enumerate(body.messages)], tools,
                                     body.chat_template_kwargs)

@@ -92,6 +92,8 @@ def test_auto_reads_calls_with_vllms_hermes_parser(tokenizer):
 
 
 def test_an_unknown_parser_is_a_501_naming_it(tokenizer):
-    with pytest.raises(ApiError) as caught:
-        AutoParser("no-such-parser", tokenizer, tuple(TOOLS)).extract("x")
-    assert caught.value.status == 501 and "no-such-parser" in caught.value.message
+    for use in ("load", "extract"):
+        with pytest.raises(ApiError) as caught:
+            parser = AutoParser("no-such-parser", tokenizer, tuple(TOOLS))
+            parser.load() if use == "load" else parser.extract("x")
+        assert caught.value.status == 501 and "no-such-parser" in caught.value.message
