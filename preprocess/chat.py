@@ -29,7 +29,6 @@ log = logging.getLogger("preprocess.chat")
 
 _PROBE_SYSTEM = "probe system"
 _PROBE_USER = "probe user"
-_JUDGE_SHAPE = (("system", False, False, False, 0), ("user", False, False, False, 0))  # Turn.shape()s
 
 
 class ToolCall(NamedTuple):
@@ -76,6 +75,8 @@ class TemplateOptions:
 
 
 Messages = Sequence[Turn | tuple[str, str]]  # (role, text) pairs are turns too
+_JUDGE_SHAPE = (Turn("system", "").shape(), Turn("user", "").shape())
+PIECES_CACHED = 64  # conversation shapes kept, the least recently used dropped first
 
 
 def as_turns(messages: Messages) -> list[Turn]:
@@ -185,7 +186,9 @@ class ChatFormatter:
     def pieces(self, turns: Sequence[Turn], options: TemplateOptions = TemplateOptions()) -> TemplatePieces:
         shape = tuple(turn.shape() for turn in turns)
         key = (shape, options)
-        cached = self._pieces.get(key)
+        # Least recently used first out: shapes a client can vary (tools, names) must not
+        # crowd out the judge's, which every batch uses.
+        cached = self._pieces.pop(key, None)
         if cached is None:
             counter = itertools.count()
             messages, contents = [], []
@@ -205,8 +208,12 @@ class ChatFormatter:
                 at = found.end()
             texts.append(rendered[at:])
             cached = TemplatePieces(tuple(texts), tuple(slots))
-            if len(self._pieces) < 64:
-                self._pieces[key] = cached
+        self._pieces[key] = cached
+        while len(self._pieces) > PIECES_CACHED:
+            try:
+                self._pieces.pop(next(iter(self._pieces)), None)
+            except (StopIteration, RuntimeError):  # emptied or changed by another thread meanwhile
+                break
         return cached
 
     def piece_ids(self, pieces: TemplatePieces) -> tuple[tuple[int, ...], ...]:

@@ -13,8 +13,9 @@ whose server died can hang in its own teardown and never exit: seen once in CI, 
 alive 60 s after `kill -9` of tritonserver), it sends the descendants, and the generator
 if it is still there 5 s later, SIGTERM (vLLM's own shutdown) and SIGKILL to whatever is
 alive 5 s after that, waits for them to be gone, then removes the recorded segments that
-no live process maps (a killed process cannot unlink its own). A process is signalled only if its start time is the recorded one, so a
-pid the system has since reused is left alone. The guard runs in a session of its own, so
+no live process maps (a killed process cannot unlink its own). A process is signalled
+only if its start time is the recorded one, so a pid the system has since reused is left
+alone. The guard runs in a session of its own, so
 a group kill of the server does not take it before it has done its work; it exits once
 that work is done.
 

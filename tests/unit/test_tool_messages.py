@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from preprocess.chat import ChatFormatter, TemplateOptions
+from preprocess.chat import ChatFormatter, TemplateOptions, Turn
 from preprocess.contract import InvalidRequest
 from preprocess.conversation import read_conversation, with_system_prompt
 
@@ -144,3 +144,25 @@ def test_a_tool_definition_with_a_special_token_is_refused(formatters):
         with pytest.raises(InvalidRequest, match="special token"):
             formatter.count_tokens([turns], [options])
     assert json.loads(options.tools) == tools and options != TemplateOptions()
+
+
+def test_a_flood_of_tool_sets_does_not_evict_the_judges_shape(formatters):
+    """The pieces cache drops the least recently used shape: a client varying its tools
+    cannot make every judge batch render the template again."""
+    from preprocess.chat import PIECES_CACHED
+
+    formatter = ChatFormatter(formatters[("hermes", "jinja")].tokenizer)  # an empty cache
+    judge = [Turn("system", "S"), Turn("user", "q")]
+
+    def flood(start: int, shapes: int) -> None:
+        for k in range(start, start + shapes):
+            turns, options = read_conversation({"messages": [{"role": "user", "content": "q"}], "tools": [
+                {"type": "function", "function": {"name": f"f{k}"}}]})
+            formatter.pieces(turns, options)
+
+    flood(0, PIECES_CACHED)  # the cache is full before the judge's first batch
+    kept = formatter.pieces(judge)
+    for batch in range(1, 4):  # between batches, fewer new shapes than the cache holds
+        flood(batch * PIECES_CACHED, PIECES_CACHED - 1)
+        assert formatter.pieces(judge) is kept, batch
+    assert len(formatter._pieces) <= PIECES_CACHED
