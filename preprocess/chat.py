@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Sequence
 
 from .contract import InvalidRequest
+from .reasoning import opens_reasoning
 
 log = logging.getLogger("preprocess.chat")
 
@@ -110,6 +111,7 @@ def _plain_messages(messages: list[dict], options: TemplateOptions = TemplateOpt
 class FormattedPrompt:
     text: str
     token_ids: list[int]
+    opens_reasoning: bool = False  # the template's own text leaves a thinking block open
 
 
 @dataclass
@@ -275,5 +277,5 @@ class ChatFormatter:
                 if own:
                     ids += list(encoded[at + slot]) + list(own[k + 1])
             at += len(texts)
-            out.append(FormattedPrompt("".join(text_parts), ids))
+            out.append(FormattedPrompt("".join(text_parts), ids, opens_reasoning(pieces.texts[-1])))
         return out

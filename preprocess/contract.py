@@ -114,6 +114,7 @@ FLAGS = (
     Setting("ignore_eos", "BOOL"),  # benchmarks: generate exactly max_new_tokens
     Setting("raw", "BOOL"),  # skip routing and clean-up
     Setting("verbatim", "BOOL"),  # the prompt as given: no template, routing or clean-up (completions)
+    Setting("split_reasoning", "BOOL"),  # thinking split out into the `reasoning` output, not dropped (OpenAI chat)
 )
 SETTINGS = {s.name: s for s in SAMPLING + CONTROLS + FLAGS}
 SAMPLING_NAMES = tuple(s.name for s in SAMPLING if s.name != "max_new_tokens")
@@ -124,10 +125,14 @@ SAMPLING_NAMES = tuple(s.name for s in SAMPLING if s.name != "max_new_tokens")
 # object (see preprocess.controls).
 TEXT_INPUTS = ("prompt", "system_prompt", "messages", "stop", "response_format")
 # The ensemble's outputs: the first four are what every caller gets; `logprobs` (JSON per
-# row, "" when not asked for) and `prompt_ids` (the prompt's token ids, padded with PAD_ID)
-# only go out when requested.
+# row, "" when not asked for), `prompt_ids` (the prompt's token ids, padded with PAD_ID) and
+# `reasoning` (the thinking split out of the answer, "" unless the row set `split_reasoning`) only
+# go out when requested.
 OUTPUTS = ("answer", "prompt_tokens", "completion_tokens", "finish_reason")
-OPTIONAL_OUTPUTS = ("logprobs", "prompt_ids")
+OPTIONAL_OUTPUTS = ("logprobs", "prompt_ids", "reasoning")
+# From preprocess to postprocess, per row: what clean-up does with thinking
+# (preprocess.reasoning.ReasoningMode).
+REASONING_MODE = ("REASONING", "INT32")
 # llm_stream's outputs, per response: the text and tokens since the previous one; the
 # finish reason ("" until the last); logprobs of the piece's tokens (JSON, "" when not asked for).
 STREAM_OUTPUTS = ("text", "prompt_tokens", "completion_tokens", "finish_reason", "logprobs")

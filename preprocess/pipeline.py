@@ -16,6 +16,7 @@ from .chat import ChatFormatter, TemplateOptions, Turn
 from .cleanup import clean_answer
 from .contract import NOT_SET
 from .grammar.sandbox import GrammarSandbox
+from .reasoning import ReasoningMode, split_reasoning
 from .conversation import last_user_text, messages_from_tensor, with_system_prompt
 from .routing import Route, RoutingDecision, decide, log_buckets
 from .sampling import OVERRIDE_NAMES, InvalidRequest, SamplingSettings, resolve
@@ -29,6 +30,7 @@ class PreparedRow:
     token_ids: list[int]
     decision: RoutingDecision
     sampling: SamplingSettings
+    reasoning: ReasoningMode = ReasoningMode.DROP
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class RequestRows:
     top_logprobs: Sequence[int] | None = None
     stop: Sequence[str] | None = None  # JSON text per row
     response_format: Sequence[str] | None = None  # JSON text per row
+    split_reasoning: Sequence[bool] | None = None  # split thinking out into `reasoning` (OpenAI chat)
 
     def at(self, column: Sequence | None, row: int, default=None):
         return default if column is None else column[row]
@@ -99,15 +102,23 @@ class PreprocessStage:
             except Exception as exc:  # the template's own refusal (role order, a role it lacks)
                 raise InvalidRequest(f"messages: the chat template cannot render this conversation ({exc})") from None
             for i, prompt in zip(conversations, formatted):
-                prepared[i] = PreparedRow(prompt.text, prompt.token_ids, decisions[i], samplings[i])
+                prepared[i] = PreparedRow(prompt.text, prompt.token_ids, decisions[i], samplings[i],
+                                          self._reasoning(rows, i, prompt.opens_reasoning))
         # Single questions (the judge's): formatted in groups of equal system prompts.
         questions = [i for i in range(count) if prepared[i] is None]
         for system in dict.fromkeys(systems[i] for i in questions):
             indices = [i for i in questions if systems[i] == system]
             formatted = self.formatter.format_batch(system, [rows.prompts[i] for i in indices])
             for i, prompt in zip(indices, formatted):
-                prepared[i] = PreparedRow(prompt.text, prompt.token_ids, decisions[i], samplings[i])
+                prepared[i] = PreparedRow(prompt.text, prompt.token_ids, decisions[i], samplings[i],
+                                          self._reasoning(rows, i, prompt.opens_reasoning))
         return prepared  # type: ignore[return-value]
+
+    @staticmethod
+    def _reasoning(rows: RequestRows, row: int, opened: bool) -> ReasoningMode:
+        if not rows.at(rows.split_reasoning, row, False):
+            return ReasoningMode.DROP
+        return ReasoningMode.SPLIT_OPENED if opened else ReasoningMode.SPLIT
 
     def _decide(self, rows: RequestRows, row: int):
         """The row's route, token limit and sampling, and its conversation if it has one."""
@@ -164,6 +175,16 @@ class PostprocessStage:
     def __init__(self, settings: cfg.Settings):
         self.settings = settings.cleanup
 
-    def run(self, texts: Sequence[str], routes: Sequence[str], is_code: Sequence[bool]) -> list[str]:
-        return [clean_answer(text, Route(route), bool(code), self.settings)
-                for text, route, code in zip(texts, routes, is_code)]
+    def run(self, texts: Sequence[str], routes: Sequence[str], is_code: Sequence[bool],
+            reasoning: Sequence[int] | None = None) -> tuple[list[str], list[str]]:
+        """Per row the cleaned answer, and its thinking where the row asked for it split out
+        (ReasoningMode.SPLIT*: the answer is cleaned without it; "" otherwise)."""
+        answers, thoughts = [], []
+        for k, (text, route, code) in enumerate(zip(texts, routes, is_code)):
+            mode = ReasoningMode(int(reasoning[k])) if reasoning is not None else ReasoningMode.DROP
+            thought = None
+            if mode is not ReasoningMode.DROP:
+                thought, text = split_reasoning(text, opened=mode is ReasoningMode.SPLIT_OPENED)
+            answers.append(clean_answer(text, Route(route), bool(code), self.settings))
+            thoughts.append(thought or "")
+        return answers, thoughts

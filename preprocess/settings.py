@@ -213,6 +213,9 @@ class ShimSettings:
     api_key: str | None = field(default=None, repr=False)  # SHIM_API_KEY: what /v1 requires, as vllm serve --api-key
     sse_keepalive_s: float = 15.0  # a comment line on a stream that has been silent this long
     tool_call_parser: str = "hermes"  # vLLM's tool parser for tool_choice "auto" (the model family's)
+    # /v1 chat: thinking (<think>...</think>) as `reasoning_content`, not `content`. auto: when
+    # the tokenizer has both tags as tokens (Qwen3, DeepSeek-R1); think: always; none: never.
+    reasoning_parser: str = "auto"
     max_body_bytes: int = 8 * 1024 * 1024
     max_batch_prompts: int = 4096
     max_request_tokens: int = 1_048_576  # prompt tokens + choices x max new tokens, per request
@@ -274,6 +277,7 @@ def load_shim(environ: Mapping[str, str]) -> ShimSettings:
         api_key=env.raw("SHIM_API_KEY"),
         sse_keepalive_s=env.float("SHIM_SSE_KEEPALIVE_S", 15.0, 0.1, 600.0),
         tool_call_parser=env.str("TOOL_CALL_PARSER", "hermes"),
+        reasoning_parser=env.choice("REASONING_PARSER", "auto", ("auto", "think", "none")),
         max_body_bytes=env.int("SHIM_MAX_BODY_BYTES", 8 * 1024 * 1024, 1024),
         max_batch_prompts=env.int("SHIM_MAX_BATCH_PROMPTS", 4096, 1),
         max_request_tokens=env.int("SHIM_MAX_REQUEST_TOKENS", 1_048_576, 1),
@@ -334,7 +338,7 @@ PUBLIC_VARIABLES = (
     "SHIM_BODY_TIMEOUT_S", "SHIM_MAX_HEADER_BYTES", "TRITON_HOME", "TRITON_URL", "DATA_PARALLEL_SIZE",
     "TRITON_BIND_ADDRESS", "TRITON_METRICS_ADDRESS", "VLLM_ENGINE_STATS", "ENGINE_FRONTEND",
     "VLLM_FAST_PENALTIES", "ENGINE_RESUBMIT_S", "SHIM_SSE_KEEPALIVE_S",
-    "TOOL_CALL_PARSER",
+    "TOOL_CALL_PARSER", "REASONING_PARSER",
 )
 _SECRET_WORDS = frozenset({"TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS", "APIKEY"})
 

@@ -15,8 +15,9 @@ import json
 import threading
 from typing import Any, Iterator, Sequence
 
-from preprocess.chat import ChatFormatter
+from preprocess.chat import ChatFormatter, as_turns
 from preprocess.conversation import read_conversation, with_system_prompt
+from preprocess.reasoning import THINK_END, THINK_START, opens_reasoning
 
 from .errors import ApiError
 
@@ -46,6 +47,23 @@ class PromptCounter:
             return self.formatter.count_tokens([with_system_prompt(turns, system_prompt) for turns, _ in read],
                                                [options for _, options in read])
         return self.formatter.count_tokens([[("system", system_prompt), ("user", row)] for row in rows])
+
+
+    def has_think_tokens(self) -> bool:
+        """Whether the tokenizer has both thinking tags as tokens (a thinking model's)."""
+        if self.tokenizer is None:
+            return False
+        vocab = self.tokenizer.get_vocab()
+        return THINK_START in vocab and THINK_END in vocab
+
+    def opens_reasoning(self, row: str, system_prompt: str, row_input: str = "prompt") -> bool:
+        """Whether this row's prompt, as preprocess will render it, starts the answer inside a
+        thinking block (preprocess.reasoning.opens_reasoning on the template's own tail)."""
+        if row_input == "messages":
+            turns, options = read_conversation(json.loads(row))
+            return opens_reasoning(self.formatter.pieces(as_turns(with_system_prompt(turns, system_prompt)),
+                                                         options).texts[-1])
+        return opens_reasoning(self.formatter.pieces(as_turns([("system", system_prompt), ("user", row)])).texts[-1])
 
 
 def request_work(prompt_tokens: Sequence[int], choices: int, max_new_tokens: int) -> int:

@@ -41,6 +41,7 @@ class Answer:
     finish_reason: str
     logprobs: list | None = None  # [[token, logprob, [[token, logprob], ...]], ...] when asked for
     prompt_ids: list[int] | None = None  # when asked for
+    reasoning: str | None = None  # when asked for: the thinking split out of the answer ("" if none)
 
 
 def _text_input(name: str, texts: Sequence[str], client=triton_http):
@@ -136,7 +137,10 @@ def read_answers(result, wanted: Sequence[str]) -> list[Answer]:
                 if "logprobs" in wanted else [None] * count)
     prompt_ids = ([row[row != PAD_ID].tolist() for row in result.as_numpy("prompt_ids")]
                   if "prompt_ids" in wanted else [None] * count)
-    return [Answer(*row) for row in zip(texts, prompt_tokens, completion_tokens, reasons, logprobs, prompt_ids)]
+    reasoning = ([t.decode("utf-8", "replace") for t in result.as_numpy("reasoning").reshape(-1)]
+                 if "reasoning" in wanted else [None] * count)
+    return [Answer(*row) for row in zip(texts, prompt_tokens, completion_tokens, reasons, logprobs, prompt_ids,
+                                        reasoning)]
 
 
 ROW_IN_MESSAGE = re.compile(r"^prompt (\d+)\b")  # every stage names a bad row "prompt N" first

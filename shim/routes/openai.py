@@ -11,6 +11,9 @@
   a max_tokens over MAX_NEW_TOKENS_LIMIT is a 400 (/predict clips it).
 - Chat messages carry names, tool turns and assistant tool calls; `tools`, `tool_choice`
   and `chat_template_kwargs` (an allow-list) reach the chat template (shim.tools).
+- Thinking (`<think>...</think>`) comes back as `reasoning_content` when REASONING_PARSER
+  is on: split by postprocess for whole answers, by preprocess.reasoning's splitter here
+  for streams, both from the same rule.
 - `n` choices are n rows of one batched request, under the same limits as /predict
   (prompts x n x max tokens).
 - `stream: true` sends the tokens as vLLM makes them (server-sent events in OpenAI's
@@ -34,6 +37,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from preprocess.conversation import conversation_row
+from preprocess.reasoning import ReasoningSplitter, split_reasoning
 
 from ..state import run_until_disconnect, shim_state
 from ..bodies import ChatRequest, CompletionRequest, NamedToolChoice, OpenAIParams, json_body, parse_body
@@ -159,7 +163,8 @@ async def generate(request: Request, rows: list[str], params: OpenAIParams, row_
                                         choices=params.n,
                                         row_input=row_input, verbatim=bool(extra.get("verbatim")))
     outputs = (("logprobs",) if overrides.get("top_logprobs") is not None else ()) + \
-        (("prompt_ids",) if params.return_token_ids else ())
+        (("prompt_ids",) if params.return_token_ids else ()) + \
+        (("reasoning",) if overrides.get("split_reasoning") else ())
     if params.n > 1 and overrides.get("seed") is not None:
         # n choices under one seed are n samples, reproducible as a set: choice i gets seed + i.
         overrides = {**overrides, "seed": [choice_seed(overrides["seed"], k % params.n)
@@ -208,24 +213,45 @@ async def chat(request: Request):
     if parser is not None:
         await asyncio.to_thread(parser.load)
     extra = {"raw": True} if calls.calls_expected else {}  # a call's JSON is the model's own: no routing, no clean-up
+    reasoning = state.splits_reasoning()
+    if reasoning:
+        extra["split_reasoning"] = True
     conversation = conversation_row([m.as_dict(i) for i, m in enumerate(body.messages)], tools,
                                     body.chat_template_kwargs)
     body.check_stream(1)
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-    def message(text: str, finish_reason: str | None) -> tuple[dict, str | None]:
+    def message(text: str, finish_reason: str | None, thought: str | None) -> tuple[dict, str | None]:
         content, tool_calls, finish = calls.read(text, finish_reason, parser)
-        return {"role": "assistant", "content": content, **({"tool_calls": tool_calls} if tool_calls else {})}, finish
+        said = {"role": "assistant", "content": content, **({"tool_calls": tool_calls} if tool_calls else {})}
+        if reasoning:
+            said["reasoning_content"] = thought or None
+        return said, finish
 
     if body.stream:
+        opened = reasoning and state.counter.opens_reasoning(conversation, state.system_prompt, "messages")
+        splitter = ReasoningSplitter(opened)
+
         def chat_chunk(piece: Piece, first: bool) -> dict:
             if calls.calls_expected:  # one chunk, the whole answer read (see streamed's `whole`)
-                delta, finish = message(piece.text, piece.finish_reason)
+                thought, text = split_reasoning(piece.text, opened) if reasoning else (None, piece.text)
+                delta, finish = message(text, piece.finish_reason, thought)
                 delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(delta.get("tool_calls", ()))]
                 if not delta["tool_calls"]:
                     del delta["tool_calls"]
                 return {"index": 0, "delta": delta, "logprobs": chat_logprobs(piece), "finish_reason": finish}
-            delta = {"role": "assistant", "content": piece.text} if first else {"content": piece.text}
+            delta = {"role": "assistant"} if first else {}
+            if reasoning:
+                thought, text = splitter.feed(piece.text)
+                if piece.finish_reason is not None:
+                    rest_thought, rest_text = splitter.finish()
+                    thought, text = thought + rest_thought, text + rest_text
+                if thought:
+                    delta["reasoning_content"] = thought
+                if text or not thought:
+                    delta["content"] = text
+            else:
+                delta["content"] = piece.text
             return {"index": 0, "delta": delta, "logprobs": chat_logprobs(piece), "finish_reason": piece.finish_reason}
 
         head = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model_name}
@@ -237,7 +263,7 @@ async def chat(request: Request):
         extra_fields = {"prompt_token_ids": answers[0].prompt_ids} if body.return_token_ids else {}
         choices = []
         for i, a in enumerate(answers):
-            said, finish = message(a.text, a.finish_reason)
+            said, finish = message(a.text, a.finish_reason, a.reasoning)
             choices.append({"index": i, "message": said, "logprobs": chat_logprobs(a), "finish_reason": finish})
         return {"id": ident, "object": "chat.completion", "created": created, "model": model_name,
                 "choices": choices, "usage": usage(answers, 1), **extra_fields}

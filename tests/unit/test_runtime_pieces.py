@@ -65,7 +65,19 @@ def test_preprocess_uses_each_rows_system_prompt_and_names_the_bad_row(tokenizer
 def test_postprocess_cleans_each_row_by_its_own_route():
     stage = PostprocessStage(load({"OUTPUT_MAX_SENTENCES": "1"}))
     text = "<think>plan</think>第一句。第二句。第三句。"
-    short, code, raw = stage.run([text, text, text], ["short", "code", "raw"], [False, True, False])
+    (short, code, raw), thoughts = stage.run([text, text, text], ["short", "code", "raw"], [False, True, False])
     assert short == "第一句。"  # sentences are cut at Chinese punctuation and newlines
     assert code == "第一句。第二句。第三句。"  # thinking removed, every sentence kept
     assert raw == text  # the caller asked for the model's own text
+    assert thoughts == ["", "", ""]  # no row asked for its thinking
+
+
+def test_postprocess_splits_thinking_out_where_the_row_asks():
+    """ReasoningMode per row: dropped (the judge's clean-up), split out, or split out of an
+    answer whose opening tag the template wrote."""
+    stage = PostprocessStage(load({"OUTPUT_MAX_SENTENCES": "1"}))
+    answers, thoughts = stage.run(["<think>plan</think>第一句。第二句。", "<think>plan</think>第一句。第二句。",
+                                   "plan</think>答。", "<think>cut off mid-thought"],
+                                  ["short", "short", "code", "code"], [False] * 4, [0, 1, 2, 1])
+    assert answers == ["第一句。", "第一句。", "答。", ""]
+    assert thoughts == ["", "plan", "plan", "cut off mid-thought"]

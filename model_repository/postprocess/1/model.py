@@ -8,6 +8,7 @@ from preprocess.stub import prepare_stub_process
 log = prepare_stub_process("postprocess")
 
 from preprocess import triton_io as io  # noqa: E402
+from preprocess.contract import REASONING_MODE  # noqa: E402
 from preprocess.pipeline import PostprocessStage  # noqa: E402
 from preprocess.settings import load  # noqa: E402
 
@@ -23,9 +24,13 @@ class TritonPythonModel:
         def read(name):
             return pb_utils.get_input_tensor_by_name(request, name).as_numpy()
 
-        answers = self.stage.run(io.decode_strings(read("TEXT"), "TEXT"), io.decode_strings(read("ROUTE"), "ROUTE"),
-                                 read("IS_CODE").reshape(-1).tolist())
-        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("answer", io.encode_strings(answers))])
+        modes = pb_utils.get_input_tensor_by_name(request, REASONING_MODE[0])  # optional: absent drops thinking
+        answers, thoughts = self.stage.run(io.decode_strings(read("TEXT"), "TEXT"),
+                                           io.decode_strings(read("ROUTE"), "ROUTE"),
+                                           read("IS_CODE").reshape(-1).tolist(),
+                                           None if modes is None else modes.as_numpy().reshape(-1).tolist())
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("answer", io.encode_strings(answers)),
+                                                          pb_utils.Tensor("reasoning", io.encode_strings(thoughts))])
 
     @staticmethod
     def _invalid(exc):

@@ -9,7 +9,8 @@ from preprocess.stub import prepare_stub_process
 log = prepare_stub_process("preprocess")
 
 from preprocess import triton_io as io  # noqa: E402
-from preprocess.contract import GENERATOR_SCALARS, GENERATOR_TEXTS, NUMPY_TYPES, SAMPLING, InvalidRequest  # noqa: E402
+from preprocess.contract import (GENERATOR_SCALARS, GENERATOR_TEXTS, NUMPY_TYPES, REASONING_MODE, SAMPLING,  # noqa: E402
+                                 InvalidRequest)
 from preprocess.pipeline import PreprocessStage, RequestRows  # noqa: E402
 from preprocess.settings import load  # noqa: E402
 from preprocess.tokenizer import load_tokenizer  # noqa: E402
@@ -65,6 +66,7 @@ class TritonPythonModel:
             ignore_eos=values("ignore_eos"), raw=values("raw"), verbatim=values("verbatim"),
             seed=values("seed"), top_logprobs=values("top_logprobs"),
             stop=texts("stop"), response_format=texts("response_format"),
+            split_reasoning=values("split_reasoning"),
         ))
         s = [row.sampling for row in rows]
         outputs = {name: io.scalars([getattr(x, field) for x in s], NUMPY_TYPES[dtype])
@@ -75,5 +77,6 @@ class TritonPythonModel:
             "ROUTE": io.encode_strings([row.decision.route.value for row in rows]),
             "IS_CODE": io.scalars([row.decision.is_code for row in rows], np.bool_),
             "PROMPT_TEXT": io.encode_strings([row.text for row in rows]),
+            REASONING_MODE[0]: io.scalars([int(row.reasoning) for row in rows], NUMPY_TYPES[REASONING_MODE[1]]),
         })
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()])
