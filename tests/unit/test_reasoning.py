@@ -105,3 +105,29 @@ def test_auto_follows_the_tokenizers_own_tags(tokenizer):
     thinking = copy.deepcopy(tokenizer)
     thinking.add_tokens([THINK_START, THINK_END])
     assert PromptCounter(thinking).has_think_tokens()
+
+
+@pytest.fixture(scope="module")
+def vllm_r1_parser(tokenizer):
+    """vLLM's own DeepSeek-R1 parser, on a tokenizer given the two tags (it requires them)."""
+    from vllm.reasoning.deepseek_r1_reasoning_parser import DeepSeekR1ReasoningParser
+
+    thinking = copy.deepcopy(tokenizer)
+    thinking.add_tokens([THINK_START, THINK_END])
+    return DeepSeekR1ReasoningParser(thinking)
+
+
+plain = st.lists(st.sampled_from(["<", "</", "<th", "ink>", "a", "答", "\n", " ", "think"]), max_size=8).map("".join)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(plain, st.one_of(st.none(), plain), st.booleans())
+def test_the_split_is_vllms_deepseek_r1_split(vllm_r1_parser, thought, answer, model_opens):
+    """Where vLLM's parser and ours read the same situation, they split the same: an answer
+    whose block the template opened (R1's), or one that opens it itself (Qwen3 thinking), with
+    or without its end. vLLM says None for an empty content; we say ""."""
+    if THINK_START in thought or THINK_END in thought or (answer and THINK_START in answer):
+        return
+    text = (THINK_START if model_opens else "") + thought + ("" if answer is None else THINK_END + answer)
+    reasoning, content = vllm_r1_parser.extract_reasoning(text, request=None)
+    assert split_reasoning(text, opened=not model_opens) == (reasoning, content or "")
