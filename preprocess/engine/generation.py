@@ -100,7 +100,6 @@ class Runner(Protocol):
 class BatchHandle:
     """One Triton request's prompts, as the backend tracks them (compared by identity)."""
     batch_id: str
-    request_ids: list[str] = field(default_factory=list)
     future: object | None = None
     cancelled: bool = False
     # Set by GeneratorService: (replica, the replica runner's own handle) for each part.

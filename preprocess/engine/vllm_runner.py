@@ -309,7 +309,6 @@ class VllmRunner:
         params = self.sampling_params(item.sampling).clone()
         params.output_kind = self._delta  # each output carries only what is new
         request_id = f"{handle.batch_id}-s"
-        handle.request_ids.append(request_id)
         if self.on_submit is not None:
             self.on_submit([item], 1)
         received = False
@@ -335,7 +334,6 @@ class VllmRunner:
             params = self.sampling_params(sampling)
             for index in indices:
                 request_id = f"{handle.batch_id}-{index}"
-                handle.request_ids.append(request_id)
                 tasks.append(asyncio.ensure_future(
                     self._generate_one(items[index].token_ids, params, request_id, results, index)))
         try:
