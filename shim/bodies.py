@@ -23,6 +23,7 @@ from starlette.requests import ClientDisconnect
 
 from preprocess import controls
 from preprocess.contract import MAX_CHOICES, MAX_NEW_TOKENS_LIMIT, InvalidRequest, OutOfRange, check_settings
+from preprocess.conversation import ROLES
 from preprocess.envparse import clip
 
 from .errors import ApiError, ClientGone
@@ -111,9 +112,12 @@ class NamedToolChoice(BaseModel):
     function: dict[str, StrictStr]
 
 
+RoleName = Literal[tuple(ROLES)]  # the roles preprocess.conversation reads, written once
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: RoleName
     content: StrictStr | list[TextPart] | None = None
     name: StrictStr | None = None
     tool_call_id: StrictStr | None = None

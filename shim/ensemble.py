@@ -23,6 +23,7 @@ from tritonclient.utils import InferenceServerException
 from preprocess.contract import (ENSEMBLE, EXPLAIN_OUTPUTS, MAX_BATCH_SIZE, OPTIONAL_OUTPUTS, OUTPUTS, PAD_ID,
                                  PREPROCESS, SETTINGS, STREAM_ENSEMBLE)
 from preprocess.runtime import CancelMarkers
+from preprocess.triton_io import unpad_token_ids
 
 from .errors import ApiError
 
@@ -135,8 +136,7 @@ def read_answers(result, wanted: Sequence[str]) -> list[Answer]:
     count = len(texts)
     logprobs = ([json.loads(t) if t else None for t in result.as_numpy("logprobs").reshape(-1)]
                 if "logprobs" in wanted else [None] * count)
-    prompt_ids = ([row[row != PAD_ID].tolist() for row in result.as_numpy("prompt_ids")]
-                  if "prompt_ids" in wanted else [None] * count)
+    prompt_ids = unpad_token_ids(result.as_numpy("prompt_ids")) if "prompt_ids" in wanted else [None] * count
     reasoning = ([t.decode("utf-8", "replace") for t in result.as_numpy("reasoning").reshape(-1)]
                  if "reasoning" in wanted else [None] * count)
     return [Answer(*row) for row in zip(texts, prompt_tokens, completion_tokens, reasons, logprobs, prompt_ids,
