@@ -86,7 +86,13 @@ class Runner(Protocol):
     max_model_len: int  # prompts longer than this are refused before submission
     on_submit: Callable[[Sequence[GenerationItem], int], None] | None  # metrics hook: items, sampling groups
 
+    engine_mode: str  # shown in /info
+    engine_kwargs: dict[str, Any]  # what the engine was built with, shown in /info
+    scheduler: dict[str, Any]  # the scheduler settings it runs with ({} when it has none)
+
     def submit(self, items: Sequence[GenerationItem], on_done: Completion) -> "BatchHandle": ...
+
+    def stream(self, item: GenerationItem, on_delta: "StreamListener") -> "BatchHandle": ...
 
     def cancel(self, handle: "BatchHandle") -> None: ...
 

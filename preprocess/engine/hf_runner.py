@@ -11,7 +11,7 @@ import queue
 import threading
 from typing import Sequence
 
-from .generation import (BatchHandle, Completion, GenerationItem, GenerationResult,
+from .generation import (BatchHandle, Completion, GenerationItem, GenerationResult, StreamDelta, StreamListener,
                          group_by_sampling, new_batch_id)
 from ..contract import NOT_SET, InvalidRequest
 from ..sampling import SamplingSettings
@@ -37,6 +37,9 @@ def penalty_processor(frequency: float, presence: float, prompt_len: int):
 
 class TransformersRunner:
     backend = "transformers"
+    engine_mode = "TransformersRunner"
+    engine_kwargs: dict = {}
+    scheduler: dict = {}
 
     def __init__(self, model_dir: str, tokenizer, stop_strings: Sequence[str], stop_token_ids: Sequence[int],
                  device: str | None = None):
@@ -75,6 +78,11 @@ class TransformersRunner:
         handle = BatchHandle(new_batch_id())
         self._work.put((list(items), on_done, handle))
         return handle
+
+    def stream(self, item: GenerationItem, on_delta: StreamListener) -> BatchHandle:
+        """The whole answer as one last piece: generate() gives no tokens before it ends."""
+        return self.submit([item], lambda outcome: on_delta(
+            outcome if isinstance(outcome, BaseException) else StreamDelta.whole(outcome[0])))
 
     def cancel(self, handle: BatchHandle) -> None:
         handle.cancelled = True  # a queued batch is dropped; a running generate() finishes

@@ -76,7 +76,7 @@ def died_under(outcome: Any, engine_healthy: bool) -> bool:
 
 def scheduler_capacity(runner: Runner, otherwise: int) -> int:
     """How many requests the runner's scheduler runs at once (vLLM's max_num_seqs)."""
-    return int((getattr(runner, "scheduler", None) or {}).get("max_num_seqs") or otherwise)
+    return int(runner.scheduler.get("max_num_seqs") or otherwise)
 
 
 def installed_vllm() -> tuple[str | None, str | None]:
@@ -343,13 +343,7 @@ class GeneratorService:
                         ttft_s=first_token_s, e2e_s=time.perf_counter() - started), replica.index)
             on_delta(event)
 
-        runner = replica.runner
-        if hasattr(runner, "stream"):
-            part = runner.stream(item, relay)
-        else:
-            part = runner.submit([item], lambda outcome: relay(
-                outcome if isinstance(outcome, BaseException) else StreamDelta.whole(outcome[0])))
-        return joined_handle([(replica, part)])
+        return joined_handle([(replica, replica.runner.stream(item, relay))])
 
     def cancel(self, handle: BatchHandle) -> None:
         for replica, part in handle.parts:
@@ -383,12 +377,12 @@ class GeneratorService:
             "backend": runner.backend,
             "engine_fallback": self.fallback,
             "vllm_version": self.vllm_version,
-            "engine_mode": getattr(runner, "engine_mode", type(runner).__name__),
+            "engine_mode": runner.engine_mode,
             "frontend": "process" if self.process_frontends else "thread",
             "model_dir": str(self.model_dir),
-            "engine_kwargs": getattr(runner, "engine_kwargs", {}),
-            "scheduler": getattr(runner, "scheduler", {}),
-            "max_model_len": getattr(runner, "max_model_len", None),
+            "engine_kwargs": runner.engine_kwargs,
+            "scheduler": runner.scheduler,
+            "max_model_len": runner.max_model_len,
             "tensor_parallel_size": self.engine.tensor_parallel_size,
             "replicas": [replica.info() for replica in self.replicas],
             "restarts": sum(replica.restarts for replica in self.replicas),

@@ -205,6 +205,8 @@ class DeadRunner:
     """Fault injection: the engine process is gone (what vLLM's `errored` reports)."""
     backend = "vllm"
     healthy = False
+    engine_mode, engine_kwargs, scheduler = "DeadRunner", {}, {}
+    max_model_len = 1024
 
     def shutdown(self, timeout_s):
         pass

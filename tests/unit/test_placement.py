@@ -190,6 +190,7 @@ class DeadRunner:
     """Fault injection: a replica whose engine process is gone (what vLLM's `errored` says)."""
     backend = "vllm"
     healthy = False
+    engine_mode, engine_kwargs, scheduler = "DeadRunner", {}, {}
     max_model_len = 1024
 
     def shutdown(self, timeout_s):
