@@ -22,6 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from preprocess.contract import (ENSEMBLE, EXPLAIN_OUTPUTS, MAX_BATCH_SIZE, OPTIONAL_OUTPUTS, OUTPUTS, PAD_ID,
                                  PREPROCESS, SETTINGS, STREAM_ENSEMBLE)
+from preprocess.errors import read_tag
 from preprocess.runtime import CancelMarkers
 from preprocess.triton_io import unpad_token_ids
 
@@ -110,15 +111,11 @@ def even_chunks(items: Sequence, limit: int) -> list[Sequence]:
 
 def map_triton_error(exc: InferenceServerException) -> EnsembleError:
     """Triton's status to the shim's: bad input stays a 4xx, the rest is a 5xx. A streamed
-    response carries no status, only its message: generator_stream starts its messages
-    with the status ("[400] ", "[503] ")."""
-    message = exc.message() or str(exc)
-    status = str(exc.status() or "")
-    for code in ("400", "503"):
-        if not status and f"[{code}] " in message:
-            status = code
-    for prefix in (f"in ensemble '{ENSEMBLE}', ", f"in ensemble '{STREAM_ENSEMBLE}', ", "[400] ", "[503] ",
-                   "[500] "):
+    response carries no status, only its message: generator_stream puts the status in
+    front of it (ErrorKind.tagged)."""
+    tagged_status, message = read_tag(exc.message() or str(exc))
+    status = str(exc.status() or tagged_status or "")
+    for prefix in (f"in ensemble '{ENSEMBLE}', ", f"in ensemble '{STREAM_ENSEMBLE}', "):
         message = message.replace(prefix, "")
     if status == "400":
         return EnsembleError(400, message)

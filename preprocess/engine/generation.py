@@ -10,6 +10,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 from .. import controls
 from ..contract import InvalidRequest
+from ..errors import ErrorKind
 from ..sampling import SamplingSettings
 
 # Per generated token: (its text, its logprob, the top tokens as [(text, logprob)]).
@@ -129,17 +130,15 @@ class EngineUnavailable(RuntimeError):
 ENGINE_DEATHS = ("EngineDeadError",)  # the engine process is gone; the watchdog rebuilds it
 
 
-def classify_error(exc: BaseException, engine_healthy: bool = True) -> str:
-    """"invalid" (the request's fault: 4xx), "unavailable" (the engine is down or being
-    rebuilt, or the request was cancelled: 503, retry) or "internal" (a bug: 5xx, which the
-    shim counts toward restarting a dead server). A plain ValueError is internal: our own
-    code raising it is a bug, not bad input."""
+def classify_error(exc: BaseException, engine_healthy: bool = True) -> ErrorKind:
+    """The kind of a failed generation (preprocess.errors): a plain ValueError is INTERNAL,
+    since our own code raising it is a bug, not bad input."""
     if isinstance(exc, (InvalidRequest, PromptTooLong)) or type(exc).__name__ in ENGINE_REFUSALS:
-        return "invalid"
+        return ErrorKind.INVALID
     if (isinstance(exc, (EngineUnavailable, asyncio.CancelledError)) or type(exc).__name__ in ENGINE_DEATHS
             or not engine_healthy):
-        return "unavailable"
-    return "internal"
+        return ErrorKind.UNAVAILABLE
+    return ErrorKind.INTERNAL
 
 
 def group_by_sampling(items: Sequence[GenerationItem]) -> dict[SamplingSettings, list[int]]:

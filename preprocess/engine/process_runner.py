@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Sequence
 
 from ..contract import InvalidRequest
+from ..errors import ErrorKind
 from .config import EngineSettings
 from .fallback import EngineStartError
 from .generation import (BatchHandle, Completion, EngineUnavailable, GenerationItem, StreamListener, classify_error,
@@ -59,14 +60,14 @@ def error_message(exc: BaseException, engine_healthy: bool) -> tuple[str, str]:
     if isinstance(exc, asyncio.CancelledError):
         return "cancelled", str(exc) or "request cancelled"
     kind = classify_error(exc, engine_healthy)
-    return kind, f"{type(exc).__name__}: {exc}" if kind == "internal" else str(exc)
+    return kind.value, f"{type(exc).__name__}: {exc}" if kind is ErrorKind.INTERNAL else str(exc)
 
 
 def error_from_message(kind: str, text: str) -> BaseException:
     """The exception the stub raises for a child's ("error", id, kind, text): one that
     classify_error sorts into the same kind."""
-    return {"invalid": InvalidRequest, "cancelled": asyncio.CancelledError,
-            "unavailable": EngineUnavailable}.get(kind, RuntimeError)(text)
+    return {ErrorKind.INVALID.value: InvalidRequest, "cancelled": asyncio.CancelledError,
+            ErrorKind.UNAVAILABLE.value: EngineUnavailable}.get(kind, RuntimeError)(text)
 
 
 class ProcessRunner:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, MutableMapping, Sequence
 
 from .. import settings as cfg
+from ..errors import ErrorKind
 from ..runtime import GeneratorState
 from ..tokenizer import load_tokenizer
 from . import config as engine_config
@@ -69,7 +70,7 @@ def model_max_len(model_dir: Path) -> int | None:
 def died_under(outcome: Any, engine_healthy: bool) -> bool:
     """Whether `outcome` is a failure from the engine going away (not the request's own
     fault, not a cancellation its client asked for while the engine was well)."""
-    if not isinstance(outcome, BaseException) or classify_error(outcome, engine_healthy) != "unavailable":
+    if not isinstance(outcome, BaseException) or classify_error(outcome, engine_healthy) is not ErrorKind.UNAVAILABLE:
         return False
     return not engine_healthy or not isinstance(outcome, asyncio.CancelledError)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..contract import InvalidRequest
+from ..errors import ErrorKind
 from .generation import generation_items
 
 log = logging.getLogger("generator.stream")
@@ -49,8 +50,8 @@ def encode(message: dict[str, Any]) -> bytes:
     return (json.dumps(message, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def error_message(exc: BaseException, kind: str) -> dict[str, Any]:
-    return {"error": str(exc) or type(exc).__name__, "kind": kind}
+def error_message(exc: BaseException, kind: ErrorKind) -> dict[str, Any]:
+    return {"error": str(exc) or type(exc).__name__, "kind": kind.value}
 
 
 class StreamServer:
@@ -58,10 +59,10 @@ class StreamServer:
     thread: the engines' threads hand pieces over with call_soon_threadsafe, and a slow
     reader holds up only its own connection, never an engine."""
 
-    def __init__(self, service, path: Path, classify: Callable[[BaseException, bool], str]):
+    def __init__(self, service, path: Path, classify: Callable[[BaseException, bool], ErrorKind]):
         self.service = service
         self.path = path
-        self.classify = classify  # service.classify_error: "invalid", "unavailable" or "internal"
+        self.classify = classify  # generation.classify_error
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.AbstractServer | None = None
         self._streaming: set = set()  # handles of the answers being streamed (loop thread only)
@@ -98,10 +99,10 @@ class StreamServer:
                 request = json.loads(await reader.readline())
                 item = generation_items([request["prompt_ids"]], {k: [v] for k, v in request["values"].items()})[0]
             except InvalidRequest as exc:
-                writer.write(encode(error_message(exc, "invalid")))
+                writer.write(encode(error_message(exc, ErrorKind.INVALID)))
                 return
             except (ValueError, KeyError, TypeError) as exc:  # not our client: say so and stop
-                writer.write(encode(error_message(InvalidRequest(f"bad stream request: {exc}"), "invalid")))
+                writer.write(encode(error_message(InvalidRequest(f"bad stream request: {exc}"), ErrorKind.INVALID)))
                 return
             pieces: asyncio.Queue = asyncio.Queue()
             loop = asyncio.get_running_loop()
@@ -142,9 +143,9 @@ class StreamServer:
 
 
 class StreamFailed(Exception):
-    """The server answered with an error: `kind` is "invalid", "unavailable" or "internal"."""
+    """The server answered with an error of this kind."""
 
-    def __init__(self, message: str, kind: str):
+    def __init__(self, message: str, kind: ErrorKind):
         super().__init__(message)
         self.kind = kind
 
@@ -155,13 +156,13 @@ def stream_events(path: Path, prompt_ids: list[int], values: dict[str, Any],
     above), until the one with a finish reason. `stop_asked` is polled every `poll_s`
     while waiting: when it says yes the connection is closed (the server aborts the
     generation) and the iterator ends. StreamFailed for an error line; a server that is
-    not there or goes away gives StreamFailed("unavailable")."""
+    not there or goes away gives StreamFailed(UNAVAILABLE)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         try:
             conn.connect(str(path))
             conn.sendall(encode({"prompt_ids": prompt_ids, "values": values}))
         except OSError as exc:
-            raise StreamFailed(f"the generator is not serving streams ({exc})", "unavailable") from None
+            raise StreamFailed(f"the generator is not serving streams ({exc})", ErrorKind.UNAVAILABLE) from None
         conn.settimeout(poll_s)
         buffer = b""
         while True:
@@ -170,7 +171,7 @@ def stream_events(path: Path, prompt_ids: list[int], values: dict[str, Any],
                 line, buffer = buffer[:newline], buffer[newline + 1:]
                 message = json.loads(line)
                 if "error" in message:
-                    raise StreamFailed(message["error"], message.get("kind", "internal"))
+                    raise StreamFailed(message["error"], ErrorKind(message.get("kind", ErrorKind.INTERNAL.value)))
                 yield message
                 if message.get("finish_reason") is not None:
                     return
@@ -182,7 +183,7 @@ def stream_events(path: Path, prompt_ids: list[int], values: dict[str, Any],
             except socket.timeout:
                 continue
             except OSError as exc:
-                raise StreamFailed(f"the generator's stream broke off ({exc})", "unavailable") from None
+                raise StreamFailed(f"the generator's stream broke off ({exc})", ErrorKind.UNAVAILABLE) from None
             if not chunk:
-                raise StreamFailed("the generator closed the stream before the answer ended", "unavailable")
+                raise StreamFailed("the generator closed the stream before the answer ended", ErrorKind.UNAVAILABLE)
             buffer += chunk

@@ -24,6 +24,7 @@ from preprocess.engine.service import GeneratorService, prepare_generator_proces
 from preprocess.engine.metrics import GeneratorMetrics  # noqa: E402
 from preprocess.engine.orphan_guard import start_guard  # noqa: E402
 from preprocess.engine.stream_socket import StreamServer, socket_path  # noqa: E402
+from preprocess.errors import ErrorKind  # noqa: E402
 from preprocess.runtime import CancelMarkers  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -33,16 +34,15 @@ def error_response(exc, engine_healthy=True):
     """Bad input keeps its message; an internal error is logged here and the client gets no
     class names or internals."""
     kind = classify_error(exc, engine_healthy)
-    if kind == "internal":
+    if kind is ErrorKind.INTERNAL:
         log.error("internal error answering a request: %s: %s", type(exc).__name__, exc)
         message = "internal error in the generator (see the server log)"
-    elif kind == "unavailable":
+    elif kind is ErrorKind.UNAVAILABLE:
         message = f"the generator engine is unavailable or restarting; retry shortly ({exc})"
     else:
         message = str(exc)
-    code = {"invalid": pb_utils.TritonError.INVALID_ARG, "unavailable": pb_utils.TritonError.UNAVAILABLE,
-            "internal": pb_utils.TritonError.INTERNAL}[kind]  # TritonError exists only once the stub runs
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, getattr(pb_utils.TritonError,
+                                                                                  kind.triton_code)))
 
 
 def read_items(request):

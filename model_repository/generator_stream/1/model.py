@@ -21,21 +21,19 @@ log = prepare_stub_process("generator_stream")
 from preprocess import triton_io as io  # noqa: E402
 from preprocess.contract import InvalidRequest  # noqa: E402
 from preprocess.engine.generation import logprobs_json  # noqa: E402
+from preprocess.errors import ErrorKind  # noqa: E402
 from preprocess.engine.stream_socket import StreamFailed, socket_path, stream_events  # noqa: E402
 from preprocess.runtime import CancelMarkers  # noqa: E402
 from preprocess.settings import load  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 MAX_STREAMS = 256  # relays at once; more get UNAVAILABLE rather than a thread each
-# kind -> (Triton's code, the status the message starts with: a streamed error reaches a
-# gRPC client as its message only, and the shim reads the status from there).
-ERROR_CODES = {"invalid": ("INVALID_ARG", 400), "unavailable": ("UNAVAILABLE", 503), "internal": ("INTERNAL", 500)}
 
 
 def error_response(message, kind):
-    code, status = ERROR_CODES.get(kind, ERROR_CODES["internal"])
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"[{status}] {message}",
-                                                                 getattr(pb_utils.TritonError, code)))
+    # A streamed error reaches a gRPC client as its message only: the status goes in front.
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(kind.tagged(message),
+                                                                 getattr(pb_utils.TritonError, kind.triton_code)))
 
 
 def piece_response(piece):
@@ -57,7 +55,7 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             if not self.slots.acquire(blocking=False):
                 sender.send(error_response(f"more than {MAX_STREAMS} streams at once; retry shortly",
-                                           "unavailable"), flags=FINAL)
+                                           ErrorKind.UNAVAILABLE), flags=FINAL)
                 continue
             threading.Thread(target=self._relay, args=(request, sender), name="stream-relay", daemon=True).start()
         return None
@@ -80,16 +78,16 @@ class TritonPythonModel:
                 if last:
                     return
             log.info("request %s cancelled by the client; stream aborted", request_id)
-            sender.send(error_response("the request was cancelled", "unavailable"), flags=FINAL)
+            sender.send(error_response("the request was cancelled", ErrorKind.UNAVAILABLE), flags=FINAL)
         except InvalidRequest as exc:
-            sender.send(error_response(str(exc), "invalid"), flags=FINAL)
+            sender.send(error_response(str(exc), ErrorKind.INVALID), flags=FINAL)
         except StreamFailed as exc:
-            if exc.kind == "internal":
+            if exc.kind is ErrorKind.INTERNAL:
                 log.error("stream failed: %s", exc)
             sender.send(error_response(str(exc), exc.kind), flags=FINAL)
         except Exception as exc:  # a bug: logged here, the client gets no internals
             log.error("internal error streaming a request: %s: %s", type(exc).__name__, exc)
-            sender.send(error_response("internal error in generator_stream (see the server log)", "internal"),
+            sender.send(error_response("internal error in generator_stream (see the server log)", ErrorKind.INTERNAL),
                         flags=FINAL)
         finally:
             self.slots.release()
