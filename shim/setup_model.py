@@ -15,8 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from preprocess.progress import Heartbeat
 from preprocess.settings import EMBEDDED_MODEL_ID
+
+from .progress import Heartbeat
 
 log = logging.getLogger("setup_model")
 

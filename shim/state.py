@@ -12,10 +12,8 @@ from fastapi import Request
 
 from preprocess import settings as cfg
 from preprocess.contract import InvalidRequest
-from preprocess.progress import Heartbeat
 from preprocess.runtime import CancelMarkers, GeneratorState
 from preprocess.sampling import model_sampling_defaults
-from preprocess.warmup import warmup_prompts
 
 from .bodies import Limits
 from .budget import PromptCounter, WorkLedger, check_request_work
@@ -23,7 +21,9 @@ from .ensemble import Answer, EnsembleClient, EnsembleError
 from .drain import Drain
 from .errors import ApiError, ClientGone
 from .guards import ShimMetrics
+from .progress import Heartbeat
 from .streaming import Piece, StreamClient
+from .warmup import warmup_prompts
 
 log = logging.getLogger("shim")
 

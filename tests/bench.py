@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 from tests.conftest import (EMBEDDED_MODEL, http_json, over_replicas, scrape_metrics, server_env, start_server,  # noqa: E402
                             stop_server)
 from tests.perf_tools import perf_analyzer_command, perf_analyzer_env  # noqa: E402
-from preprocess.progress import Heartbeat  # noqa: E402
+from shim.progress import Heartbeat  # noqa: E402
 
 log = logging.getLogger("bench")
 QUESTIONS = ["What is a CUDA kernel?", "什么是共享内存？", "Explain warp divergence.", "GPU 的 SM 是什么？",

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.conftest import http_json  # noqa: E402
-from preprocess.progress import Heartbeat  # noqa: E402
+from shim.progress import Heartbeat  # noqa: E402
 
 log = logging.getLogger("eval")
 HEALTH_BUDGET_S = 180

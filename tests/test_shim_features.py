@@ -84,7 +84,7 @@ def test_batch_mode_is_read_at_each_request(server):
 
 
 def test_start_up_is_never_silent_for_long(server):
-    """Engine load and warm-up print progress lines (preprocess.progress.Heartbeat)."""
+    """Engine load and warm-up print progress lines (shim.progress.Heartbeat)."""
     log_text = server.log_text()
     assert "waiting for the model server:" in log_text
     assert "warm-up (" in log_text and "done in" in log_text

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from tests.conftest import EMBEDDED_MODEL, http_json, request_outcome, server_env, start_server, stop_server  # noqa: E402
-from preprocess.progress import Heartbeat  # noqa: E402
+from shim.progress import Heartbeat  # noqa: E402
 
 log = logging.getLogger("soak")
 

@@ -18,7 +18,7 @@ ENVIRONMENT_READERS = {
     "model_repository/generator/1/model.py", "model_repository/preprocess/1/model.py",
     "model_repository/postprocess/1/model.py", "model_repository/generator_stream/1/model.py",
 }
-TEXT_STAGES = ("chat", "cleanup", "routing", "sampling", "pipeline", "warmup", "tokenizer")
+TEXT_STAGES = ("chat", "cleanup", "routing", "sampling", "pipeline", "reasoning", "tokenizer")
 
 
 def sources():

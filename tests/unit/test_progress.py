@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from preprocess.progress import Heartbeat
+from shim.progress import Heartbeat
 from tests.conftest import wait_for
 
 

@@ -10,7 +10,7 @@ from preprocess.engine.penalties import PLUGIN_NAME
 from preprocess.envparse import Env, SettingsError
 from preprocess.engine.service import stop_token_ids
 from preprocess.sampling import InvalidRequest, resolve
-from preprocess.warmup import load_user_prompts, warmup_prompts
+from shim.warmup import load_user_prompts, warmup_prompts
 
 
 @pytest.mark.parametrize("word", ["1", "true", "yes", "y", "on", "TRUE", " On "])

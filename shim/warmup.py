@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable
 
-from .settings import WarmupSettings
+from preprocess.settings import WarmupSettings
 
 log = logging.getLogger("warmup")
 
