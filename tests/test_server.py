@@ -51,6 +51,28 @@ def test_list_of_64_comes_back_in_order(server, triton):
     assert body["response"] == expected and all(TINY_ANSWER.strip() in a for a in expected)
 
 
+
+def test_each_row_of_a_list_gets_its_own_answer_in_order(server, triton):
+    """Rows whose answers differ, so order is visible in the text itself: the tiny model says
+    one word per token to any prompt, and a prompt that ends k tokens short of the model's
+    length gets an answer of exactly k words (vLLM stops at the length)."""
+    from .conftest import TINY_MODEL_LEN
+
+    def question(words: int) -> str:
+        return "q" + " why" * words
+
+    def length(words: int) -> int:
+        return int(infer(triton, "llm", [question(words)], max_new_tokens=1).as_numpy("prompt_tokens").reshape(-1)[0])
+
+    one, two = length(1), length(2)
+    assert two - one == 1  # one token per " why", so a prompt's length is chosen exactly
+    base = one - 1
+    room = [3, 7, 1, 8, 5, 2, 6, 4]  # the answer's length, in tokens, per row (MAX_NEW_TOKENS is 8)
+    prompts = [question(TINY_MODEL_LEN - k - base) for k in room]
+    status, body = server.post("/predict", {"prompt": prompts})
+    assert status == 200
+    assert body["response"] == [(TINY_ANSWER * k).strip() for k in room], body["response"]
+
 def test_a_list_in_several_chunks_is_reassembled_in_order(server):
     """The shim's own client, cutting 10 prompts into chunks of 4 (3 concurrent requests):
     prompt lengths grow with the index, so the token counts show the order."""
