@@ -199,16 +199,13 @@ def test_a_body_shorter_than_its_length_is_answered_408_and_closed(server):
 
 
 def test_a_huge_header_is_refused(server):
-    """Over SHIM_MAX_HEADER_BYTES (64 KiB): a 431, or a reset when the server closes while
-    the client is still sending; never an answer to the request."""
+    """Over SHIM_MAX_HEADER_BYTES (64 KiB): a 431 naming the limit, never an answer to the
+    request. The head is sent whole and at once, so the server has read all of it before it
+    answers and closes (a client still sending when the server closes gets a reset instead)."""
     sock = connect(server)
-    reply = b""
-    try:
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (2 * 2**20) + b"\r\n\r\n")
-        reply = read_all(sock)
-    except (ConnectionResetError, BrokenPipeError):
-        pass
-    assert reply == b"" or reply.startswith(b"HTTP/1.1 431"), reply[:200]
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000)
+    reply = read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 431") and b"SHIM_MAX_HEADER_BYTES" in reply, reply[:300]
     sock = connect(server)  # a head just under the limit is served
     sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: " + b"a" * 60_000 + b"\r\n\r\n")
     assert read_all(sock).startswith(b"HTTP/1.1 200")
