@@ -85,6 +85,20 @@ def test_deeply_nested_json_is_a_400_without_a_traceback(server, route):
     assert "Traceback" not in server.log_text()[log_before:]
 
 
+
+def test_nesting_is_allowed_up_to_32_levels_exactly(server):
+    """The body object is level 1: 31 brackets inside it are 32 levels, read as a body (and
+    refused for its shape, not its depth); 32 brackets are 33 levels, refused as nested."""
+    from shim.bodies import JSON_MAX_DEPTH
+
+    def nested(brackets: int):
+        return server.post("/predict", ('{"prompt": ' + "[" * brackets + "]" * brackets + "}").encode())
+
+    status, body = nested(JSON_MAX_DEPTH - 1)
+    assert 400 <= status < 500 and "nested" not in error_text(body) and "prompt" in error_text(body), body
+    status, body = nested(JSON_MAX_DEPTH)
+    assert status == 400 and f"nested more than {JSON_MAX_DEPTH} levels deep" in error_text(body), body
+
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
                                           None])
 def test_only_json_bodies_are_accepted(server, content_type):
