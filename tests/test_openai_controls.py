@@ -124,6 +124,21 @@ def test_a_json_schema_answer_parses_and_validates(client):
     jsonschema.validate(json.loads(reply.choices[0].message.content), SCHEMA)
 
 
+
+def test_a_json_object_answer_is_json_from_its_first_token(client):
+    """json_object reaches the engine's grammar: the tiny model, which starts every answer
+    with " GPU", starts an object (its " GPU"s go inside a key); whole when it stops, cut off
+    at max_tokens otherwise."""
+    reply = client.chat.completions.create(
+        model=TINY_MODEL.name, messages=[{"role": "user", "content": "Which device?"}], max_tokens=64,
+        response_format={"type": "json_object"}, extra_body={"raw": True})
+    text, finish = reply.choices[0].message.content, reply.choices[0].finish_reason
+    assert text.startswith('{"'), text  # without the grammar: " GPU GPU ..."
+    if finish == "stop":
+        assert isinstance(json.loads(text), dict), text
+    else:
+        assert finish == "length" and reply.usage.completion_tokens == 64, reply
+
 def test_top_logprobs_20_returns_every_token_with_20_alternatives(client):
     """At the bound, over the most tokens one test may ask: the reply arrives whole."""
     tokens = 256
