@@ -234,6 +234,22 @@ def test_prompt_tokens_count_toward_the_work_budget(server):
         assert status == 413 and "prompt tokens" in error_text(body) and "SHIM_MAX_REQUEST_TOKENS" in error_text(body), body
 
 
+
+def test_a_request_without_a_token_limit_is_counted_at_the_largest_routing_limit(server):
+    """No max_new_tokens: the budget counts the largest limit routing may pick (the one
+    /info lists), not one token; with a limit, that limit (the positive control)."""
+    import re
+
+    routing = server.get("/info")[1]["routing"]
+    largest = max(v for k, v in routing.items() if k.startswith("max_new_tokens"))
+    prompts = ["why " * 20] * (SESSION_TOKEN_BUDGET // 20 + 1)  # over the budget either way: nothing runs
+    counted = {}
+    for limit in (None, 1):
+        status, body = server.post("/predict", {"prompt": prompts, **({} if limit is None else {"max_new_tokens": limit})})
+        assert status == 413, body
+        counted[limit] = int(re.search(r"x 1 choices x (\d+) new tokens", error_text(body)).group(1))
+    assert counted == {None: largest, 1: 1}, counted
+
 def test_a_full_queue_is_a_429_with_retry_after(server):
     """Work admitted and unanswered is bounded server-wide: past SHIM_MAX_QUEUED_TOKENS a
     request is refused at once, not queued, and the work in flight is still answered."""
