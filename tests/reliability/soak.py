@@ -62,7 +62,16 @@ def run_soak(server, seconds: float, clients: int, max_requests: int = 100_000, 
     def chat_prompt(k: int) -> str:
         return "tag " + "word " * k
 
+    crashed = []  # (client, the exception) of a client thread that raised
+
     def client(index: int):
+        try:
+            run_client(index)
+        except BaseException as exc:  # recorded: a dead client must count as unfinished, not vanish
+            with lock:
+                crashed.append((index, f"{type(exc).__name__}: {exc}"))
+
+    def run_client(index: int):
         rng = random.Random(index)
         while time.monotonic() < stop_at and len(records) < max_requests:
             kind = rng.choices(["single", "batch", "system_prompt", "chat"], weights=[4, 2, 1, 3])[0]
@@ -121,7 +130,7 @@ def run_soak(server, seconds: float, clients: int, max_requests: int = 100_000, 
         for t in threads:
             t.join(seconds + 600)
         sampling_done.set()
-    unfinished = sum(t.is_alive() for t in threads)
+    unfinished = sum(t.is_alive() for t in threads) + len(crashed)
     rss_end = process_rss(server.process.pid)
     windows = defaultdict(list)
     for t, _, _, latency in records:
@@ -135,6 +144,7 @@ def run_soak(server, seconds: float, clients: int, max_requests: int = 100_000, 
         "seconds": seconds, "clients": clients, "requests": len(records),
         "by_kind": {k: sum(1 for r in records if r[1] == k) for k in ("single", "batch", "system_prompt", "chat")},
         "errors": len(errors), "error_samples": [str(e) for e in errors[:5]], "unfinished_clients": unfinished,
+        "crashed_clients": [f"client {i}: {why}" for i, why in crashed],
         "requests_per_client_min": min(per_client.values()) if per_client else 0,
         "crossed_answers": len(crossed),
         "latency_windows": [{"window": w, "p50_ms": 1000 * statistics.median(v), "p99_ms": 1000 * percentile(v, 99),

@@ -15,7 +15,7 @@ def test_short_mixed_load_loses_nothing(server):
         server.post("/system_prompt", {"system_prompt": original})
     print(f"\nshort soak: {report['requests']} requests {report['by_kind']}, {report['errors']} errors, "
           f"{report['crossed_answers']} crossed, max RSS growth {report['rss_growth_max']:.1%}")
-    assert report["unfinished_clients"] == 0
+    assert report["unfinished_clients"] == 0, report["crashed_clients"]
     assert report["requests_per_client_min"] >= 1  # every client got through at least one request
     assert report["errors"] == 0, report["error_samples"]
     assert report["crossed_answers"] == 0
