@@ -89,14 +89,6 @@ def plain_prompt(system: str, question: str) -> str:
     return f"{system}\n\n问题：{question}\n答案："
 
 
-def chatml_prompt(system: str, question: str) -> str:
-    return (
-        f"<|im_start|>system\n{system}<|im_end|>\n"
-        f"<|im_start|>user\n{question}<|im_end|>\n"
-        "<|im_start|>assistant\n"
-    )
-
-
 def _chatml_messages(messages: list[dict], options: TemplateOptions = TemplateOptions()) -> str:
     turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
     return turns + "<|im_start|>assistant\n"
@@ -224,9 +216,6 @@ class ChatFormatter:
             pieces.ids = tuple(tuple(self.tokenizer(t, add_special_tokens=False).input_ids) if t else ()
                                for t in pieces.texts)
         return pieces.ids
-
-    def render(self, system: str, question: str) -> str:
-        return self.format_batch(system, [question], tokenize=False)[0].text
 
     def format_batch(self, system: str, questions: Sequence[str], tokenize: bool = True) -> list[FormattedPrompt]:
         """[system, user] prompts: texts and token ids, every text tokenized as plain text."""
