@@ -31,6 +31,7 @@ class PromptCounter:
     def __init__(self, tokenizer: Any | None, fast_chat_template: bool = False):
         self.tokenizer = tokenizer
         self.formatter = ChatFormatter(tokenizer, fast_chat_template)
+        self._think_tokens: bool | None = None
 
     def count(self, rows: Sequence[str], system_prompt: str, row_input: str = "prompt",
               verbatim: bool = False) -> list[int]:
@@ -48,13 +49,14 @@ class PromptCounter:
                                                [options for _, options in read])
         return self.formatter.count_tokens([[("system", system_prompt), ("user", row)] for row in rows])
 
-
     def has_think_tokens(self) -> bool:
         """Whether the tokenizer has both thinking tags as tokens (a thinking model's)."""
         if self.tokenizer is None:
             return False
-        vocab = self.tokenizer.get_vocab()
-        return THINK_START in vocab and THINK_END in vocab
+        if self._think_tokens is None:  # the vocabulary is read once: a dict of the whole of it
+            vocab = self.tokenizer.get_vocab()
+            self._think_tokens = THINK_START in vocab and THINK_END in vocab
+        return self._think_tokens
 
     def opens_reasoning(self, row: str, system_prompt: str, row_input: str = "prompt") -> bool:
         """Whether this row's prompt, as preprocess will render it, starts the answer inside a

@@ -62,7 +62,6 @@ class ShimState:
         self.ready_after_s: float | None = None
         self.last_wait_report_s = 0.0
         self._openai_defaults: dict[str, Any] | None = None
-        self._think_tokens: bool | None = None  # read from the tokenizer once it is loaded
 
     def openai_defaults(self) -> dict[str, Any]:
         """What /v1 applies to a sampling field a client leaves out (model_sampling_defaults),
@@ -77,11 +76,7 @@ class ShimState:
     def splits_reasoning(self) -> bool:
         """Whether /v1 chat answers carry thinking as `reasoning_content` (REASONING_PARSER)."""
         choice = self.settings.shim.reasoning_parser
-        if choice == "auto":
-            if self._think_tokens is None and self.counter.tokenizer is not None:
-                self._think_tokens = self.counter.has_think_tokens()
-            return bool(self._think_tokens)
-        return choice == "think"
+        return self.counter.has_think_tokens() if choice == "auto" else choice == "think"
 
     @property
     def batch_mode(self) -> bool:
@@ -208,7 +203,9 @@ class ShimState:
     def _load_counter(self) -> PromptCounter:
         from preprocess.tokenizer import load_tokenizer
 
-        return PromptCounter(load_tokenizer(self.settings.model_dir), self.settings.chat.fast_chat_template)
+        counter = PromptCounter(load_tokenizer(self.settings.model_dir), self.settings.chat.fast_chat_template)
+        counter.has_think_tokens()  # read here, off the event loop
+        return counter
 
 
 def shim_state(request: Request) -> ShimState:
