@@ -102,10 +102,21 @@ def test_stage_times_read_each_stage_of_an_ensemble_request(server, triton):
     """The engine benchmark's per-stage breakdown, from this Triton's own statistics."""
     from tests.bench_clients import model_stats, stage_times
 
+    from .conftest import wait_for
+
+    models = ("llm", "preprocess", "generator", "postprocess")
     before = model_stats(server.triton_url)
     infer(triton, "llm", ["one", "two", "three"], max_new_tokens=1)
-    stages = stage_times(before, model_stats(server.triton_url))
-    for model in ("llm", "preprocess", "generator", "postprocess"):
+
+    def counted():
+        # Triton records a model's statistics as its work completes, which may be just after
+        # the client has the answer (CI at 35709e1 read the ensemble's a moment too early).
+        now = stage_times(before, model_stats(server.triton_url))
+        return now if all(model in now for model in models) else None
+
+    stages = wait_for(counted, 60)
+    assert stages, stage_times(before, model_stats(server.triton_url))
+    for model in models:
         assert stages[model]["requests"] >= 1, stages
     for model in ("preprocess", "generator", "postprocess"):
         assert stages[model]["executions"] >= 1, stages
