@@ -14,7 +14,7 @@ import sys
 
 from . import settings as cfg
 from .cleanup import clean_answer
-from .pipeline import PreprocessStage
+from .preprocess_stage import PreprocessStage
 from .tokenizer import load_tokenizer
 from .routing import decide
 

@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import Mapping
 
 from .contract import MAX_NEW_TOKENS_LIMIT
-from .engine.config import EngineSettings, load_engine
+from .engine_settings import EngineSettings, load_engine
 from .envparse import Env, SettingsError
 
 __all__ = [

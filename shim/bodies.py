@@ -176,6 +176,7 @@ class OpenAIParams(SamplingFields):
     seed: StrictInt | None = None
     response_format: dict[str, Any] | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
     return_token_ids: StrictBool = False  # vLLM's extension: the prompt's token ids in the reply
+    ignore_eos: StrictBool | None = None  # vLLM's extension: generate to the token limit
 
     def top_logprobs_wanted(self) -> int | None:
         return None
@@ -199,7 +200,8 @@ class OpenAIParams(SamplingFields):
                 raise ApiError(400, f"{name}: {value} is over this server's limit of {MAX_NEW_TOKENS_LIMIT} "
                                     "new tokens", param=name)
         return {**self.sampling(), "max_new_tokens": self.max_completion_tokens or self.max_tokens,
-                "raw": self.raw or None, "seed": self.seed, "top_logprobs": self.top_logprobs_wanted()}
+                "raw": self.raw or None, "seed": self.seed, "top_logprobs": self.top_logprobs_wanted(),
+                "ignore_eos": self.ignore_eos}
 
     def texts(self) -> dict[str, str]:
         """The text controls as the ensemble takes them, or ApiError 400 naming the problem."""

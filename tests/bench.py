@@ -70,7 +70,7 @@ def prompts_and_ids(model_dir: Path, n: int, tag: str):
     """N questions and their token ids. Each path gets its own `tag` at the start of the
     question, so no path finds another's prompts in vLLM's prefix cache (the shared system
     prompt is cached for all, as in production)."""
-    from preprocess.pipeline import PreprocessStage
+    from preprocess.preprocess_stage import PreprocessStage
     from preprocess.settings import load
     from preprocess.tokenizer import load_tokenizer
 
@@ -135,7 +135,8 @@ def exact_generator_inputs(batch_ids, max_tokens: int, client) -> list:
 
 
 def engine_overrides():
-    from preprocess.engine.config import engine_kwargs, load_engine
+    from preprocess.engine.config import engine_kwargs
+    from preprocess.engine_settings import load_engine
     from preprocess.engine.service import accelerator_available
 
     kwargs = engine_kwargs(load_engine(os.environ, cpu_only=not accelerator_available()), "")

@@ -60,7 +60,8 @@ def judge_questions(n: int, tag: str) -> list[str]:
 def anchor_env(worker_env: dict, kind: str) -> dict:
     """Stock vLLM, no plugin, for every anchor but 2, which runs the product's engine as the
     generator builds it, plugin included (VLLM_FAST_PENALTIES)."""
-    from preprocess.engine.config import choose_vllm_plugins, load_engine
+    from preprocess.engine.config import choose_vllm_plugins
+    from preprocess.engine_settings import load_engine
     from preprocess.engine.service import accelerator_available
 
     env = {**worker_env, "VLLM_PLUGINS": ""}

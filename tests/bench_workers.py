@@ -37,7 +37,8 @@ KINDS = ("offline-vllm", "offline-product", "async-serve", "vllm-serve-http")
 
 def product_engine_args(model_dir: str) -> dict:
     """The engine arguments the generator would pass, from this process's environment."""
-    from preprocess.engine.config import engine_kwargs, load_engine
+    from preprocess.engine.config import engine_kwargs
+    from preprocess.engine_settings import load_engine
 
     return engine_kwargs(load_engine(os.environ, cpu_only=False), model_dir)
 
@@ -58,7 +59,7 @@ def judge_stage(model_dir: str, env: dict | None = None):
 
 @functools.cache
 def _judge_stage(model_dir: str, env: tuple):
-    from preprocess.pipeline import PreprocessStage
+    from preprocess.preprocess_stage import PreprocessStage
     from preprocess.settings import load
     from preprocess.tokenizer import load_tokenizer
 
@@ -79,7 +80,7 @@ def judge_params(rows):
 
 
 def cleaned_chars(rows, texts: list[str]) -> int:
-    from preprocess.pipeline import PostprocessStage
+    from preprocess.postprocess_stage import PostprocessStage
     from preprocess.settings import load
 
     answers = PostprocessStage(load(os.environ)).run(texts, [r.decision.route.value for r in rows],

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.conftest import TINY_MODEL_LEN, request_outcome, run_threads, wait_for
+from tests.conftest import TINY_MODEL_LEN, over_replicas, request_outcome, run_threads, scrape_metrics, wait_for
 from .conftest import error_text
 
 pytestmark = pytest.mark.server
@@ -150,24 +150,60 @@ def test_a_single_request_finishes_before_a_maximal_one_started_earlier(server):
     assert finished == [("single", 200), ("maximal", 200)]
 
 
-@pytest.mark.parametrize("route, body", [
-    # The largest requests the session's work budget allows: 16 rows x 1000 tokens.
-    ("/predict", {"prompt": [f"write forever {i}" for i in range(16)], "max_new_tokens": 1000, "ignore_eos": True}),
-    ("/v1/completions", {"prompt": "write forever", "n": 16, "max_tokens": 1000}),
-])
-def test_client_disconnect_aborts_the_generation(server, route, body):
-    import json
+def engine_tokens(server) -> float:
+    """vLLM's own count of generated tokens, step by step: an aborted request's tokens count
+    as they are made, where llm_generator_generation_tokens_total counts finished answers."""
+    return over_replicas(scrape_metrics(server.metrics_url)).get("vllm:generation_tokens_total", 0.0)
+
+
+def settled_engine_tokens(server, bound_s: float = 600) -> float:
+    """The count once two reads a second apart agree: the engine has stopped generating.
+    A broken abort keeps it growing until the whole request is made, then it settles."""
+    deadline = time.monotonic() + bound_s
+    last = engine_tokens(server)
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = engine_tokens(server)
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"the engine was still generating after {bound_s} s")
+
+
+# Large requests within the session's work budget (16 rows x 1000 tokens), each with
+# ignore_eos and a prompt short enough (system prompt and template included, under 300
+# tokens) that every row makes all 700 tokens within the tiny model's 1,024: the whole
+# request makes exactly `full` tokens, an aborted one fewer.
+DISCONNECTS = [
+    ("/predict", {"prompt": [f"write forever {i}" for i in range(16)], "max_new_tokens": 700, "ignore_eos": True},
+     11_200, "cancelled by the client; aborted"),
+    ("/v1/completions", {"prompt": "write forever", "n": 16, "max_tokens": 700, "ignore_eos": True},
+     11_200, "cancelled by the client; aborted"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "write forever"}], "n": 16,
+                              "max_tokens": 700, "ignore_eos": True}, 11_200, "cancelled by the client; aborted"),
+    ("/v1/completions", {"prompt": "write forever", "stream": True, "max_tokens": 700, "ignore_eos": True},
+     700, "aborting"),
+]
+
+
+@pytest.mark.parametrize("route, body, full, log_line", DISCONNECTS,
+                         ids=["predict", "completions", "chat", "completions-stream"])
+def test_client_disconnect_aborts_the_generation(server, route, body, full, log_line):
+    """Proved by vLLM's token count: the request makes fewer tokens than it would whole.
+    The client leaves once the engine has started on it (bounded by work, not a sleep)."""
     import socket
 
     server.wait_ok()
-    marks = server.log_text().count("cancelled by the client; aborting")
+    marks = server.log_text().count(log_line)
+    before = settled_engine_tokens(server)
     raw = json.dumps(body).encode()
     host, port = server.url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)))
     sock.sendall(f"POST {route} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
                  + f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
-    time.sleep(1.5)
+    assert wait_for(lambda: engine_tokens(server) > before, 120), "the engine never started on the request"
     sock.close()
-    assert wait_for(lambda: server.log_text().count("cancelled by the client; aborting") > marks, 60), \
-        server.log_text()[-2000:]
+    assert wait_for(lambda: server.log_text().count(log_line) > marks, 60), server.log_text()[-2000:]
+    made = settled_engine_tokens(server) - before
+    assert 0 < made < full, f"{made} tokens of {full}: the generation was not aborted"
     assert server.post("/predict", {"prompt": "next one"})[0] == 200

@@ -3,11 +3,6 @@ and its readiness probe judged against the real server."""
 from __future__ import annotations
 
 import copy
-import http.server
-import json
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import kubernetes_validate

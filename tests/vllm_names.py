@@ -137,8 +137,9 @@ def engine_argument_uses() -> list[Use]:
     what this vLLM lacks, so a name missing here would be silently ignored at start."""
     sys.path.insert(0, str(REPO))
     from preprocess.engine import config as engine_config
+    from preprocess.engine_settings import load_engine
 
-    everything = engine_config.load_engine({
+    everything = load_engine({
         "MAX_MODEL_LEN": "4096", "VLLM_QUANTIZATION": "awq", "VLLM_LOAD_FORMAT": "auto", "KV_CACHE_DTYPE": "fp8",
         "VLLM_ATTENTION_BACKEND": "FLASH_ATTN", "VLLM_MAX_NUM_SEQS": "8", "VLLM_MAX_NUM_BATCHED_TOKENS": "2048",
         "VLLM_TOKENIZER_POOL_SIZE": "2", "VLLM_TOKENIZER_POOL_TYPE": "ray", "ENABLE_CHUNKED_PREFILL": "1",

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TypeVar
 
-from .config import SAFE_MAX_MODEL_LEN
+from ..engine_settings import SAFE_MAX_MODEL_LEN
 
 log = logging.getLogger("generator.fallback")
 

@@ -34,7 +34,17 @@ class KvCacheGauge:
         self.block_size = 0
         self.running = 0
         self.waiting = 0
+        self.generation_tokens = 0  # vLLM's count, step by step: aborted requests' tokens included
         self.recorded = False  # whether vLLM has reported at all (not with VLLM_ENGINE_STATS=0)
+
+    def figures(self) -> tuple:
+        """Everything above, as one message (a replica's child process sends it to the stub)."""
+        return (self.usage, self.total_blocks, self.block_size, self.running, self.waiting, self.generation_tokens,
+                self.recorded)
+
+    def load_figures(self, figures: tuple) -> None:
+        (self.usage, self.total_blocks, self.block_size, self.running, self.waiting, self.generation_tokens,
+         self.recorded) = figures
 
     def stat_logger_factory(self):
         gauge = self
@@ -56,6 +66,8 @@ class KvCacheGauge:
                     gauge.running = int(getattr(scheduler_stats, "num_running_reqs", 0))
                     gauge.waiting = int(getattr(scheduler_stats, "num_waiting_reqs", 0))
                     gauge.recorded = True
+                if iteration_stats is not None:
+                    gauge.generation_tokens += int(getattr(iteration_stats, "num_generation_tokens", 0) or 0)
 
             def log_engine_initialized(self):
                 pass
@@ -139,6 +151,8 @@ class ReplicaFigures:
         self.waiting = families["waiting"].Metric(labels=labels)
         self.running = families["running"].Metric(labels=labels)
         self.kv_usage = families["kv_usage"].Metric(labels=labels)
+        self.engine_tokens = families["engine_tokens"].Metric(labels=labels)
+        self.engine_tokens_sent = 0
         self.scheduler_sent: tuple | None = None
         # Without vLLM's statistics (VLLM_ENGINE_STATS=0): () -> (prompts in flight, max_num_seqs)
         self.load = None
@@ -189,6 +203,10 @@ class ReplicaFigures:
         running and waiting counts follow from the prompts in flight and max_num_seqs (what
         the scheduler runs at once; a preemption for lack of KV cache is not seen then)."""
         kv = self.kv
+        fresh = kv.generation_tokens - self.engine_tokens_sent
+        if fresh > 0:
+            self.engine_tokens.increment(fresh)
+            self.engine_tokens_sent += fresh
         if kv.recorded:
             figures = (kv.waiting, kv.running, round(kv.usage, 4))
         elif self.load is not None:
@@ -247,6 +265,8 @@ class GeneratorMetrics:
             "waiting": ("vllm:num_requests_waiting", gauge, "Requests waiting in vLLM's scheduler queue"),
             "running": ("vllm:num_requests_running", gauge, "Requests vLLM's scheduler runs"),
             "kv_usage": ("vllm:kv_cache_usage_perc", gauge, "KV-cache usage, 0 to 1"),
+            "engine_tokens": ("vllm:generation_tokens_total", counter,
+                              "Tokens vLLM generated, counted step by step (aborted requests' included)"),
             "streams": ("llm_generator_streams_total", counter,
                         "Streamed answers by outcome: finished, cancelled (aborted in vLLM) or failed"),
         }

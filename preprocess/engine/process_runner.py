@@ -17,7 +17,7 @@ loop never waits on the pipe.
 Messages, stub -> child: ("submit", id, items), ("stream", id, item), ("cancel", id),
 ("stop",). Child -> stub: ("ready", info) or ("start_failed", exception class, text) once,
 then ("answer", id, results), ("piece", id, delta), ("error", id, kind, text),
-("dead", text) when the engine has died, ("kv", usage, blocks, block size).
+("dead", text) when the engine has died, ("kv", *KvCacheGauge.figures()).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from typing import Any, Callable, ContextManager, Sequence
 
 from ..contract import InvalidRequest
 from ..errors import ErrorKind
-from .config import EngineSettings
+from ..engine_settings import EngineSettings
 from .fallback import EngineStartError
 from .generation import (BatchHandle, Completion, EngineUnavailable, GenerationItem, StreamListener, classify_error,
                          group_by_sampling, new_batch_id)
@@ -192,7 +192,7 @@ class ProcessRunner:
             elif kind == "dead":
                 self._dead = message[1]
             elif kind == "kv" and self._kv_gauge is not None:
-                self._kv_gauge.usage, self._kv_gauge.total_blocks, self._kv_gauge.block_size = message[1:]
+                self._kv_gauge.load_figures(message[1:])
         self._process.join(5)
         self._reap_engine()
         with self._lock:
@@ -285,7 +285,7 @@ def serve(conn, spec: RunnerSpec) -> None:
             if not runner.healthy:
                 outbox.put(("dead", "the generator engine died"))
                 return
-            figures = (gauge.usage, gauge.total_blocks, gauge.block_size)
+            figures = gauge.figures()
             if figures != reported and gauge.total_blocks:
                 outbox.put(("kv", *figures))
                 reported = figures

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, MutableMapping, Sequence
 
 from .. import settings as cfg
+from ..engine_settings import has_metax_device
 from ..errors import ErrorKind
 from ..runtime import GeneratorState
 from ..tokenizer import load_tokenizer
@@ -108,7 +109,7 @@ def prepare_generator_process(environ: MutableMapping[str, str]) -> cfg.Settings
     """Process set-up of the generator: the environment fixes vLLM needs, then the settings
     for this process's device. The fixes come first: a blank CUDA_VISIBLE_DEVICES would
     hide the GPU from the accelerator probe."""
-    metax = engine_config.has_metax_device()
+    metax = has_metax_device()
     for change in engine_config.prepare_process_environment(environ, metax):
         log.info("environment: %s", change)
     settings = cfg.load(environ, metax=metax, cpu_only=not accelerator_available())

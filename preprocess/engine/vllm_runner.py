@@ -21,7 +21,8 @@ import time
 from concurrent.futures import Future
 from typing import Any, Sequence
 
-from .config import EngineSettings, accepted_kwargs, check_attention_backend, engine_kwargs
+from ..engine_settings import EngineSettings
+from .config import accepted_kwargs, check_attention_backend, engine_kwargs
 from .fallback import build_with_fallbacks
 from .generation import (ENGINE_REFUSALS, BatchHandle, Completion, EngineUnavailable, GenerationItem,
                          GenerationResult, StreamDelta, StreamListener, TokenLogprobs, group_by_sampling, new_batch_id)

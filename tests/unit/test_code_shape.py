@@ -18,7 +18,8 @@ ENVIRONMENT_READERS = {
     "model_repository/generator/1/model.py", "model_repository/preprocess/1/model.py",
     "model_repository/postprocess/1/model.py", "model_repository/generator_stream/1/model.py",
 }
-TEXT_STAGES = ("chat", "cleanup", "routing", "sampling", "pipeline", "reasoning", "tokenizer")
+TEXT_STAGES = ("chat", "cleanup", "routing", "sampling", "preprocess_stage", "postprocess_stage", "reasoning",
+               "tokenizer")
 
 
 def sources():
@@ -84,3 +85,37 @@ def test_settings_are_built_once_into_one_frozen_object():
 def test_a_malformed_engine_variable_stops_load_with_one_line():
     with pytest.raises(cfg.SettingsError, match=r"^GPU_MEMORY_UTILIZATION='lots' is not a number$"):
         cfg.load({"GPU_MEMORY_UTILIZATION": "lots"}, metax=False)
+
+
+@pytest.mark.parametrize("module", ["settings", "engine_settings", "envparse", "contract", "errors"])
+def test_the_settings_import_nothing_of_the_engine(module):
+    """The engine imports the settings, never the other way: no import circle."""
+    text = (REPO / "preprocess" / f"{module}.py").read_text()
+    assert not {m for m in imported_modules(text, f"preprocess.{module}") if m.startswith("preprocess.engine.")
+                or m == "preprocess.engine"}
+
+
+def modules_and_names(text: str, module: str) -> set[str]:
+    """imported_modules, plus `package.name` for each `from package import name`."""
+    found = imported_modules(text, module)
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.ImportFrom):
+            base = (module.split(".")[:-node.level] if node.level else [])
+            package = ".".join(base + ([node.module] if node.module else []))
+            found.update(f"{package}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_each_stage_has_its_own_module_and_shim_only_modules_live_in_the_shim():
+    """The postprocess model never loads the preprocess stage, and every module of the package
+    is used by the package or a Triton model, not by the shim alone."""
+    post = modules_and_names((REPO / "model_repository/postprocess/1/model.py").read_text(), "model")
+    assert "preprocess.preprocess_stage" not in post and "preprocess.postprocess_stage" in post
+    used_inside, used_by_shim = set(), set()
+    for path, text in sources():
+        found = modules_and_names(text, path[:-3].replace("/", "."))
+        (used_by_shim if path.startswith("shim/") else used_inside).update(found)
+    for path in sorted((REPO / "preprocess").glob("*.py")):
+        module = f"preprocess.{path.stem}"
+        if path.stem not in ("__init__", "__main__") and module in used_by_shim:
+            assert module in used_inside, f"{module} serves only the shim: it belongs in shim/"

@@ -15,7 +15,7 @@ from preprocess import controls
 from preprocess.chat import Turn
 from preprocess.contract import NOT_SET, InvalidRequest
 from preprocess.conversation import MAX_TURNS, read_messages
-from preprocess.pipeline import PreprocessStage, RequestRows
+from preprocess.preprocess_stage import PreprocessStage, RequestRows
 from preprocess.routing import Route
 from preprocess.settings import load
 

@@ -3,7 +3,6 @@ errors renumbered to the request's rows, and a failed chunk ending its siblings.
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
 from fastapi.responses import JSONResponse

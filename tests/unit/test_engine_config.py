@@ -1,8 +1,8 @@
 """vLLM engine arguments from the environment, filtered by the installed vLLM's signature."""
 import pytest
 
-from preprocess.engine.config import (SAFE_MAX_MODEL_LEN, accepted_kwargs, check_attention_backend, engine_kwargs,
-                                     load_engine)
+from preprocess.engine.config import accepted_kwargs, check_attention_backend, engine_kwargs
+from preprocess.engine_settings import SAFE_MAX_MODEL_LEN, load_engine
 from preprocess.envparse import SettingsError
 
 

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from preprocess.engine.config import SAFE_MAX_MODEL_LEN
+from preprocess.engine_settings import SAFE_MAX_MODEL_LEN
 from preprocess.engine.fallback import EngineStartError, build_with_fallbacks, estimated_max_len
 
 KV_TEXT = ("To serve at least one request with the model's max seq len (40960), (5.62 GiB KV cache is needed, "

@@ -226,3 +226,35 @@ def test_without_vllm_statistics_the_counts_follow_from_the_prompts_in_flight():
         assert pb_utils.value("vllm:num_requests_running") == 3
     finally:
         metrics.close()
+
+
+def test_vllm_generated_tokens_count_step_by_step_and_cross_the_process_boundary():
+    """vLLM's per-step count (aborted requests' tokens included), sent as the increase since
+    the last send; a replica's child process sends its gauge as one message the stub loads."""
+    from types import SimpleNamespace
+
+    from preprocess.engine.metrics import KvCacheGauge
+
+    child = KvCacheGauge()
+    recorder_class = child.stat_logger_factory()
+    if recorder_class is None:
+        pytest.fail("vLLM's StatLoggerBase moved: the engine's statistics are no longer recorded")
+    config = SimpleNamespace(cache_config=SimpleNamespace(block_size=16, num_gpu_blocks=80))
+    recorder = recorder_class(config)
+    scheduler = SimpleNamespace(kv_cache_usage=0.5, num_running_reqs=16, num_waiting_reqs=2)
+    for tokens in (16, 16, 5):
+        recorder.record(scheduler, SimpleNamespace(num_generation_tokens=tokens))
+    assert child.generation_tokens == 37 and child.running == 16
+
+    pb_utils = RecordingPbUtils()
+    metrics = GeneratorMetrics(pb_utils, replicas=1)
+    try:
+        metrics.kv_gauge(0).load_figures(child.figures())
+        assert wait_for(lambda: pb_utils.metrics.get(("vllm:generation_tokens_total", (("replica", "0"),)))
+                        and pb_utils.value("vllm:generation_tokens_total") == 37, 10)
+        assert pb_utils.value("vllm:num_requests_running") == 16
+        recorder.record(scheduler, SimpleNamespace(num_generation_tokens=3))
+        metrics.kv_gauge(0).load_figures(child.figures())
+        assert wait_for(lambda: pb_utils.value("vllm:generation_tokens_total") == 40, 10)
+    finally:
+        metrics.close()

@@ -9,6 +9,7 @@ import vllm
 
 import preprocess.engine.vllm_runner as vllm_runner
 from preprocess.engine import config as engine_config
+from preprocess.engine_settings import load_engine
 from preprocess.engine.fallback import EngineStartError
 from preprocess.engine.service import GeneratorService, prepare_generator_process
 from preprocess.engine.versions import UnsupportedVllm
@@ -97,12 +98,12 @@ def test_no_c_compiler_skips_vllm_unless_forced(tiny_model, monkeypatch, caplog)
         assert "no C compiler" in caplog.text
     finally:
         s.shutdown(5)
-    use, _ = engine_config.should_try_vllm(engine_config.load_engine({"FORCE_VLLM": "1"}), True, False, False)
+    use, _ = engine_config.should_try_vllm(load_engine({"FORCE_VLLM": "1"}), True, False, False)
     assert use
 
 
 def test_use_vllm_auto_needs_an_accelerator():
-    settings = engine_config.load_engine({"USE_VLLM": "auto"})
+    settings = load_engine({"USE_VLLM": "auto"})
     assert engine_config.should_try_vllm(settings, True, True, accelerator=False)[0] is False
     assert engine_config.should_try_vllm(settings, True, True, accelerator=True)[0] is True
 
@@ -191,7 +192,7 @@ def test_failed_engine_starts_leak_no_thread(tiny_model, monkeypatch):
         raise EngineStartError("ValueError: No available memory for the cache blocks.")
 
     monkeypatch.setattr(vllm_runner, "build_with_fallbacks", failing)
-    settings = engine_config.load_engine({"VLLM_CPU_KVCACHE_SPACE": "1"}, cpu_only=True)
+    settings = load_engine({"VLLM_CPU_KVCACHE_SPACE": "1"}, cpu_only=True)
     before = set(threading.enumerate())
     for _ in range(5):
         with pytest.raises(EngineStartError):
@@ -245,10 +246,10 @@ def test_engine_stats_off_passes_no_logger():
     """VLLM_ENGINE_STATS=0: vLLM's statistics off, and no logger of ours turns them back on."""
     from preprocess.engine.metrics import KvCacheGauge, engine_stat_loggers
 
-    off = engine_config.load_engine({"VLLM_ENGINE_STATS": "0"})
+    off = load_engine({"VLLM_ENGINE_STATS": "0"})
     assert engine_stat_loggers(off.engine_stats, KvCacheGauge()) == []
     assert engine_config.engine_kwargs(off, "/m")["disable_log_stats"] is True
-    on = engine_config.load_engine({})
+    on = load_engine({})
     assert [f.__name__ for f in engine_stat_loggers(on.engine_stats, None)] == ["Unscraped"]
     assert [f.__name__ for f in engine_stat_loggers(on.engine_stats, KvCacheGauge())] == ["Unscraped", "Recorder"]
     assert engine_config.engine_kwargs(on, "/m")["disable_log_stats"] is False

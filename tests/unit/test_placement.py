@@ -8,7 +8,7 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from preprocess.engine import config as engine_config
+from preprocess.engine_settings import load_engine
 from preprocess.engine.generation import GenerationItem
 from preprocess.engine.placement import (AUTO, Replica, deal_by_answer_length, devices_for, plan_replicas,
                                          process_frontends, split_evenly, visible_devices)
@@ -65,24 +65,24 @@ def test_visible_devices_follow_the_variable_or_the_count():
 @pytest.mark.parametrize("raw, expected", [(None, 1), ("2", 2), ("auto", AUTO), ("AUTO", AUTO), ("0", 1)])
 def test_data_parallel_size_setting(raw, expected):
     environ = {} if raw is None else {"DATA_PARALLEL_SIZE": raw}
-    assert engine_config.load_engine(environ).data_parallel_size == expected
+    assert load_engine(environ).data_parallel_size == expected
 
 
 def test_data_parallel_size_refuses_a_word():
     with pytest.raises(SettingsError, match=r"^DATA_PARALLEL_SIZE='two' is not an integer"):
-        engine_config.load_engine({"DATA_PARALLEL_SIZE": "two"})
+        load_engine({"DATA_PARALLEL_SIZE": "two"})
 
 
 @pytest.mark.parametrize("raw, replicas, expected", [
     (None, 1, False), (None, 2, True), ("auto", 4, True), ("process", 1, True), ("thread", 2, False)])
 def test_engine_frontend_setting(raw, replicas, expected):
     environ = {} if raw is None else {"ENGINE_FRONTEND": raw}
-    assert process_frontends(engine_config.load_engine(environ).frontend, replicas) is expected
+    assert process_frontends(load_engine(environ).frontend, replicas) is expected
 
 
 def test_engine_frontend_refuses_other_words():
     with pytest.raises(SettingsError, match=r"^ENGINE_FRONTEND='fork' is not one of auto, process, thread$"):
-        engine_config.load_engine({"ENGINE_FRONTEND": "fork"})
+        load_engine({"ENGINE_FRONTEND": "fork"})
 
 
 def test_devices_for_narrows_and_restores_the_environment():

@@ -4,7 +4,8 @@ import time
 
 import pytest
 
-from preprocess.pipeline import PostprocessStage, PreprocessStage
+from preprocess.postprocess_stage import PostprocessStage
+from preprocess.preprocess_stage import PreprocessStage
 from preprocess.runtime import CancelMarkers
 from preprocess.sampling import InvalidRequest
 from preprocess.settings import load

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from preprocess import settings as cfg
-from preprocess.engine.config import choose_vllm_plugins, load_engine, prepare_process_environment
+from preprocess.engine.config import choose_vllm_plugins, prepare_process_environment
+from preprocess.engine_settings import load_engine
 from preprocess.engine.penalties import PLUGIN_NAME
 from preprocess.envparse import Env, SettingsError
 from preprocess.engine.service import stop_token_ids

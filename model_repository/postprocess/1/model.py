@@ -9,7 +9,7 @@ log = prepare_stub_process("postprocess")
 
 from preprocess import triton_io as io  # noqa: E402
 from preprocess.contract import REASONING_MODE  # noqa: E402
-from preprocess.pipeline import PostprocessStage  # noqa: E402
+from preprocess.postprocess_stage import PostprocessStage  # noqa: E402
 from preprocess.settings import load  # noqa: E402
 
 

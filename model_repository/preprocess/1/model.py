@@ -11,7 +11,7 @@ log = prepare_stub_process("preprocess")
 from preprocess import triton_io as io  # noqa: E402
 from preprocess.contract import (GENERATOR_SCALARS, GENERATOR_TEXTS, NUMPY_TYPES, REASONING_MODE, SAMPLING,  # noqa: E402
                                  InvalidRequest)
-from preprocess.pipeline import PreprocessStage, RequestRows  # noqa: E402
+from preprocess.preprocess_stage import PreprocessStage, RequestRows  # noqa: E402
 from preprocess.settings import load  # noqa: E402
 from preprocess.tokenizer import load_tokenizer  # noqa: E402
 

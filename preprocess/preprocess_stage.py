@@ -1,8 +1,6 @@
-"""The preprocess and postprocess stages of the ensemble, as plain Python.
-
-`PreprocessStage.run` turns one request's questions and overrides into prompt token ids
-and sampling values; `PostprocessStage.run` cleans the answers. The Triton models only
-move tensors in and out of these.
+"""The preprocess stage of the ensemble, as plain Python: `PreprocessStage.run` turns one
+request's questions and overrides into prompt token ids and sampling values. The Triton
+model only moves tensors in and out (the answers' stage is postprocess_stage.py).
 """
 from __future__ import annotations
 
@@ -13,10 +11,9 @@ from typing import Any, Mapping, Sequence
 from . import settings as cfg
 from . import controls
 from .chat import ChatFormatter, TemplateOptions, Turn
-from .cleanup import clean_answer
 from .contract import NOT_SET
 from .grammar.sandbox import GrammarSandbox
-from .reasoning import ReasoningMode, split_reasoning
+from .reasoning import ReasoningMode
 from .conversation import last_user_text, messages_from_tensor, with_system_prompt
 from .routing import Route, RoutingDecision, decide, log_buckets
 from .sampling import OVERRIDE_NAMES, InvalidRequest, SamplingSettings, resolve
@@ -169,22 +166,3 @@ class PreprocessStage:
             return cfg.validate_system_prompt(given)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
-
-
-class PostprocessStage:
-    def __init__(self, settings: cfg.Settings):
-        self.settings = settings.cleanup
-
-    def run(self, texts: Sequence[str], routes: Sequence[str], is_code: Sequence[bool],
-            reasoning: Sequence[int] | None = None) -> tuple[list[str], list[str]]:
-        """Per row the cleaned answer, and its thinking where the row asked for it split out
-        (ReasoningMode.SPLIT*: the answer is cleaned without it; "" otherwise)."""
-        answers, thoughts = [], []
-        for k, (text, route, code) in enumerate(zip(texts, routes, is_code)):
-            mode = ReasoningMode(int(reasoning[k])) if reasoning is not None else ReasoningMode.DROP
-            thought = None
-            if mode is not ReasoningMode.DROP:
-                thought, text = split_reasoning(text, opened=mode is ReasoningMode.SPLIT_OPENED)
-            answers.append(clean_answer(text, Route(route), bool(code), self.settings))
-            thoughts.append(thought or "")
-        return answers, thoughts
