@@ -9,6 +9,23 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .contract import GENERATOR_SCALARS, GENERATOR_TEXTS, PAD_ID, InvalidRequest
+from .errors import ErrorKind
+
+
+# The two helpers below take the stub's `triton_python_backend_utils` as an argument: the
+# package never imports it (it exists only inside a stub), and every adapter shares them.
+def input_reader(pb_utils, request) -> Callable[[str], np.ndarray | None]:
+    """`read(name)`: the request's input tensor as NumPy, or None where the request has none."""
+    def read(name: str) -> np.ndarray | None:
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        return None if tensor is None else tensor.as_numpy()
+    return read
+
+
+def error_response(pb_utils, kind: ErrorKind, message: str):
+    """Triton's error response of `kind` (preprocess.errors): the kind's code, the message as given."""
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, getattr(pb_utils.TritonError,
+                                                                                  kind.triton_code)))
 
 
 def decode_strings(array: np.ndarray, what: str) -> list[str]:

@@ -58,6 +58,32 @@ def test_every_engine_refused_value_is_a_400_on_every_route_and_never_a_failure(
     assert failures(shim_metrics(server)) == failures(before)
 
 
+@pytest.mark.parametrize("field, value", ENGINE_REFUSED)
+def test_engine_refused_values_sent_past_the_shim_are_the_requests_fault_in_triton(server, triton, field, value):
+    """The shim refuses these itself, so the test above holds by construction. Here each value
+    goes to Triton's ensemble directly, as a tritonclient user sends it: Triton answers 400
+    naming the field (the request's fault, which the shim never counts toward a restart), not
+    500, and the generator keeps serving."""
+    import numpy as np
+    import tritonclient.http as triton_http
+    from tritonclient.utils import InferenceServerException
+
+    from preprocess.contract import SETTINGS
+
+    inputs = []
+    setting = SETTINGS[field]
+    for name, array, kind in (("prompt", np.array([[b"hi"]], dtype=np.object_), "BYTES"),
+                              (field, np.array([[value]], dtype=setting.numpy_type), setting.triton_type)):
+        tensor = triton_http.InferInput(name, list(array.shape), kind)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    with pytest.raises(InferenceServerException) as raised:
+        triton.infer("llm", inputs)
+    assert raised.value.status() == "400", (raised.value.status(), raised.value.message())
+    assert field in raised.value.message(), raised.value.message()
+    assert server.post("/predict", {"prompt": "still here"})[0] == 200
+
+
 def test_ten_engine_refused_requests_over_15_s_restart_nothing(server):
     """The report's case: three 502s 3 s apart restarted tritonserver. Spaced past the
     restart rule's 5-second window, on an idle server."""

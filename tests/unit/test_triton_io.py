@@ -42,3 +42,32 @@ def test_one_failing_request_does_not_fail_its_batch():
     responses = io.answer_each(["a", "bad input", "bug", "b"], answer,
                                invalid=lambda exc: f"400 {exc}", internal=lambda request, exc: f"500 {request}")
     assert responses == ["answer to a", "400 prompt 0: top_p must be in (0, 1], got 0", "500 bug", "answer to b"]
+
+
+def test_every_adapter_answers_an_error_kind_with_its_triton_code():
+    """io.error_response: the one place an ErrorKind becomes Triton's error (all four adapters)."""
+    from types import SimpleNamespace
+
+    from preprocess.errors import ErrorKind
+
+    class TritonError:
+        INVALID_ARG, UNAVAILABLE, INTERNAL = "code-invalid", "code-unavailable", "code-internal"
+
+        def __init__(self, message, code):
+            self.message, self.code = message, code
+
+    pb_utils = SimpleNamespace(TritonError=TritonError, InferenceResponse=lambda error: error)
+    for kind, code in ((ErrorKind.INVALID, "code-invalid"), (ErrorKind.UNAVAILABLE, "code-unavailable"),
+                       (ErrorKind.INTERNAL, "code-internal")):
+        error = io.error_response(pb_utils, kind, "why")
+        assert (error.message, error.code) == ("why", code)
+
+
+def test_an_absent_optional_input_reads_as_none():
+    from types import SimpleNamespace
+
+    present = np.array([[1]], dtype=np.int32)
+    tensors = {"SEED": SimpleNamespace(as_numpy=lambda: present)}
+    pb_utils = SimpleNamespace(get_input_tensor_by_name=lambda request, name: tensors.get(name))
+    read = io.input_reader(pb_utils, object())
+    assert read("SEED") is present and read("TOP_LOGPROBS") is None

@@ -37,16 +37,11 @@ def error_response(exc, engine_healthy=True):
         message = f"the generator engine is unavailable or restarting; retry shortly ({exc})"
     else:
         message = str(exc)
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, getattr(pb_utils.TritonError,
-                                                                                  kind.triton_code)))
+    return io.error_response(pb_utils, kind, message)
 
 
 def read_items(request):
-    def tensor(name):
-        found = pb_utils.get_input_tensor_by_name(request, name)
-        return None if found is None else found.as_numpy()
-
-    return generation_items(*io.generator_columns(tensor))
+    return generation_items(*io.generator_columns(io.input_reader(pb_utils, request)))
 
 
 class TritonPythonModel:

@@ -32,8 +32,7 @@ MAX_STREAMS = 256  # relays at once; more get UNAVAILABLE rather than a thread e
 
 def error_response(message, kind):
     # A streamed error reaches a gRPC client as its message only: the status goes in front.
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(kind.tagged(message),
-                                                                 getattr(pb_utils.TritonError, kind.triton_code)))
+    return io.error_response(pb_utils, kind, kind.tagged(message))
 
 
 def piece_response(piece):
@@ -94,11 +93,7 @@ class TritonPythonModel:
 
     @staticmethod
     def _read(request):
-        def tensor(name):
-            found = pb_utils.get_input_tensor_by_name(request, name)
-            return None if found is None else found.as_numpy()
-
-        prompts, columns = io.generator_columns(tensor)
+        prompts, columns = io.generator_columns(io.input_reader(pb_utils, request))
         if len(prompts) != 1:
             raise InvalidRequest(f"generator_stream takes one prompt per request, got {len(prompts)}")
         return prompts[0], {field: values[0] for field, values in columns.items()}

@@ -9,6 +9,7 @@ log = prepare_stub_process("postprocess")
 
 from preprocess import triton_io as io  # noqa: E402
 from preprocess.contract import REASONING_MODE  # noqa: E402
+from preprocess.errors import ErrorKind  # noqa: E402
 from preprocess.postprocess_stage import PostprocessStage  # noqa: E402
 from preprocess.settings import load  # noqa: E402
 
@@ -21,24 +22,21 @@ class TritonPythonModel:
         return io.answer_each(requests, self._one, self._invalid, self._fault)
 
     def _one(self, request):
-        def read(name):
-            return pb_utils.get_input_tensor_by_name(request, name).as_numpy()
-
-        modes = pb_utils.get_input_tensor_by_name(request, REASONING_MODE[0])  # optional: absent drops thinking
+        read = io.input_reader(pb_utils, request)
+        modes = read(REASONING_MODE[0])  # optional: absent drops thinking
         answers, thoughts = self.stage.run(io.decode_strings(read("TEXT"), "TEXT"),
                                            io.decode_strings(read("ROUTE"), "ROUTE"),
                                            read("IS_CODE").reshape(-1).tolist(),
-                                           None if modes is None else modes.as_numpy().reshape(-1).tolist())
+                                           None if modes is None else modes.reshape(-1).tolist())
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("answer", io.encode_strings(answers)),
                                                           pb_utils.Tensor("reasoning", io.encode_strings(thoughts))])
 
     @staticmethod
     def _invalid(exc):
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
+        return io.error_response(pb_utils, ErrorKind.INVALID, str(exc))
 
     @staticmethod
     def _fault(request, exc):
         # Clean-up keeps no state between requests: what fails here fails on this request's text.
         log.exception("postprocess could not clean request %s", request.request_id())
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(io.request_fault("postprocess", exc),
-                                                                     pb_utils.TritonError.INVALID_ARG))
+        return io.error_response(pb_utils, ErrorKind.INVALID, io.request_fault("postprocess", exc))

@@ -11,18 +11,10 @@ log = prepare_stub_process("preprocess")
 from preprocess import triton_io as io  # noqa: E402
 from preprocess.contract import (GENERATOR_SCALARS, GENERATOR_TEXTS, NUMPY_TYPES, REASONING_MODE, SAMPLING,  # noqa: E402
                                  InvalidRequest)
+from preprocess.errors import ErrorKind  # noqa: E402
 from preprocess.preprocess_stage import PreprocessStage, RequestRows  # noqa: E402
 from preprocess.settings import load  # noqa: E402
 from preprocess.tokenizer import load_tokenizer  # noqa: E402
-
-
-def optional(request, name):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
-
-
-def error_response(message, code):
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
 
 class TritonPythonModel:
@@ -36,27 +28,28 @@ class TritonPythonModel:
 
     @staticmethod
     def _invalid(exc):
-        return error_response(str(exc), pb_utils.TritonError.INVALID_ARG)
+        return io.error_response(pb_utils, ErrorKind.INVALID, str(exc))
 
     @staticmethod
     def _internal(request, exc):
         # The stage keeps no state between requests, so what fails here fails on this
         # request's content: a 400, never a failure that looks like a dead server.
         log.exception("preprocess could not prepare request %s", request.request_id())
-        return error_response(io.request_fault("preprocess", exc), pb_utils.TritonError.INVALID_ARG)
+        return io.error_response(pb_utils, ErrorKind.INVALID, io.request_fault("preprocess", exc))
 
     def _one(self, request):
-        prompts, messages = optional(request, "prompt"), optional(request, "messages")
+        optional = io.input_reader(pb_utils, request)
+        prompts, messages = optional("prompt"), optional("messages")
         if prompts is None and messages is None:
             raise InvalidRequest("the request needs `prompt` or `messages`")
         count = len((prompts if prompts is not None else messages).reshape(-1))
 
         def texts(name):
-            values = optional(request, name)
+            values = optional(name)
             return None if values is None else io.column(io.decode_strings(values, name), count)
 
         def values(name):
-            return io.column(optional(request, name), count)
+            return io.column(optional(name), count)
 
         rows = self.stage.prepare(RequestRows(
             prompts=texts("prompt") or [None] * count,
