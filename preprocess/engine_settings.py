@@ -133,11 +133,13 @@ def load_engine(environ: Mapping[str, str], metax: bool | None = None, cpu_only:
             raise SettingsError(f"VLLM_COMPILATION_CONFIG={compilation!r} is not JSON ({exc.msg})") from None
         if not isinstance(compilation_config, dict):
             raise SettingsError(f"VLLM_COMPILATION_CONFIG={compilation!r} is not a JSON object")
+    enforce_eager = env.bool("VLLM_ENFORCE_EAGER", cpu_only)
+    if compilation_config is None:
+        compilation_config = default_compilation_config(graphs=not (cpu_only or metax or enforce_eager))
     max_model_len = env.optional_int("MAX_MODEL_LEN", 1)
     if max_model_len is None and metax:
         max_model_len = env.int("DEFAULT_MAX_MODEL_LEN", SAFE_MAX_MODEL_LEN, 1)
     max_num_seqs = env.optional_int("VLLM_MAX_NUM_SEQS", 1)
-    enforce_eager = env.bool("VLLM_ENFORCE_EAGER", cpu_only)
     chunked = env.optional_bool("ENABLE_CHUNKED_PREFILL")
     if chunked is None and metax:
         chunked = False
@@ -180,6 +182,16 @@ def load_engine(environ: Mapping[str, str], metax: bool | None = None, cpu_only:
         resubmit_wait_s=env.float("ENGINE_RESUBMIT_S", 180.0, 0.0, 3600.0),
         cpu_only=cpu_only,
     )
+
+
+def default_compilation_config(graphs: bool) -> dict[str, Any] | None:
+    """vLLM's graph compilation with Dynamo's graphs run as they are, not through Inductor:
+    CUDA graphs are still captured piecewise, vLLM's own CUDA kernels replace Inductor's fused
+    ones, and a cold start skips Inductor's code generation: the judge's health window is
+    met with room, its batch as fast (docs/performance.md, "Start-up: vLLM's compilation").
+    VLLM_COMPILATION_CONFIG='{}' restores vLLM's default (Inductor). None where there are
+    no graphs (CPU, MetaX, VLLM_ENFORCE_EAGER): vLLM decides."""
+    return {"backend": "eager"} if graphs else None
 
 
 def default_capture_size(max_num_seqs: int | None, graphs: bool) -> int | None:

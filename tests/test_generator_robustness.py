@@ -129,27 +129,6 @@ def test_killed_engine_comes_back_without_a_restart_and_the_batches_in_flight_wh
     print(f"engine killed -> ok again in {recovered_s:.1f} s; in-flight: {sorted(o.status for o in outcomes)}")
 
 
-def test_a_single_request_finishes_before_a_maximal_one_started_earlier(server):
-    """The work budget bounds the largest request; while one runs, a second client's short
-    request is served alongside it, not after it (shown by the order they finish in)."""
-    finished = []
-
-    def maximal():
-        got = request_outcome("POST", server.url + "/predict",
-                              {"prompt": [f"long {k}" for k in range(16)], "max_new_tokens": 1000, "ignore_eos": True},
-                              timeout=300)
-        finished.append(("maximal", got.status))
-
-    def single():
-        time.sleep(0.5)
-        got = request_outcome("POST", server.url + "/predict", {"prompt": "short one", "max_new_tokens": 4},
-                              timeout=300)
-        finished.append(("single", got.status))
-
-    run_threads([maximal, single], join_timeout_s=300)
-    assert finished == [("single", 200), ("maximal", 200)]
-
-
 def engine_tokens(server) -> float:
     """vLLM's own count of generated tokens, step by step: an aborted request's tokens count
     as they are made, where llm_generator_generation_tokens_total counts finished answers."""
@@ -168,6 +147,32 @@ def settled_engine_tokens(server, bound_s: float = 600) -> float:
             return now
         last = now
     raise AssertionError(f"the engine was still generating after {bound_s} s")
+
+
+def test_a_single_request_finishes_before_a_maximal_one_started_earlier(server):
+    """The work budget bounds the largest request; while one runs, a second client's short
+    request is served alongside it, not after it (shown by the order they finish in). The
+    short one is sent once the engine is generating the maximal one (vLLM's token count), not
+    after a fixed sleep."""
+    finished = []
+    before = settled_engine_tokens(server)
+
+    def maximal():
+        got = request_outcome("POST", server.url + "/predict",
+                              {"prompt": [f"long {k}" for k in range(16)], "max_new_tokens": 1000, "ignore_eos": True},
+                              timeout=300)
+        finished.append(("maximal", got.status))
+
+    def single():
+        if not wait_for(lambda: engine_tokens(server) > before, 120):
+            finished.append(("single", "the maximal request never started"))
+            return
+        got = request_outcome("POST", server.url + "/predict", {"prompt": "short one", "max_new_tokens": 4},
+                              timeout=300)
+        finished.append(("single", got.status))
+
+    run_threads([maximal, single], join_timeout_s=300)
+    assert finished == [("single", 200), ("maximal", 200)]
 
 
 # Large requests within the session's work budget (16 rows x 1000 tokens), each with

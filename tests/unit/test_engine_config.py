@@ -12,9 +12,22 @@ def test_reference_defaults_on_gpu():
     assert kw["gpu_memory_utilization"] == 0.85 and kw["dtype"] == "float16"
     assert kw["enable_prefix_caching"] is True and kw["tensor_parallel_size"] == 1 and kw["enforce_eager"] is False
     assert kw["max_cudagraph_capture_size"] == 1024
+    assert kw["compilation_config"] == {"backend": "eager"}
     for unset in ("max_model_len", "quantization", "load_format", "kv_cache_dtype", "max_num_seqs",
-                  "max_num_batched_tokens", "enable_chunked_prefill", "compilation_config", "speculative_config"):
+                  "max_num_batched_tokens", "enable_chunked_prefill", "speculative_config"):
         assert unset not in kw
+
+
+def test_graphs_compile_without_inductor_by_default_and_the_environment_wins():
+    """Dynamo's graphs run as they are (no Inductor code generation at a cold start) wherever
+    CUDA graphs are captured; VLLM_COMPILATION_CONFIG replaces the default whole ('{}': vLLM's
+    own); with no graphs (CPU, MetaX, eager mode) vLLM decides."""
+    assert load_engine({}, metax=False).compilation_config == {"backend": "eager"}
+    assert load_engine({"VLLM_COMPILATION_CONFIG": "{}"}, metax=False).compilation_config == {}
+    assert load_engine({"VLLM_COMPILATION_CONFIG": '{"mode": 3}'}, metax=False).compilation_config == {"mode": 3}
+    for environ, metax, cpu in (({}, True, False), ({}, False, True), ({"VLLM_ENFORCE_EAGER": "1"}, False, False)):
+        settings = load_engine(environ, metax=metax, cpu_only=cpu)
+        assert settings.compilation_config is None and "compilation_config" not in engine_kwargs(settings, "/m")
 
 
 def test_cuda_graphs_cover_every_decode_batch_by_default():

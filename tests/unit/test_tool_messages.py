@@ -166,3 +166,37 @@ def test_a_flood_of_tool_sets_does_not_evict_the_judges_shape(formatters):
         flood(batch * PIECES_CACHED, PIECES_CACHED - 1)
         assert formatter.pieces(judge) is kept, batch
     assert len(formatter._pieces) <= PIECES_CACHED
+
+
+@pytest.fixture(scope="module")
+def no_template(tokenizer):
+    bare = copy.deepcopy(tokenizer)
+    bare.chat_template = None
+    formatter = ChatFormatter(bare, fast_chat_template=True)
+    assert not formatter.has_template
+    return formatter
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(messages=conversations)
+def test_without_a_template_no_text_becomes_a_special_token_and_no_turn_is_dropped(no_template, tokenizer, messages):
+    """The plain prompt (a model with no chat template): it renders one system and one user
+    text; a conversation it cannot render whole is refused by name, never cut to its last
+    question, and no text of any field tokenizes to a special token."""
+    turns, options = read_conversation({"messages": messages})
+    turns = with_system_prompt(turns, "You are helpful.")
+    try:
+        prompt = no_template.format_conversations([turns], options=[options])[0]
+    except ValueError as exc:
+        assert "does not render every message" in str(exc)
+        assert [t.role for t in turns] != ["system", "user"]  # the judge's shape always renders
+        return
+    assert [t.role for t in turns] == ["system", "user"]
+    assert not any(i in special_ids(tokenizer) for i in prompt.token_ids)
+    pieces = no_template.pieces(turns, options)
+    own = no_template.piece_ids(pieces)
+    every_text = [text for turn in turns for text in turn.texts()]
+    expected = list(own[0])
+    for k, slot in enumerate(pieces.slots):
+        expected += plain(tokenizer, every_text[slot]) + list(own[k + 1])
+    assert prompt.token_ids == expected
