@@ -14,7 +14,7 @@ python3 -m pip install -q --no-deps psutil >/dev/null 2>&1 || true
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -m tests.gpu.entry_run --model-dir "/tmp/models/$shape" --out "$out/startup-$round.json" --starts 1 \
   --first-round "$round" --cold --batches 3 -n 650 \
-  --variant 'inductor={}' \
+  --variant 'inductor={"VLLM_COMPILATION_CONFIG": "{}"}' \
   --variant 'eager={"VLLM_COMPILATION_CONFIG": "{\"backend\": \"eager\"}"}' \
   | python3 -c '
 import json, sys
