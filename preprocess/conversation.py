@@ -74,9 +74,14 @@ def read_messages(items: Any, where: str = "messages") -> list[Turn]:
             raise InvalidRequest(f"{at}.tool_call_id: only a tool message answers a tool call")
         turns.append(Turn(ROLES[role], content, _text(item.get("name"), f"{at}.name", optional=True),
                           tool_call_id, calls))
-    if not any(turn.role == "user" for turn in turns):
-        raise InvalidRequest(f"{where} has no message with role 'user'")
+    require_user_turn([turn.role for turn in turns], where)
     return turns
+
+
+def require_user_turn(roles: Sequence[str], where: str = "messages") -> None:
+    """InvalidRequest unless a message has the user role: the shim asks before the ensemble does."""
+    if "user" not in roles:
+        raise InvalidRequest(f"{where} has no message with role 'user'")
 
 
 def read_options(tools: Any, kwargs: Any) -> TemplateOptions:

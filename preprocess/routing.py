@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Iterable
 
-from .envparse import clip
-from .contract import MAX_NEW_TOKENS_LIMIT
+from .contract import clip_new_tokens
 from .settings import RoutingSettings
 
 log = logging.getLogger("preprocess.routing")
@@ -68,7 +67,7 @@ def limit_for(route: Route, settings: RoutingSettings) -> int:
 def decide(question: str, settings: RoutingSettings, override: int | None = None) -> RoutingDecision:
     """The route and token limit of one question; a request's own limit wins, clipped 1..4096."""
     route = Route.SHORT if settings.disabled else classify(question, settings)
-    limit = limit_for(route, settings) if override is None else clip(int(override), 1, MAX_NEW_TOKENS_LIMIT)
+    limit = limit_for(route, settings) if override is None else clip_new_tokens(override)
     return RoutingDecision(route=route, max_new_tokens=limit, is_code=is_code_question(question, settings))
 
 

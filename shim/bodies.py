@@ -22,9 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from starlette.requests import ClientDisconnect
 
 from preprocess import controls
-from preprocess.contract import MAX_CHOICES, MAX_NEW_TOKENS_LIMIT, InvalidRequest, OutOfRange, check_settings
+from preprocess.contract import (MAX_CHOICES, MAX_NEW_TOKENS_LIMIT, InvalidRequest, OutOfRange, check_settings,
+                                 clip_new_tokens)
 from preprocess.conversation import ROLES
-from preprocess.envparse import clip
 
 from .errors import ApiError, ClientGone
 
@@ -348,7 +348,7 @@ class Limits:
         judge routes' contract), or ApiError naming what is out of range or over a limit."""
         values = {k: v for k, v in overrides.items() if v is not None}
         if "max_new_tokens" in values:
-            values["max_new_tokens"] = clip(values["max_new_tokens"], 1, MAX_NEW_TOKENS_LIMIT)
+            values["max_new_tokens"] = clip_new_tokens(values["max_new_tokens"])
         try:
             check_settings(values)
         except OutOfRange as exc:

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.conftest import TINY_MODEL_LEN, over_replicas, request_outcome, run_threads, scrape_metrics, wait_for
+from tests.conftest import engine_in_slices, over_replicas, request_outcome, run_threads, scrape_metrics, wait_for
 from .conftest import error_text
 
 pytestmark = pytest.mark.server
@@ -94,8 +94,11 @@ def test_killed_engine_comes_back_without_a_restart_and_the_batches_in_flight_wh
         probe["recovered_s"] = time.monotonic() - killed_at
 
     probe, streamed, stream_started = {}, [], threading.Event()
-    run_threads([kill_then_probe, stream_client, *(lambda i=i: batch_client(i) for i in range(4))],
-                join_timeout_s=300)
+    # The engine runs in slices until it is killed, so the stream is still generating when the
+    # kill lands, on any machine (its rebuilt successor is a new process, not sliced).
+    with engine_in_slices(server):
+        run_threads([kill_then_probe, stream_client, *(lambda i=i: batch_client(i) for i in range(4))],
+                    join_timeout_s=300)
     assert probe.get("stream started"), "the stream never started"
     assert probe.get("left ok"), "health never left ok after the engine died"
     assert probe.get("back"), server.log_text()[-3000:]
@@ -107,19 +110,8 @@ def test_killed_engine_comes_back_without_a_restart_and_the_batches_in_flight_wh
     status, *events = streamed
     assert status == 200 and events[-1] == "[DONE]", streamed[:3] + streamed[-3:]
     last = json.loads(events[-2])
-    if "error" in last:  # the engine died under it: the client is told to retry
-        assert last["error"]["type"] == "service_unavailable", last
-    else:  # the stream ended before the kill landed: then it must be whole, never cut short.
-        # Whole means where the engine ends it: at max_tokens or the model's length, whichever
-        # comes first (CI saw 881 = 1024 - 143 prompt tokens, default system prompt included),
-        # or earlier at a stop. Counted in tokens: the default FREQUENCY_PENALTY pushes the tiny
-        # model off its one answer token after some hundreds of tokens, so the text is not a count.
-        reason = json.loads(events[-3])["choices"][0]["finish_reason"]
-        usage = last["usage"]
-        whole = min(900, TINY_MODEL_LEN - usage["prompt_tokens"])
-        tokens = usage["completion_tokens"]
-        assert (reason == "length" and tokens == whole) or (reason == "stop" and 1 <= tokens < whole), (reason, last)
-    print(f"stream in flight at the kill: {'error event' if 'error' in last else 'had already finished'}")
+    # The engine died under the stream: the client is told to retry, and the stream ends.
+    assert last.get("error", {}).get("type") == "service_unavailable", streamed[-3:]
     new_state = server.generator_state()
     assert new_state["pid"] == stub_pid  # same stub, same tritonserver: no restart
     assert new_state["engine_pid"] != engine_pid and new_state["restarts"] == 1

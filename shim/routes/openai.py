@@ -36,7 +36,8 @@ from typing import Any, Callable
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from preprocess.conversation import conversation_row
+from preprocess.contract import InvalidRequest
+from preprocess.conversation import conversation_row, require_user_turn
 from preprocess.reasoning import ReasoningSplitter, split_reasoning
 
 from ..state import run_until_disconnect, shim_state
@@ -200,8 +201,10 @@ async def chat(request: Request):
     body: ChatRequest = await parse_body(request, ChatRequest)
     state = shim_state(request)
     model_name = served_model(request, body.model)
-    if not any(m.role == "user" for m in body.messages):
-        raise ApiError(422, "messages: no message with role 'user'", param="messages")
+    try:
+        require_user_turn([m.role for m in body.messages])
+    except InvalidRequest as exc:
+        raise ApiError(422, str(exc), param="messages") from None
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
     choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, NamedToolChoice) else body.tool_choice
     calls = tool_plan(tools, choice, body.response_format, body.parallel_tool_calls)

@@ -32,6 +32,8 @@ def test_explain_refuses_a_malformed_variable_in_one_line():
 def preset_env(preset: str, **given) -> dict:
     script = f"set -e; source docker/{preset}; env -0"
     out = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, env={"PATH": "/usr/bin:/bin", **given})
+    # A preset that fails to source must fail here, not yield an empty mapping that loads.
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
     return dict(item.split("=", 1) for item in out.stdout.decode().split("\0") if "=" in item)
 
 
@@ -49,4 +51,6 @@ def test_presets_parse_as_valid_settings():
     from preprocess.settings import load
 
     for preset in ("run_model.sh", "env_force.sh"):
-        load(preset_env(preset))
+        env = preset_env(preset)
+        settings = load(env)
+        assert env["BATCH_MODE"] == "1" and settings.routing.max_new_tokens == int(env["MAX_NEW_TOKENS"])
