@@ -55,6 +55,8 @@ def test_killed_engine_comes_back_without_a_restart_and_the_batches_in_flight_wh
     engine_pid, stub_pid = state["engine_pid"], state["pid"]
     assert engine_pid and engine_pid != stub_pid
     restarts_before = server.log_text().count("restarting tritonserver")
+    failed_streams = 'llm_generator_streams_total{outcome=failed}'
+    failed_before = over_replicas(scrape_metrics(server.metrics_url)).get(failed_streams, 0.0)
     outcomes = []
 
     def batch_client(i):
@@ -110,8 +112,11 @@ def test_killed_engine_comes_back_without_a_restart_and_the_batches_in_flight_wh
     status, *events = streamed
     assert status == 200 and events[-1] == "[DONE]", streamed[:3] + streamed[-3:]
     last = json.loads(events[-2])
-    # The engine died under the stream: the client is told to retry, and the stream ends.
+    # The engine died under the stream: the client is told to retry, and the stream ends,
+    # counted as failed (the README's streams_total{outcome="failed"}).
     assert last.get("error", {}).get("type") == "service_unavailable", streamed[-3:]
+    assert wait_for(lambda: over_replicas(scrape_metrics(server.metrics_url)).get(failed_streams, 0.0)
+                    == failed_before + 1, 30), "the failed stream was not counted"
     new_state = server.generator_state()
     assert new_state["pid"] == stub_pid  # same stub, same tritonserver: no restart
     assert new_state["engine_pid"] != engine_pid and new_state["restarts"] == 1
