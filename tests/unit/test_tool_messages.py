@@ -63,6 +63,18 @@ def plain(tokenizer, text):
     return tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids if text else []
 
 
+def expect_pieces_and_plain_texts(formatter, tokenizer, turns, options, prompt):
+    """The property: the template's own pieces, each text's plain ids in its slot. Returns the pieces' ids."""
+    pieces = formatter.pieces(turns, options)
+    own = formatter.piece_ids(pieces)
+    every_text = [text for turn in turns for text in turn.texts()]
+    expected = list(own[0])
+    for k, slot in enumerate(pieces.slots):
+        expected += plain(tokenizer, every_text[slot]) + list(own[k + 1])
+    assert prompt.token_ids == expected
+    return own
+
+
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(messages=conversations, with_tools=st.booleans(), thinking=st.sampled_from([None, True, False]))
 @pytest.mark.parametrize("template", ["model", "hermes"])
@@ -78,13 +90,7 @@ def test_no_text_of_any_field_becomes_a_role(formatters, tokenizer, template, pa
     except ValueError as exc:  # a content the template does not render is refused, never dropped
         assert "does not render every message" in str(exc)
         return
-    pieces = formatter.pieces(turns, options)
-    own = formatter.piece_ids(pieces)
-    every_text = [text for turn in turns for text in turn.texts()]
-    expected = list(own[0])
-    for k, slot in enumerate(pieces.slots):
-        expected += plain(tokenizer, every_text[slot]) + list(own[k + 1])
-    assert prompt.token_ids == expected
+    own = expect_pieces_and_plain_texts(formatter, tokenizer, turns, options, prompt)
     specials = special_ids(tokenizer)
     assert sum(i in specials for i in prompt.token_ids) == sum(i in specials for piece in own for i in piece)
     # and as many as the template itself writes around harmless texts, asked directly
@@ -193,10 +199,4 @@ def test_without_a_template_no_text_becomes_a_special_token_and_no_turn_is_dropp
         return
     assert [t.role for t in turns] == ["system", "user"]
     assert not any(i in special_ids(tokenizer) for i in prompt.token_ids)
-    pieces = no_template.pieces(turns, options)
-    own = no_template.piece_ids(pieces)
-    every_text = [text for turn in turns for text in turn.texts()]
-    expected = list(own[0])
-    for k, slot in enumerate(pieces.slots):
-        expected += plain(tokenizer, every_text[slot]) + list(own[k + 1])
-    assert prompt.token_ids == expected
+    expect_pieces_and_plain_texts(no_template, tokenizer, turns, options, prompt)
