@@ -185,21 +185,19 @@ class ChatFormatter:
         cached = self._pieces.pop(key, None)
         if cached is None:
             counter = itertools.count()
-            messages, contents, per_turn = [], [], []
+            messages, contents = [], []
             for turn in turns:
                 markers = [f"{self._marker}{next(counter)}\ue002" for _ in turn.texts()]
                 if turn.text is not None:
                     contents.append(markers[0])
-                per_turn.append(markers)
                 messages.append(turn.chat_message(markers))
             rendered = self._renderer_for(shape, options)(messages, options)
-            # Nothing is dropped without a word: every content, and some text of every turn (an
-            # assistant turn of tool calls alone included), is in the prompt, else a refusal.
-            # Names and call ids may be left out: templates commonly do.
+            # Every message's content is in the prompt, else a refusal (a 400), never a
+            # message dropped without a word. Names, call ids and tool calls are the
+            # template's to show or not, as with vLLM's own server.
             missing = [m for m in contents if m not in rendered]
-            dropped = [markers for markers in per_turn if markers and not any(m in rendered for m in markers)]
-            if missing or dropped:  # e.g. an empty system turn, or tool calls the template cannot show
-                raise ValueError(f"the chat template does not render every message of {[t.role for t in turns]}")
+            if missing:  # e.g. an empty system turn the template leaves out
+                raise InvalidRequest(f"the chat template does not render every message of {[t.role for t in turns]}")
             texts, slots, at = [], [], 0
             for found in self._marker_at.finditer(rendered):
                 texts.append(rendered[at:found.start()])

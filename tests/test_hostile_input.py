@@ -238,6 +238,40 @@ def test_a_body_shorter_than_its_length_is_answered_408_and_closed(server):
     assert reply.startswith(b"HTTP/1.1 408") and b"SHIM_BODY_TIMEOUT_S" in reply
 
 
+def trickle(sock, data: bytes, gap_s: float, bound_s: float) -> bytes:
+    """Sends `data` a byte every `gap_s`, never finishing it within `bound_s`, and returns what
+    the server answered (b"" when it answered nothing within the bound)."""
+    import select
+
+    deadline = time.monotonic() + bound_s
+    for byte in data:
+        if time.monotonic() > deadline:
+            return b""
+        if select.select([sock], [], [], gap_s)[0]:  # the server spoke (or closed): stop sending
+            return read_all(sock)
+        try:
+            sock.sendall(bytes([byte]))
+        except OSError:  # closed under us: read what it said
+            return read_all(sock)
+    return b""
+
+
+@pytest.mark.parametrize("sent, trickled, variable", [
+    (b"POST /predict HTTP/1.1\r\nHost: x\r\nX-Slow: ", b"a" * 10_000, "SHIM_HEADER_TIMEOUT_S"),
+    (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10000\r\n\r\n",
+     b"{" * 10_000, "SHIM_BODY_TIMEOUT_S"),
+], ids=["head", "body"])
+def test_a_trickled_head_or_body_meets_the_door_timeout_though_bytes_keep_coming(server, sent, trickled, variable):
+    """The door's timeouts bound a whole head and a whole body, not the gap between bytes: a
+    client that sends the rest a byte every 0.2 s gets the 408 naming the limit, and its
+    connection closed, before three times the limit."""
+    limit = float(server.env[variable])
+    sock = connect(server)
+    sock.sendall(sent)
+    reply = trickle(sock, trickled, 0.2, 3 * limit + 5)
+    assert reply.startswith(b"HTTP/1.1 408") and variable.encode() in reply, reply[:300]
+
+
 def test_a_huge_header_is_refused(server):
     """Over SHIM_MAX_HEADER_BYTES (64 KiB): a 431 naming the limit, never an answer to the
     request. The head is sent whole and at once, so the server has read all of it before it

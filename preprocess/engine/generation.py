@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
@@ -12,6 +13,8 @@ from .. import controls
 from ..contract import InvalidRequest
 from ..errors import ErrorKind
 from ..sampling import SamplingSettings
+
+log = logging.getLogger("generator")
 
 # Per generated token: (its text, its logprob, the top tokens as [(text, logprob)]).
 TokenLogprobs = tuple[str, float, list[tuple[str, float]]]
@@ -139,6 +142,19 @@ def classify_error(exc: BaseException, engine_healthy: bool = True) -> ErrorKind
             or not engine_healthy):
         return ErrorKind.UNAVAILABLE
     return ErrorKind.INTERNAL
+
+
+def client_error(exc: BaseException, engine_healthy: bool = True) -> tuple[ErrorKind, str]:
+    """The kind of a failed generation and the text its client gets, whole or streamed: bad
+    input keeps its message; an internal error is logged here and the client gets no class
+    names or internals."""
+    kind = classify_error(exc, engine_healthy)
+    if kind is ErrorKind.INTERNAL:
+        log.error("internal error answering a request: %s: %s", type(exc).__name__, exc)
+        return kind, "internal error in the generator (see the server log)"
+    if kind is ErrorKind.UNAVAILABLE:
+        return kind, f"the generator engine is unavailable or restarting; retry shortly ({exc})"
+    return kind, str(exc)
 
 
 def group_by_sampling(items: Sequence[GenerationItem]) -> dict[SamplingSettings, list[int]]:

@@ -50,8 +50,8 @@ def encode(message: dict[str, Any]) -> bytes:
     return (json.dumps(message, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def error_message(exc: BaseException, kind: ErrorKind) -> dict[str, Any]:
-    return {"error": str(exc) or type(exc).__name__, "kind": kind.value}
+def error_message(kind: ErrorKind, text: str) -> dict[str, Any]:
+    return {"error": text, "kind": kind.value}
 
 
 class StreamServer:
@@ -59,10 +59,10 @@ class StreamServer:
     thread: the engines' threads hand pieces over with call_soon_threadsafe, and a slow
     reader holds up only its own connection, never an engine."""
 
-    def __init__(self, service, path: Path, classify: Callable[[BaseException, bool], ErrorKind]):
+    def __init__(self, service, path: Path, describe: Callable[[BaseException, bool], tuple[ErrorKind, str]]):
         self.service = service
         self.path = path
-        self.classify = classify  # generation.classify_error
+        self.describe = describe  # generation.client_error: what a failed stream's client is told
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.AbstractServer | None = None
         self._streaming: set = set()  # handles of the answers being streamed (loop thread only)
@@ -99,10 +99,10 @@ class StreamServer:
                 request = json.loads(await reader.readline())
                 item = generation_items([request["prompt_ids"]], {k: [v] for k, v in request["values"].items()})[0]
             except InvalidRequest as exc:
-                writer.write(encode(error_message(exc, ErrorKind.INVALID)))
+                writer.write(encode(error_message(ErrorKind.INVALID, str(exc))))
                 return
             except (ValueError, KeyError, TypeError) as exc:  # not our client: say so and stop
-                writer.write(encode(error_message(InvalidRequest(f"bad stream request: {exc}"), ErrorKind.INVALID)))
+                writer.write(encode(error_message(ErrorKind.INVALID, f"bad stream request: {exc}")))
                 return
             pieces: asyncio.Queue = asyncio.Queue()
             loop = asyncio.get_running_loop()
@@ -121,7 +121,7 @@ class StreamServer:
                     return
                 event = piece.result()
                 if isinstance(event, BaseException):
-                    writer.write(encode(error_message(event, self.classify(event, self.service.serving))))
+                    writer.write(encode(error_message(*self.describe(event, self.service.serving))))
                     return
                 writer.write(encode(asdict(event)))
                 await writer.drain()

@@ -13,7 +13,8 @@ from vllm.v1.engine.exceptions import EngineDeadError
 
 from preprocess.contract import InvalidRequest
 from preprocess.engine.generation import PromptTooLong
-from preprocess.engine.generation import EngineUnavailable, classify_error
+from preprocess.engine.generation import EngineUnavailable, classify_error, client_error
+from preprocess.errors import ErrorKind
 from preprocess.runtime import CancelMarkers
 from shim.ensemble import EnsembleClient, map_triton_error
 
@@ -152,3 +153,15 @@ def test_probes_that_keep_failing_restart_the_server():
         assert await state.check_for_dead_server()
     asyncio.run(run())
     assert restarts == [1] and state.metrics.server_restarts._value.get() == 1
+
+
+def test_what_a_client_is_told_whole_or_streamed():
+    """generation.client_error, for the generator's responses and its stream socket alike: bad
+    input keeps its words; an internal error's text (paths, class names) never leaves the server."""
+    kind, text = client_error(RuntimeError("KeyError at /opt/secret/path.py:12"))
+    assert kind is ErrorKind.INTERNAL and "secret" not in text and "RuntimeError" not in text
+    assert client_error(InvalidRequest("temperature must be in [0, 2], got 9")) == \
+        (ErrorKind.INVALID, "temperature must be in [0, 2], got 9")
+    kind, text = client_error(EngineUnavailable("the engine died"))
+    assert kind is ErrorKind.UNAVAILABLE and "retry shortly" in text and "the engine died" in text
+    assert client_error(RuntimeError("x"), engine_healthy=False)[0] is ErrorKind.UNAVAILABLE

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from preprocess.engine.generation import classify_error
+from preprocess.engine.generation import client_error
 from preprocess.engine.stream_socket import UNIX_PATH_MAX, StreamFailed, StreamServer, socket_path, stream_events
 
 
@@ -30,7 +30,7 @@ def test_the_socket_is_in_the_runtime_folder_or_per_triton_in_tmp(tmp_path):
 @pytest.fixture
 def served(tmp_path):
     """A server whose service must never be reached: every request below is refused first."""
-    server = StreamServer(service=None, path=tmp_path / "s" / "stream.sock", classify=classify_error)
+    server = StreamServer(service=None, path=tmp_path / "s" / "stream.sock", describe=client_error)
     server.start()
     yield server
     server.stop()

@@ -14,30 +14,19 @@ from preprocess.stub import prepare_stub_process, python_executable
 log = prepare_stub_process("generator")
 
 from preprocess import triton_io as io  # noqa: E402
-from preprocess.engine.generation import classify_error, generation_items  # noqa: E402
+from preprocess.engine.generation import client_error, generation_items  # noqa: E402
 from preprocess.engine.inflight import InFlight  # noqa: E402
 from preprocess.engine.service import GeneratorService, prepare_generator_process  # noqa: E402
 from preprocess.engine.metrics import GeneratorMetrics  # noqa: E402
 from preprocess.engine.orphan_guard import start_guard  # noqa: E402
 from preprocess.engine.stream_socket import StreamServer, socket_path  # noqa: E402
-from preprocess.errors import ErrorKind  # noqa: E402
 from preprocess.runtime import CancelMarkers  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
 def error_response(exc, engine_healthy=True):
-    """Bad input keeps its message; an internal error is logged here and the client gets no
-    class names or internals."""
-    kind = classify_error(exc, engine_healthy)
-    if kind is ErrorKind.INTERNAL:
-        log.error("internal error answering a request: %s: %s", type(exc).__name__, exc)
-        message = "internal error in the generator (see the server log)"
-    elif kind is ErrorKind.UNAVAILABLE:
-        message = f"the generator engine is unavailable or restarting; retry shortly ({exc})"
-    else:
-        message = str(exc)
-    return io.error_response(pb_utils, kind, message)
+    return io.error_response(pb_utils, *client_error(exc, engine_healthy))
 
 
 def read_items(request):
@@ -56,7 +45,7 @@ class TritonPythonModel:
         self.in_flight = InFlight(self.service, self._send, markers)
         self.in_flight.start()
         # Token streaming for the decoupled `generator_stream` model (see stream_socket.py).
-        self.stream_server = StreamServer(self.service, socket_path(runtime), classify_error)
+        self.stream_server = StreamServer(self.service, socket_path(runtime), client_error)
         self.stream_server.start()
         log.info("ready: %s", self.service.info())
 
