@@ -203,6 +203,8 @@ class ReplicaFigures:
         running and waiting counts follow from the prompts in flight and max_num_seqs (what
         the scheduler runs at once; a preemption for lack of KV cache is not seen then)."""
         kv = self.kv
+        if kv.generation_tokens < self.engine_tokens_sent:  # a rebuilt engine's child counts from 0
+            self.engine_tokens_sent = 0
         fresh = kv.generation_tokens - self.engine_tokens_sent
         if fresh > 0:
             self.engine_tokens.increment(fresh)

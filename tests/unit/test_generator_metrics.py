@@ -256,5 +256,11 @@ def test_vllm_generated_tokens_count_step_by_step_and_cross_the_process_boundary
         recorder.record(scheduler, SimpleNamespace(num_generation_tokens=3))
         metrics.kv_gauge(0).load_figures(child.figures())
         assert wait_for(lambda: pb_utils.value("vllm:generation_tokens_total") == 40, 10)
+        # The replica's engine is rebuilt: its new child process counts from 0 again.
+        reborn = KvCacheGauge()
+        reborn_recorder = reborn.stat_logger_factory()(config)
+        reborn_recorder.record(scheduler, SimpleNamespace(num_generation_tokens=5))
+        metrics.kv_gauge(0).load_figures(reborn.figures())
+        assert wait_for(lambda: pb_utils.value("vllm:generation_tokens_total") == 45, 10)
     finally:
         metrics.close()
