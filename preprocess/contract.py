@@ -116,14 +116,15 @@ FLAGS = (
     Setting("verbatim", "BOOL"),  # the prompt as given: no template, routing or clean-up (completions)
     Setting("split_reasoning", "BOOL"),  # thinking split out into the `reasoning` output, not dropped (OpenAI chat)
 )
+SETTINGS = {s.name: s for s in SAMPLING + CONTROLS + FLAGS}
+SAMPLING_NAMES = tuple(s.name for s in SAMPLING if s.name != "max_new_tokens")
+
+
 def clip_new_tokens(value: int) -> int:
     """A request's own token limit on the judge's routes: clipped to 1..MAX_NEW_TOKENS_LIMIT,
     as the replaced service clipped it (the OpenAI routes refuse an over-limit value instead)."""
     return min(max(int(value), 1), MAX_NEW_TOKENS_LIMIT)
 
-
-SETTINGS = {s.name: s for s in SAMPLING + CONTROLS + FLAGS}
-SAMPLING_NAMES = tuple(s.name for s in SAMPLING if s.name != "max_new_tokens")
 
 # Ensemble inputs that carry text. `prompt` is one question, `messages` a whole
 # conversation (a JSON array of {"role", "content"}; see preprocess.conversation); a row
