@@ -134,8 +134,9 @@ def load_engine(environ: Mapping[str, str], metax: bool | None = None, cpu_only:
         if not isinstance(compilation_config, dict):
             raise SettingsError(f"VLLM_COMPILATION_CONFIG={compilation!r} is not a JSON object")
     enforce_eager = env.bool("VLLM_ENFORCE_EAGER", cpu_only)
+    graphs = not (cpu_only or metax or enforce_eager)  # CUDA graphs captured: the GPU defaults below apply
     if compilation_config is None:
-        compilation_config = default_compilation_config(graphs=not (cpu_only or metax or enforce_eager))
+        compilation_config = default_compilation_config(graphs)
     max_model_len = env.optional_int("MAX_MODEL_LEN", 1)
     if max_model_len is None and metax:
         max_model_len = env.int("DEFAULT_MAX_MODEL_LEN", SAFE_MAX_MODEL_LEN, 1)
@@ -173,7 +174,7 @@ def load_engine(environ: Mapping[str, str], metax: bool | None = None, cpu_only:
         scheduler_defaults=env.choice("VLLM_SCHEDULER_DEFAULTS", "offline", ("offline", "serve", "engine")),
         async_scheduling=env.optional_bool("VLLM_ASYNC_SCHEDULING"),
         max_cudagraph_capture_size=env.optional_int("VLLM_MAX_CUDAGRAPH_CAPTURE_SIZE", 1)
-        or default_capture_size(max_num_seqs, graphs=not (cpu_only or metax or enforce_eager)),
+        or default_capture_size(max_num_seqs, graphs),
         # Off under BATCH_MODE: faster where the generator stub is the limit (docs/performance.md,
         # "vLLM's per-step statistics").
         engine_stats=env.bool("VLLM_ENGINE_STATS", not env.bool("BATCH_MODE", False)),

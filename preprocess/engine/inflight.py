@@ -116,8 +116,9 @@ class InFlight:
             for request, handle, started in self.entries.values():
                 if handle is None or now - started < self.min_age_s:
                     continue
-                if self.markers.take(request.request_id()) or request.is_cancelled():
-                    found.append((request.request_id(), handle))
+                request_id = request.request_id()
+                if self.markers.take(request_id) or request.is_cancelled():
+                    found.append((request_id, handle))
         return found
 
     def abort_cancelled(self) -> int:
