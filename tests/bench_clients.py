@@ -1,4 +1,6 @@
-"""Closed-loop load on the ensemble over tritonclient, from one or several client processes.
+"""Closed-loop load on the ensemble over tritonclient, from one or several client processes;
+and on an OpenAI `/v1/completions` door (the shim's or `vllm serve`'s), whole or streamed,
+from one client written once for both.
 
 A client process pays Python CPU for every request it sends and every answer it reads
 (tritonclient builds and parses each HTTP message). When that CPU reaches the window's
@@ -13,10 +15,11 @@ window runs from that event until the last answer of the last process.
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import time
 
-from tests.bench import at_concurrency, latencies_ms
+from tests.bench import at_concurrency, latencies_ms, percentile
 
 
 async def _closed_loop(triton_url: str, items: list, concurrency: int, overrides: dict,
@@ -98,6 +101,69 @@ def online_load(triton_url: str, items: list, concurrency: int, overrides: dict,
 
 def _summary(latencies: list[float], seconds: float, cpu: list[float]) -> dict:
     return {"seconds": seconds, **latencies_ms(latencies), "client_cpu_s": max(cpu), "client_processes": len(cpu)}
+
+
+async def _openai_window(base_url: str, model: str, prompts: list[str], concurrency: int, tokens: int,
+                         stream: bool) -> dict:
+    import aiohttp
+
+    async def one(session, prompt: str) -> dict:
+        body = {"model": model, "prompt": prompt, "max_tokens": tokens, "ignore_eos": True, "temperature": 0}
+        if stream:
+            body.update(stream=True, stream_options={"include_usage": True})
+        started = time.perf_counter()
+        arrivals, generated = [], None
+        async with session.post(f"{base_url}/v1/completions", json=body) as response:
+            if response.status != 200:
+                raise RuntimeError(f"{base_url} answered {response.status}: {(await response.text())[:300]}")
+            if not stream:
+                generated = (await response.json())["usage"]["completion_tokens"]
+            else:
+                async for line in response.content:  # one SSE line at a time
+                    if not line.startswith(b"data: "):
+                        continue  # blank separators and keep-alive comments
+                    data = line[6:].strip()
+                    if data == b"[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        raise RuntimeError(f"{base_url}: the stream ended by an error: {chunk['error']}")
+                    if chunk.get("usage"):
+                        generated = chunk["usage"]["completion_tokens"]
+                    if chunk["choices"] and chunk["choices"][0].get("text"):
+                        arrivals.append(time.perf_counter())
+        if generated != tokens:  # every path is credited only with the tokens it was asked for
+            raise RuntimeError(f"{base_url}: {generated} tokens generated, {tokens} asked")
+        return {"seconds": time.perf_counter() - started, "started": started, "arrivals": arrivals}
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=3600)) as session:
+        done, seconds = await at_concurrency(lambda prompt: one(session, prompt), prompts, concurrency)
+    result = {"tokens": len(prompts) * tokens, "seconds": seconds, **latencies_ms([d["seconds"] for d in done])}
+    if stream:
+        result.update(stream_latencies(done, tokens))
+    return result
+
+
+def stream_latencies(done: list[dict], tokens: int) -> dict:
+    """Per-stream time to the first text (TTFT), the gaps between text chunks as they arrive
+    (ITL, all streams' gaps pooled, as vLLM's serving benchmark counts them), and time per
+    output token after the first (TPOT, per stream), in milliseconds."""
+    ttft = [d["arrivals"][0] - d["started"] for d in done if d["arrivals"]]
+    gaps = [later - earlier for d in done for earlier, later in zip(d["arrivals"], d["arrivals"][1:])]
+    tpot = [(d["arrivals"][-1] - d["arrivals"][0]) / (tokens - 1) for d in done if len(d["arrivals"]) > 1]
+    if len(ttft) != len(done):
+        raise RuntimeError(f"{len(done) - len(ttft)} of {len(done)} streams sent no text")
+    return {name: 1000 * percentile(values, q) for name, values, q in (
+        ("ttft_p50_ms", ttft, 50), ("ttft_p99_ms", ttft, 99), ("itl_p50_ms", gaps, 50), ("itl_p99_ms", gaps, 99),
+        ("tpot_p50_ms", tpot, 50))} | {"chunks_per_stream": (len(gaps) + len(ttft)) / len(done)}
+
+
+def openai_load(base_url: str, model: str, prompts: list[str], concurrency: int, tokens: int,
+                stream: bool = False) -> dict:
+    """`prompts` to `base_url`'s /v1/completions, `concurrency` in flight, exactly `tokens`
+    each (greedy, ignore_eos), as whole answers or as server-sent events (`stream`)."""
+    return asyncio.run(_openai_window(base_url, model, prompts, concurrency, tokens, stream))
 
 
 def engine_latency(before: dict, after: dict, client_mean_ms: float) -> dict | None:

@@ -15,7 +15,10 @@ Each plan fits one 10-minute device call (tests/gpu/run_engine.sh runs both):
   product's routing, template and clean-up in process).
 - `online`: baseline 3 (`AsyncLLM` with the `vllm serve` usage context) against the ensemble
   over tritonclient at c=1/16/64/256; then the judge-shaped row with the routing limits
-  as shipped.
+  as shipped. `--vllm-serve-http` adds baseline 4, `vllm serve` itself, and `--shim-http`
+  the shim's `/v1/completions`, both driven by one client (tests.bench_clients.openai_load);
+  `--streams` adds windows of server-sent events through both (time to first token,
+  inter-token latency).
 
 Memory per engine is below what one engine alone would get, so the KV cache is smaller than
 in production; every path runs under the same limit.
@@ -37,7 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.bench import (QUESTIONS, check_generated, device_name, generated_tokens, prompts_and_ids,  # noqa: E402
                          tagged_questions)
-from tests.bench_clients import engine_latency, model_stats, online_load, stage_times  # noqa: E402
+from tests.bench_clients import engine_latency, model_stats, online_load, openai_load, stage_times  # noqa: E402
 from tests.bench_workers import Worker  # noqa: E402
 from tests.conftest import http_json, scrape_metrics, server_env, start_server, stop_server  # noqa: E402
 from tests.gpu_watch import GpuSampler, gpu_processes  # noqa: E402
@@ -113,8 +116,23 @@ class Product:
         return {"tokens": requests * tokens, **result, "stages": stage_times(before, model_stats(url)),
                 "engine": engine_latency(metrics_before, scrape_metrics(metrics_url), result["mean_ms"])}
 
+    def http(self, concurrency: int, requests: int, tokens: int, tag: str, stream: bool = False) -> dict:
+        """The shim's /v1/completions (the prompt verbatim, as `vllm serve` takes it)."""
+        return openai_load(self.server.url, self.model_dir.name, tagged_questions(requests, tag), concurrency,
+                           tokens, stream)
+
     def close(self) -> None:
         stop_server(self.server)
+
+
+def vllm_serve_load(worker, concurrency: int, requests: int, tokens: int, tag: str, stream: bool = False) -> dict:
+    """Baseline 4's /v1/completions, through the same client as `Product.http`."""
+    return openai_load(worker.scheduler["url"], worker.scheduler["model"], tagged_questions(requests, tag),
+                       concurrency, tokens, stream)
+
+
+# A window's latency figures (milliseconds), summarised per path and against each baseline.
+LATENCY_KEYS = ("p50_ms", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "tpot_p50_ms")
 
 
 def summary(values: list[float]) -> dict:
@@ -130,7 +148,8 @@ class Record:
     def add(self, case: str, path: str, round_: int, result: dict, rate_key: str) -> None:
         rate = result[rate_key] / result["seconds"]
         self.measurements.append({"case": case, "path": path, "round": round_, "rate": rate, **result})
-        extra = f", p50 {result['p50_ms']:.1f} ms" if "p50_ms" in result else ""
+        extra = "".join(f", {key.removesuffix('_ms').replace('_', ' ')} {result[key]:.1f} ms"
+                        for key in LATENCY_KEYS if key in result)
         log.info("round %d %-14s %-16s %9.0f %s/s (%.1f s%s)", round_ + 1, case, path, rate,
                  rate_key.removesuffix("s"), result["seconds"], extra)
         for model, stage in result.get("stages", {}).items():
@@ -150,8 +169,9 @@ class Record:
         for case, paths in cases.items():
             rows = {path: {"rate": summary([m["rate"] for m in rounds.values()])} for path, rounds in paths.items()}
             for path, rounds in paths.items():
-                if "p50_ms" in next(iter(rounds.values())):
-                    rows[path]["p50_ms"] = summary([m["p50_ms"] for m in rounds.values()])
+                for key in LATENCY_KEYS:
+                    if key in next(iter(rounds.values())):
+                        rows[path][key] = summary([m[key] for m in rounds.values()])
                 for base, base_rounds in paths.items():
                     # each path against every baseline; product B's also against the first product
                     if base == path or not (base.startswith("baseline") or path == f"{base} B"):
@@ -160,9 +180,10 @@ class Record:
                     if common:
                         rows[path][f"ratio_to_{base}"] = summary(
                             [rounds[r]["rate"] / base_rounds[r]["rate"] for r in common])
-                        if "p50_ms" in rounds[common[0]] and "p50_ms" in base_rounds[common[0]]:
-                            rows[path][f"p50_ms_over_{base}"] = summary(
-                                [rounds[r]["p50_ms"] - base_rounds[r]["p50_ms"] for r in common])
+                        for key in LATENCY_KEYS:  # milliseconds more than the baseline, per round
+                            if key in rounds[common[0]] and key in base_rounds[common[0]]:
+                                rows[path][f"{key}_over_{base}"] = summary(
+                                    [rounds[r][key] - base_rounds[r][key] for r in common])
             table[case] = rows
         return table
 
@@ -179,7 +200,8 @@ def print_table(table: dict) -> None:
             rate = row["rate"]
             ratios = "  ".join(f"{k.removeprefix('ratio_to_')} {v['median']:.3f} ({v['min']:.3f}-{v['max']:.3f})"
                                for k, v in row.items() if k.startswith("ratio_to_"))
-            latency = f"  p50 {row['p50_ms']['median']:.1f} ms" if "p50_ms" in row else ""
+            latency = "".join(f"  {key.removesuffix('_ms').replace('_', ' ')} {row[key]['median']:.1f} ms"
+                              for key in LATENCY_KEYS if key in row)
             print(f"{case:14} {path:18} {rate['median']:9.0f} ({rate['min']:.0f}-{rate['max']:.0f}){latency}  {ratios}")
 
 
@@ -208,6 +230,13 @@ def main(argv=None):
     parser.add_argument("--skip-judge", action="store_true", help="online plan: no judge-shaped row")
     parser.add_argument("--vllm-serve-http", action="store_true",
                         help="online plan: also `vllm serve` itself over HTTP (path baseline4-vllm-serve-http)")
+    parser.add_argument("--shim-http", action="store_true",
+                        help="online plan: also the shim's /v1/completions over HTTP (path `shim /v1`)")
+    parser.add_argument("--skip-in-process", action="store_true",
+                        help="online plan: no baseline 3 (the ensemble's ratios are then to `vllm serve` alone)")
+    parser.add_argument("--streams", nargs="*", default=[],
+                        help="CONCURRENCY:REQUESTS windows of streamed /v1/completions: the shim's SSE and, with "
+                        "--vllm-serve-http, vllm serve's")
     parser.add_argument("--py-spy", help="folder for py-spy profiles of the three stubs (round 2: the "
                         "largest batch, or the ensemble at c=256)")
     parser.add_argument("--out", required=True)
@@ -223,7 +252,7 @@ def main(argv=None):
     if args.plan == "batch":
         kinds = [anchor1, anchor2]
     else:  # the online windows need anchor 3; the judge row anchor 1; the judge row alone also anchor 2
-        kinds = [("baseline3-serve", "async-serve")] if args.online else []
+        kinds = [("baseline3-serve", "async-serve")] if args.online and not args.skip_in_process else []
         kinds += [anchor1] if not args.skip_judge else []
         kinds += [anchor2] if not args.online else []
         kinds += [("baseline4-vllm-serve-http", "vllm-serve-http")] if args.vllm_serve_http else []
@@ -319,39 +348,53 @@ def run_online_plan(args, workers, products: dict, record) -> None:
     b3, b1, b2 = workers.get("baseline3-serve"), workers.get("baseline1-offline"), workers.get("baseline2-product")
     b4 = workers.get("baseline4-vllm-serve-http")
     products = {name: p for name, p in products.items() if p is not None}
+    shim = products["ensemble"]
     # The first product runs once per --client-processes count, product B with the last one.
     counts = {"ensemble": args.client_processes, "ensemble B": args.client_processes[-1:]}
     paths = {f"{name}{'' if k == 1 else f' x{k} clients'}": (p, k, False)
              for name, p in products.items() for k in counts[name]}
     if args.generator_alone:
-        paths["generator alone"] = (products["ensemble"], 1, True)
-    if b3 is not None:
-        b3.run(op="online", c=16, requests=32, tokens=8, tag="warm")
+        paths["generator alone"] = (shim, 1, True)
+    windows = [tuple(int(x) for x in w.split(":")) for w in args.online]
+    streams = [tuple(int(x) for x in w.split(":")) for w in args.streams]
+    if windows or streams:  # one short window on every path first (compile, graphs, caches); not measured
+        if b3 is not None:
+            b3.run(op="online", c=16, requests=32, tokens=8, tag="warm")
         if b4 is not None:
-            b4.run(op="online", c=16, requests=32, tokens=8, tag="warm")
+            vllm_serve_load(b4, 16, 32, 8, "warm4", stream=bool(streams))
         for product in products.values():
             product.online(16, 32, 8, "warm")
+        if args.shim_http or streams:
+            shim.http(16, 32, 8, "warmh", stream=bool(streams))
     for round_ in range(args.rounds):
-        for concurrency, requests in (tuple(int(x) for x in w.split(":")) for w in args.online):
-            case = f"online c={concurrency}"
-            record.add(case, "baseline3-serve", round_,
-                       b3.run(op="online", c=concurrency, requests=requests, tokens=args.tokens,
-                              tag=f"r{round_}c{concurrency}b3"), "tokens")
+        for concurrency, requests in windows:
+            case, tag = f"online c={concurrency}", f"r{round_}c{concurrency}"
+            if b3 is not None:
+                record.add(case, "baseline3-serve", round_,
+                           b3.run(op="online", c=concurrency, requests=requests, tokens=args.tokens, tag=f"{tag}b3"),
+                           "tokens")
             if b4 is not None:
                 record.add(case, "baseline4-vllm-serve-http", round_,
-                           b4.run(op="online", c=concurrency, requests=requests, tokens=args.tokens,
-                                  tag=f"r{round_}c{concurrency}b4"), "tokens")
+                           vllm_serve_load(b4, concurrency, requests, args.tokens, f"{tag}b4"), "tokens")
+            if args.shim_http:
+                record.add(case, "shim /v1", round_, shim.http(concurrency, requests, args.tokens, f"{tag}h"), "tokens")
             for number, (path, (product, processes, generator_only)) in enumerate(paths.items()):
                 profiled = round_ == 1 and concurrency == 256 and number == 0  # stubs found by model name
                 spies = profiler(args, product, record, case, path) if profiled else []
-                record.add(case, path, round_, product.online(concurrency, requests, args.tokens,
-                                                              f"r{round_}c{concurrency}e{number}", processes,
-                                                              generator_only), "tokens")
+                record.add(case, path, round_, product.online(concurrency, requests, args.tokens, f"{tag}e{number}",
+                                                              processes, generator_only), "tokens")
                 for spy in spies:
                     spy.wait(120)
+        for concurrency, requests in streams:
+            case, tag = f"stream c={concurrency}", f"r{round_}s{concurrency}"
+            sides = [("shim /v1 SSE", lambda: shim.http(concurrency, requests, args.tokens, f"{tag}h", stream=True))]
+            if b4 is not None:
+                sides.append(("baseline4-vllm-serve-http", lambda: vllm_serve_load(
+                    b4, concurrency, requests, args.tokens, f"{tag}b4", stream=True)))
+            for path, measure in (sides if round_ % 2 == 0 else sides[::-1]):  # each side goes first in turn
+                record.add(case, path, round_, measure(), "tokens")
         if not args.skip_judge:
-            judge_round(args, b1, products["ensemble"], record, round_, "judge shipped", products.get("ensemble B"),
-                        engine_floor=b2)
+            judge_round(args, b1, shim, record, round_, "judge shipped", products.get("ensemble B"), engine_floor=b2)
     if not args.skip_judge and b2 is not None:  # the judge-only plan: one batch step by step, on each engine
         steps = {name: worker.run(op="judge-steps", questions=judge_questions(args.judge_n, f"steps-{name}"))
                  for name, worker in (("baseline1-offline", b1), ("baseline2-product", b2))}

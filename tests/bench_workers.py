@@ -8,7 +8,9 @@ command per stdin line with `RESULT {...}`. Kinds:
 - `offline-product`: `LLM(**the product's engine arguments)`, read from the same environment
   the generator reads (baseline 2);
 - `async-serve`: `AsyncLLM` built with the `vllm serve` usage context, what `vllm serve` and
-  Triton's vllm_backend run (baseline 3).
+  Triton's vllm_backend run (baseline 3);
+- `vllm-serve-http`: `vllm serve` itself, a server only: `READY` carries its URL and model
+  name, and the parent's client drives it over HTTP (baseline 4).
 
 Commands: `batch` (N prompts x T tokens, ignore_eos), `online` (requests at a concurrency),
 `judge` (questions through the product's own routing, template and clean-up: the replaced
@@ -208,9 +210,9 @@ async def async_serve_worker(model_dir: str, memory: float) -> None:
 
 
 async def vllm_serve_http_worker(model_dir: str, memory: float) -> None:
-    """`vllm serve` itself, started as users start it (its own defaults, the access log
-    off), and closed-loop clients over HTTP to its /v1/completions: what a server over a
-    socket costs against anchor 3's in-process engine."""
+    """`vllm serve` itself, started as users start it (its own defaults, the access log off).
+    It only serves: the parent drives its /v1/completions with the same client it points at
+    the shim (tests.bench_clients.openai_load), from READY's port until stdin closes."""
     import socket
 
     import aiohttp
@@ -225,16 +227,14 @@ async def vllm_serve_http_worker(model_dir: str, memory: float) -> None:
                                    "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
                                    "--gpu-memory-utilization", str(memory), "--disable-uvicorn-access-log"],
                                   stdout=log_file, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     try:
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                         timeout=aiohttp.ClientTimeout(total=3600)) as session:
+        async with aiohttp.ClientSession() as session:
             deadline = time.monotonic() + 900
             while True:
                 if server.poll() is not None:
                     raise RuntimeError(f"vllm serve exited with {server.returncode}: {log_path.read_text()[-2000:]}")
                 try:
-                    async with session.get(f"{url}/health") as response:
+                    async with session.get(f"http://127.0.0.1:{port}/health") as response:
                         if response.status == 200:
                             break
                 except aiohttp.ClientError:
@@ -242,30 +242,9 @@ async def vllm_serve_http_worker(model_dir: str, memory: float) -> None:
                 if time.monotonic() > deadline:
                     raise RuntimeError("vllm serve did not come up in 900 s")
                 await asyncio.sleep(1)
-            print("READY " + json.dumps({"entry": "vllm serve", "port": port}), flush=True)
-
-            async def complete(ids: list[int], tokens: int) -> tuple[int, float]:
-                started = time.perf_counter()
-                async with session.post(f"{url}/v1/completions", json={
-                        "model": model_dir, "prompt": ids, "max_tokens": tokens, "ignore_eos": True,
-                        "temperature": 0}) as response:
-                    body = await response.json()
-                if response.status != 200:
-                    raise RuntimeError(f"vllm serve answered {response.status}: {body}")
-                return body["usage"]["completion_tokens"], time.perf_counter() - started
-
-            while True:
-                line = await asyncio.to_thread(sys.stdin.readline)
-                if not line:
-                    break
-                command = json.loads(line)
-                if command["op"] != "online":
-                    reply({"error": f"vllm-serve-http does not run {command['op']}"})
-                    continue
-                ids = prompts_and_ids(Path(model_dir), command["requests"], command["tag"])[1]
-                done, seconds = await at_concurrency(lambda i: complete(i, command["tokens"]), ids, command["c"])
-                latencies = [s for _, s in done]
-                reply({"tokens": sum(t for t, _ in done), "seconds": seconds, **latencies_ms(latencies)})
+        print("READY " + json.dumps({"entry": "vllm serve", "url": f"http://127.0.0.1:{port}",
+                                     "model": model_dir}), flush=True)
+        await asyncio.to_thread(sys.stdin.read)  # until the parent closes it
     finally:
         server.terminate()
         try:
