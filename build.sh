@@ -7,7 +7,7 @@
 #   ./build.sh test            set up if needed, then the test suite
 #   ./build.sh env             set up if needed, then print the `export` lines a plain
 #                              `tritonserver --model-repository model_repository` needs
-#   ./build.sh bench [--quick|--perf-analyzer]   throughput table (tests/bench.py)
+#   ./build.sh bench [--quick|--perf-analyzer]   throughput table (tests/bench/cpu.py)
 #   ./build.sh eval FILE       the judge's procedure against a running server
 #   ./build.sh soak [--minutes M] [--clients C]   the long reliability run
 #   ./build.sh docker [nvidia|metax]   build an image (docker/Dockerfile.*)
@@ -128,10 +128,10 @@ case "$cmd" in
     exec "$RUN_PY" -m pytest "${@:-tests}" ;;
   bench)
     setup
-    exec "$RUN_PY" -m tests.bench "$@" ;;
+    exec "$RUN_PY" -m tests.bench.cpu "$@" ;;
   eval)
     setup
-    exec "$RUN_PY" -m tests.judge "$@" ;;
+    exec "$RUN_PY" -m tests.bench.judge "$@" ;;
   soak)
     setup
     exec "$RUN_PY" -m tests.reliability.soak "$@" ;;

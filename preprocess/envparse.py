@@ -47,29 +47,30 @@ class Env:
     def optional_bool(self, name: str) -> bool | None:
         return None if self.raw(name) is None else self.bool(name, False)
 
-    def int(self, name: str, default: int, lo: int | None = None, hi: int | None = None) -> int:
-        """An integer, clipped to [lo, hi] (an out-of-range value is served at the bound, not refused)."""
+    def _number(self, name: str, convert, what: str):
+        """The variable through `convert`, None when unset; SettingsError naming it when it does not parse."""
         value = self.raw(name)
         if value is None:
-            return default
+            return None
         try:
-            number = int(value)
+            return convert(value)
         except ValueError:
-            raise SettingsError(f"{name}={value!r} is not an integer") from None
-        return clip(number, lo, hi)
+            raise SettingsError(f"{name}={value!r} is not {what}") from None
+
+    def int(self, name: str, default: int, lo: int | None = None, hi: int | None = None) -> int:
+        """An integer, clipped to [lo, hi] (an out-of-range value is served at the bound, not refused)."""
+        number = self._number(name, int, "an integer")
+        return default if number is None else clip(number, lo, hi)
 
     def optional_int(self, name: str, lo: int | None = None, hi: int | None = None) -> int | None:
         return None if self.raw(name) is None else self.int(name, 0, lo, hi)
 
     def float(self, name: str, default: float, lo: float | None = None, hi: float | None = None) -> float:
         """A finite float; out-of-range values are refused (a wrong sampling default is a bug)."""
-        value = self.raw(name)
-        if value is None:
+        number = self._number(name, float, "a number")
+        if number is None:
             return default
-        try:
-            number = float(value)
-        except ValueError:
-            raise SettingsError(f"{name}={value!r} is not a number") from None
+        value = self.raw(name)
         if not math.isfinite(number):
             raise SettingsError(f"{name}={value!r} is not a finite number")
         if (lo is not None and number < lo) or (hi is not None and number > hi):

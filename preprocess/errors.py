@@ -1,6 +1,7 @@
-"""The error vocabulary, written once: what kind a failed request is, the HTTP status and
-Triton code each kind becomes, and how a status travels inside a message where Triton
-carries none (a decoupled model's errors reach a gRPC client as their text only).
+"""The error vocabulary, written once: what kind a failed request is, and the HTTP status
+and Triton code each kind becomes. Where Triton carries no code (a decoupled model's errors
+reach a gRPC client as their text alone), the kind travels as its value in a tensor of its
+own (contract.STREAM_OUTPUTS), never inside a message.
 
 The policy per stage:
 - the generator keeps state (engines, replicas): its own ValueError is a bug (INTERNAL),
@@ -10,7 +11,6 @@ The policy per stage:
 """
 from __future__ import annotations
 
-import re
 from enum import Enum
 
 
@@ -28,21 +28,8 @@ class ErrorKind(str, Enum):
         """The name of pb_utils.TritonError's code (the class exists only inside a stub)."""
         return _TRITON_CODE[self]
 
-    def tagged(self, message: str) -> str:
-        """The message with its status in front, for a channel that carries text only."""
-        return f"[{self.status}] {message}"
-
 
 _STATUS = {ErrorKind.INVALID: 400, ErrorKind.UNAVAILABLE: 503, ErrorKind.INTERNAL: 500}
 _TRITON_CODE = {ErrorKind.INVALID: "INVALID_ARG", ErrorKind.UNAVAILABLE: "UNAVAILABLE",
                 ErrorKind.INTERNAL: "INTERNAL"}
-_TAG = re.compile(r"\[(400|503|500)\] ")
 
-
-def read_tag(message: str) -> tuple[int | None, str]:
-    """(status, message without its tag) of a message `ErrorKind.tagged` made; (None, message)
-    for one it did not."""
-    found = _TAG.search(message)
-    if found is None:
-        return None, message
-    return int(found.group(1)), message[:found.start()] + message[found.end():]

@@ -97,6 +97,21 @@ def answer_each(requests: Sequence, answer, invalid, internal) -> list:
     return responses
 
 
+def answer_each_statelessly(pb_utils, requests: Sequence, answer, stage: str, log) -> list:
+    """`answer_each` for a stage that keeps no state between requests (preprocess,
+    postprocess): whatever fails there failed on this request's content, so every failure
+    is INVALID (a 400, never a failure that looks like a dead server); an unexpected one is
+    logged with its traceback and named to the client (`request_fault`)."""
+    def invalid(exc: Exception):
+        return error_response(pb_utils, ErrorKind.INVALID, str(exc))
+
+    def fault(request, exc: Exception):
+        log.exception("%s could not answer request %s", stage, request.request_id())
+        return error_response(pb_utils, ErrorKind.INVALID, request_fault(stage, exc))
+
+    return answer_each(requests, answer, invalid, fault)
+
+
 def generator_columns(tensor: Callable[[str], np.ndarray | None]) -> tuple[list[list[int]], dict[str, list[Any]]]:
     """The generator's inputs (`tensor(name)` gives one, or None when absent): the prompts'
     token ids, and one list of values per SamplingSettings field. The request controls are
@@ -112,6 +127,14 @@ def generator_columns(tensor: Callable[[str], np.ndarray | None]) -> tuple[list[
         if array is not None:
             values[field] = decode_strings(array, name)
     return prompts, values
+
+
+def stream_outputs(piece: dict, logprobs: str, error: ErrorKind | None = None) -> dict[str, np.ndarray]:
+    """generator_stream's output tensors for one piece (the generator's, one row) and ERROR:
+    "" or, on a failed stream's last response, its kind (contract.STREAM_OUTPUTS)."""
+    return {**generator_outputs([piece["text"]], [piece["prompt_tokens"]], [piece["tokens"]],
+                                [piece.get("finish_reason") or ""], [logprobs]),
+            "ERROR": encode_strings([error.value if error is not None else ""])}
 
 
 def generator_outputs(texts: Sequence[str], prompt_tokens: Sequence[int], completion_tokens: Sequence[int],

@@ -22,7 +22,6 @@ from tritonclient.utils import InferenceServerException
 
 from preprocess.contract import (ENSEMBLE, EXPLAIN_OUTPUTS, MAX_BATCH_SIZE, OPTIONAL_OUTPUTS, OUTPUTS, PAD_ID,
                                  PREPROCESS, SETTINGS, STREAM_ENSEMBLE)
-from preprocess.errors import read_tag
 from preprocess.runtime import CancelMarkers
 from preprocess.triton_io import unpad_token_ids
 
@@ -109,19 +108,26 @@ def even_chunks(items: Sequence, limit: int) -> list[Sequence]:
     return [items[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
+# Triton's status as tritonclient reports it (HTTP: the status code; gRPC: the call's code).
+TRITON_STATUS = {"400": 400, "StatusCode.INVALID_ARGUMENT": 400,
+                 "503": 503, "UNAVAILABLE": 503, "StatusCode.UNAVAILABLE": 503}
+
+
+def ensemble_error(status: int | None, message: str) -> EnsembleError:
+    """The shim's answer to a failed call: bad input stays a 400, unavailable a 503 (it heals
+    by itself), anything else is a 502, which counts toward restarting the server."""
+    if status in (400, 503):
+        return EnsembleError(status, message)
+    return EnsembleError(502, f"model server error: {message}")
+
+
 def map_triton_error(exc: InferenceServerException) -> EnsembleError:
-    """Triton's status to the shim's: bad input stays a 4xx, the rest is a 5xx. A streamed
-    response carries no status, only its message: generator_stream puts the status in
-    front of it (ErrorKind.tagged)."""
-    tagged_status, message = read_tag(exc.message() or str(exc))
-    status = str(exc.status() or tagged_status or "")
+    """A Triton error by its status alone, never by its text (a failed stream names its kind
+    in a tensor instead: shim.streaming.read_piece)."""
+    message = exc.message() or str(exc)
     for prefix in (f"in ensemble '{ENSEMBLE}', ", f"in ensemble '{STREAM_ENSEMBLE}', "):
         message = message.replace(prefix, "")
-    if status == "400":
-        return EnsembleError(400, message)
-    if status in ("503", "UNAVAILABLE") or "Unavailable" in message or "restarting" in message:
-        return EnsembleError(503, message)
-    return EnsembleError(502, f"model server error: {message}")
+    return ensemble_error(TRITON_STATUS.get(str(exc.status())), message)
 
 
 def read_answers(result, wanted: Sequence[str]) -> list[Answer]:

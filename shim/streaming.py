@@ -20,9 +20,10 @@ import tritonclient.grpc.aio as triton_grpc
 from tritonclient.utils import InferenceServerException
 
 from preprocess.contract import STREAM_ENSEMBLE, STREAM_OUTPUTS
+from preprocess.errors import ErrorKind
 from preprocess.runtime import CancelMarkers
 
-from .ensemble import EnsembleError, build_inputs, map_triton_error
+from .ensemble import EnsembleError, build_inputs, ensemble_error, map_triton_error
 
 log = logging.getLogger("shim.streaming")
 
@@ -38,11 +39,15 @@ class Piece:
 
 
 def read_piece(result) -> Piece:
+    """One response of llm_stream; EnsembleError for the in-band end of a failed stream."""
     def first(name):
         return result.as_numpy(name).reshape(-1)[0]
 
+    text = first("text").decode("utf-8", "replace")
+    if kind := first("error").decode():
+        raise ensemble_error(ErrorKind(kind).status, text)
     logprobs = first("logprobs").decode("utf-8")
-    return Piece(first("text").decode("utf-8", "replace"), int(first("prompt_tokens")),
+    return Piece(text, int(first("prompt_tokens")),
                  int(first("completion_tokens")), first("finish_reason").decode() or None,
                  json.loads(logprobs) if logprobs else None)
 

@@ -12,7 +12,7 @@ import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from .bench import generated_tokens
+from .bench.cpu import generated_tokens
 from .conftest import error_text, SESSION_QUEUE_BUDGET, SESSION_TOKEN_BUDGET, engine_in_slices, request_outcome, run_threads, \
     scrape_metrics, wait_for
 from .test_hostile_input import tritonserver_pid

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests import judge
+from tests.bench import judge
 
 from .conftest import REPO
 

@@ -147,6 +147,28 @@ def test_tritonclient_streams_the_ensemble_over_grpc(server):
     assert reason == "length" and len(texts) >= 2 and "".join(texts) == TINY_ANSWER * 4
 
 
+def test_a_stream_the_generator_refuses_ends_in_band_with_its_kind(server):
+    """A decoupled model's Triton error would reach a gRPC client as text alone, so
+    generator_stream ends a failed stream with a response that names the kind in `error`
+    (preprocess/contract.py): a prompt longer than the model is the request's fault."""
+    import tritonclient.grpc as triton_grpc
+
+    client = triton_grpc.InferenceServerClient(f"127.0.0.1:{server.env['TRITON_GRPC_PORT']}")
+    responses = []
+    client.start_stream(callback=lambda result, error: responses.append((result, error)))
+    try:
+        client.async_stream_infer("llm_stream", grpc_inputs(triton_grpc, b"GPU " * 1100, 1))
+        assert wait_for(lambda: responses or None, 60), "no response"
+    finally:
+        client.stop_stream()
+        client.close()
+    [(result, error)] = responses
+    assert error is None, error
+    first = {name: result.as_numpy(name).reshape(-1)[0].decode() for name in ("error", "finish_reason", "text")}
+    assert (first["error"], first["finish_reason"]) == ("invalid", "error"), first
+    assert "the model length is" in first["text"], first
+
+
 def test_a_grpc_cancel_of_llm_stream_does_not_reach_its_running_step(server):
     """What docs/api.md says of Triton 2.51: its ensemble checks for a cancelled request only
     between steps (triton-inference-server/core#263), so cancelling the gRPC call to

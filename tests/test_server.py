@@ -10,7 +10,7 @@ import pytest
 from shim.ensemble import build_inputs
 
 from .conftest import REPO, TINY_ANSWER
-from .perf_tools import perf_analyzer_command, perf_analyzer_env
+from .bench.perf_tools import perf_analyzer_command, perf_analyzer_env
 
 pytestmark = pytest.mark.server
 
@@ -100,7 +100,7 @@ def test_max_new_tokens_override_gives_one_token(server, triton, tokenizer):
 
 def test_stage_times_read_each_stage_of_an_ensemble_request(server, triton):
     """The engine benchmark's per-stage breakdown, from this Triton's own statistics."""
-    from tests.bench_clients import model_stats, stage_times
+    from tests.bench.clients import model_stats, stage_times
 
     from .conftest import wait_for
 
@@ -196,6 +196,6 @@ def test_max_new_tokens_is_clipped_not_refused(server, triton):
 
 
 def test_perf_data_file_is_valid_for_the_ensemble():
-    data = json.loads((REPO / "tests" / "perf_data" / "llm_inputs.json").read_text())
+    data = json.loads((REPO / "tests" / "bench" / "perf_data" / "llm_inputs.json").read_text())
     assert all("prompt" in row for row in data["data"])
     assert np.array(data["data"][0]["prompt"]).size == 1

@@ -130,6 +130,11 @@ class Tally:
     outcomes: Counter = field(default_factory=Counter)  # ended streams by outcome
 
 
+# The families every replica has its own labelled metric of, in ReplicaFigures' order.
+REPLICA_FAMILIES = ("prompts", "submissions", "prompt_tokens", "generated_tokens", "kv_used", "kv_total",
+                    "kv_concurrency", "engine_up", "waiting", "running", "kv_usage", "engine_tokens")
+
+
 class ReplicaFigures:
     """One replica's metrics, each labelled replica="<index>", and its KV-cache gauge."""
 
@@ -140,18 +145,9 @@ class ReplicaFigures:
         self.kv = KvCacheGauge()
         self.tokens_seen = 0
         self.requests_seen = 0
-        self.prompts = families["prompts"].Metric(labels=labels)
-        self.submissions = families["submissions"].Metric(labels=labels)
-        self.prompt_tokens = families["prompt_tokens"].Metric(labels=labels)
-        self.generated_tokens = families["generated_tokens"].Metric(labels=labels)
-        self.kv_used = families["kv_used"].Metric(labels=labels)
-        self.kv_total = families["kv_total"].Metric(labels=labels)
-        self.kv_concurrency = families["kv_concurrency"].Metric(labels=labels)
-        self.engine_up = families["engine_up"].Metric(labels=labels)
-        self.waiting = families["waiting"].Metric(labels=labels)
-        self.running = families["running"].Metric(labels=labels)
-        self.kv_usage = families["kv_usage"].Metric(labels=labels)
-        self.engine_tokens = families["engine_tokens"].Metric(labels=labels)
+        (self.prompts, self.submissions, self.prompt_tokens, self.generated_tokens, self.kv_used, self.kv_total,
+         self.kv_concurrency, self.engine_up, self.waiting, self.running, self.kv_usage, self.engine_tokens) = (
+            families[name].Metric(labels=labels) for name in REPLICA_FAMILIES)
         self.engine_tokens_sent = 0
         self.scheduler_sent: tuple | None = None
         # Without vLLM's statistics (VLLM_ENGINE_STATS=0): () -> (prompts in flight, max_num_seqs)

@@ -169,11 +169,11 @@ def stream_events(path: Path, prompt_ids: list[int], values: dict[str, Any],
             newline = buffer.find(b"\n")
             if newline >= 0:
                 line, buffer = buffer[:newline], buffer[newline + 1:]
-                message = json.loads(line)
-                if "error" in message:
-                    raise StreamFailed(message["error"], ErrorKind(message.get("kind", ErrorKind.INTERNAL.value)))
-                yield message
-                if message.get("finish_reason") is not None:
+                event = json.loads(line)  # a piece, or {"error", "kind"}
+                if "error" in event:
+                    raise StreamFailed(event["error"], ErrorKind(event.get("kind", ErrorKind.INTERNAL.value)))
+                yield event
+                if event.get("finish_reason") is not None:
                     return
                 continue
             if stop_asked():

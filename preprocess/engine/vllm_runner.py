@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..engine_settings import EngineSettings
 from .config import accepted_kwargs, check_attention_backend, engine_kwargs
@@ -28,7 +28,7 @@ from .generation import (ENGINE_REFUSALS, BatchHandle, Completion, EngineUnavail
                          GenerationResult, StreamDelta, StreamListener, TokenLogprobs, group_by_sampling, new_batch_id)
 from .penalties import ignored_fast_penalties, penalties_in_use
 from .. import controls
-from ..contract import NOT_SET, InvalidRequest
+from ..contract import NOT_SET, SAMPLING_NAMES, InvalidRequest
 from ..sampling import SamplingSettings
 
 log = logging.getLogger("generator.vllm")
@@ -248,12 +248,7 @@ class VllmRunner:
             structured = controls.structured_output_kwargs(sampling.response_format)
             params = self._SamplingParams(
                 max_tokens=sampling.max_tokens,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                top_k=sampling.top_k,
-                repetition_penalty=sampling.repetition_penalty,
-                frequency_penalty=sampling.frequency_penalty,
-                presence_penalty=sampling.presence_penalty,
+                **{name: getattr(sampling, name) for name in SAMPLING_NAMES},  # vLLM's own names
                 seed=None if sampling.seed == NOT_SET else sampling.seed,
                 logprobs=None if sampling.top_logprobs == NOT_SET else sampling.top_logprobs,
                 # ignore_eos means exactly max_tokens (benchmarks): vLLM would still stop at
@@ -272,19 +267,7 @@ class VllmRunner:
     def submit(self, items: Sequence[GenerationItem], on_done: Completion) -> BatchHandle:
         handle = BatchHandle(new_batch_id())
         answer = self._answer_once(handle.batch_id, on_done)
-        future: Future = asyncio.run_coroutine_threadsafe(self._generate_batch(items, handle), self._loop)
-
-        def finished(done: Future) -> None:
-            if done.cancelled():
-                answer(asyncio.CancelledError("request cancelled"))
-            elif done.exception() is not None:
-                answer(done.exception())
-            else:
-                answer(done.result())
-
-        future.add_done_callback(finished)
-        handle.future = future
-        return handle
+        return self._on_loop(self._generate_batch(items, handle), handle, answer, answer)
 
     def stream(self, item: GenerationItem, on_delta: StreamListener) -> BatchHandle:
         """Generate one answer, handing each new piece to `on_delta` (on the loop thread)
@@ -292,17 +275,24 @@ class VllmRunner:
         instead. `cancel(handle)` aborts it in vLLM."""
         handle = BatchHandle(new_batch_id())
         fail = self._answer_once(handle.batch_id, on_delta)
-        future: Future = asyncio.run_coroutine_threadsafe(self._stream_one(item, handle, on_delta), self._loop)
+        return self._on_loop(self._stream_one(item, handle, on_delta), handle, fail,
+                             lambda _: self._answered(handle.batch_id))
 
-        def failed(done: Future) -> None:
+    def _on_loop(self, work, handle: BatchHandle, fail: Callable[[BaseException], None],
+                 succeed: Callable[[Any], None]) -> BatchHandle:
+        """Runs the coroutine `work` on the engine's loop; when it ends, `fail` gets a cancel
+        or its exception, `succeed` its result (on the loop thread)."""
+        future: Future = asyncio.run_coroutine_threadsafe(work, self._loop)
+
+        def settled(done: Future) -> None:
             if done.cancelled():
                 fail(asyncio.CancelledError("request cancelled"))
             elif done.exception() is not None:
                 fail(done.exception())
             else:
-                self._answered(handle.batch_id)
+                succeed(done.result())
 
-        future.add_done_callback(failed)
+        future.add_done_callback(settled)
         handle.future = future
         return handle
 

@@ -9,6 +9,7 @@ recorded and judged here, after the threads are joined.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -16,7 +17,7 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import request_outcome, run_threads, wait_for
+from tests.conftest import request_outcome, run_threads, scrape_metrics, wait_for
 
 pytestmark = [pytest.mark.server, pytest.mark.faults]
 
@@ -87,11 +88,21 @@ def test_kill_a_stub_while_serving(server):
     rule (every request failing for 5 s) heals it, so a new tritonserver must appear."""
     triton = tritonserver_process(server)
     restarts_before = server.log_text().count("restarting tritonserver")
+    metrics_before = scrape_metrics(server.url + "/metrics")
     stub = next(p for p in triton.children()
                 if "triton_python_backend_stub" in p.name() and "postprocess" in " ".join(p.cmdline()))
     outcomes, timeline = fire_during(server, lambda: os.kill(stub.pid, signal.SIGKILL))
     check(outcomes, timeline, "postprocess stub killed")
     assert server.log_text().count("restarting tritonserver") == restarts_before + 1
+    # The positive control of "a client's 5xx never restarts by itself": the shim's own probes
+    # failed 3 times in a row (the 5 s window: tests/unit/test_error_classes.py), and the counters say so.
+    failing = re.findall(r"fails although Triton says ready \((\d+) in a row\)", server.log_text())
+    assert failing and int(failing[-1]) >= 3
+    metrics_after = scrape_metrics(server.url + "/metrics")
+    delta = {name: metrics_after.get(name, 0.0) - metrics_before.get(name, 0.0)
+             for name in ("llm_shim_server_restarts_total", "llm_shim_model_failures_total")}
+    assert delta["llm_shim_server_restarts_total"] == 1
+    assert delta["llm_shim_model_failures_total"] >= 3
     assert tritonserver_process(server).pid != triton.pid
     assert server.post("/predict", {"prompt": ["after", "stub"]})[0] == 200
 

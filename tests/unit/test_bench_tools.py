@@ -1,11 +1,11 @@
 """The benchmarks' own parsing: what they record must be what the GPU and the command line said."""
 import pytest
 
-from tests.bench import latencies_ms
-from tests.bench_clients import engine_latency, stage_times
-from tests.gpu_watch import parse_gpu_samples
-from tests.bench_replicas import grouped_by_limit, parse_case
-from tests.bench_engine import judge_questions
+from tests.bench.cpu import latencies_ms
+from tests.bench.clients import engine_latency, stage_times
+from tests.bench.gpu_watch import parse_gpu_samples
+from tests.bench.replicas import grouped_by_limit, parse_case
+from tests.bench.engine import judge_questions
 
 
 def test_every_gpu_of_a_host_gives_a_sample():

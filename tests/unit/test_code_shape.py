@@ -7,6 +7,7 @@ import re
 import pytest
 
 from preprocess import settings as cfg
+from preprocess.errors import ErrorKind
 from tests.conftest import REPO
 
 PACKAGES = ("preprocess", "shim")
@@ -119,3 +120,37 @@ def test_each_stage_has_its_own_module_and_shim_only_modules_live_in_the_shim():
         module = f"preprocess.{path.stem}"
         if path.stem not in ("__init__", "__main__") and module in used_by_shim:
             assert module in used_inside, f"{module} serves only the shim: it belongs in shim/"
+
+
+ERROR_KIND_NAMES = "|".join(kind.value for kind in ErrorKind)
+# A kind compared as a bare string ('== "invalid"', 'in ("unavailable", ...)'), not as ErrorKind.
+KIND_AS_STRING = re.compile(rf"""(==|!=|\bin\s*[(\[{{])\s*["']({ERROR_KIND_NAMES})["']|["']({ERROR_KIND_NAMES})["']\s*(==|!=)""")
+# A status read out of a message's text: a "[400] " tag, or words searched for in an error's message.
+STATUS_FROM_TEXT = re.compile(r"""\[(400|500|503)\]|["'][\w ;]+["']\s+in\s+(message|exc\.message\(\)|str\(exc\))""")
+ADAPTER_LINES = 110  # a Triton model.py reads tensors, calls the package, writes tensors
+
+
+def test_no_error_kind_is_compared_as_a_string():
+    found = [f"{path}:{n}" for path, text in sources() for n, line in enumerate(text.splitlines(), 1)
+             if KIND_AS_STRING.search(line)]
+    assert found == []
+
+
+def test_no_status_is_read_from_a_message():
+    found = [f"{path}:{n}" for path, text in sources() for n, line in enumerate(text.splitlines(), 1)
+             if STATUS_FROM_TEXT.search(line)]
+    assert found == []
+
+
+def test_the_guards_see_what_they_are_for():
+    """Positive controls: the two patterns above catch the forms they forbid."""
+    assert KIND_AS_STRING.search('if kind == "invalid":') and KIND_AS_STRING.search("'unavailable' != kind")
+    assert KIND_AS_STRING.search('kind in ("internal", "x")') and not KIND_AS_STRING.search("kind is ErrorKind.INVALID")
+    assert STATUS_FROM_TEXT.search('return f"[400] {message}"')
+    assert STATUS_FROM_TEXT.search('if "restarting" in message:') and not STATUS_FROM_TEXT.search("if kind := error:")
+
+
+@pytest.mark.parametrize("model", sorted(p.parent.parent.name for p in (REPO / "model_repository").glob("*/1/model.py")))
+def test_every_triton_adapter_stays_thin(model):
+    lines = len((REPO / "model_repository" / model / "1" / "model.py").read_text().splitlines())
+    assert lines <= ADAPTER_LINES, f"{model}/1/model.py has {lines} lines (budget {ADAPTER_LINES})"

@@ -43,8 +43,13 @@ def test_the_streaming_pair_takes_what_the_batch_pair_takes():
     assert tensors(STREAM_ENSEMBLE, "input") == tensors("llm", "input")
     assert tensors("generator_stream", "input") == tensors("generator", "input")
     assert list(tensors(STREAM_ENSEMBLE, "output")) == list(STREAM_OUTPUTS)
-    assert list(tensors("generator_stream", "output")) == list(tensors("generator", "output"))
-    from preprocess.triton_io import generator_outputs
+    # generator_stream: the generator's outputs and ERROR, the kind of a failed stream
+    assert list(tensors("generator_stream", "output")) == [*tensors("generator", "output"), "ERROR"]
+    from preprocess.triton_io import generator_outputs, stream_outputs
+
+    streamed = stream_outputs({"text": "a", "prompt_tokens": 1, "tokens": 2, "finish_reason": None}, "")
+    assert list(streamed) == list(tensors("generator_stream", "output"))
+    assert [name.lower() for name in streamed] == list(STREAM_OUTPUTS)
 
     written = generator_outputs(["a"], [1], [2], ["stop"], [""])  # what both adapters send
     assert {name: str(array.dtype) for name, array in written.items()} == {

@@ -1,6 +1,6 @@
 """The docs' figures stay tied to their result files, and no figure hides in the code.
 
-- every file in tests/bench_results is cited by the README or a docs page, and every result
+- every file in tests/bench/results is cited by the README or a docs page, and every result
   file a page names exists;
 - no benchmark figure in the product's code (a speed-up, tokens per second, milliseconds a
   request): those live on docs/performance.md, next to their command and result file.
@@ -11,7 +11,7 @@ import re
 
 from tests.conftest import REPO
 
-RESULTS = REPO / "tests" / "bench_results"
+RESULTS = REPO / "tests" / "bench" / "results"
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 RESULT_NAME = re.compile(r"\b((?:cpu|h100|h200)(?:x[0-9])?-[\w.-]*\.(?:json|txt))\b")
 FIGURE = re.compile(r"[0-9]+(\.[0-9]+)?x|tok/s|ms a ")

@@ -165,3 +165,14 @@ def test_what_a_client_is_told_whole_or_streamed():
     kind, text = client_error(EngineUnavailable("the engine died"))
     assert kind is ErrorKind.UNAVAILABLE and "retry shortly" in text and "the engine died" in text
     assert client_error(RuntimeError("x"), engine_healthy=False)[0] is ErrorKind.UNAVAILABLE
+
+
+def test_a_restart_needs_three_failed_probes_over_five_seconds():
+    client = EnsembleClient("127.0.0.1:1")
+    for _ in range(3):
+        client.probe_failed()
+    assert not client.persistently_failing()  # three at once: not yet 5 s
+    client.first_failure_at -= 5.0
+    assert client.persistently_failing()
+    client.failures_in_a_row = 2  # 5 s, but two probes
+    assert not client.persistently_failing()

@@ -19,7 +19,7 @@ from preprocess.stub import prepare_stub_process
 log = prepare_stub_process("generator_stream")
 
 from preprocess import triton_io as io  # noqa: E402
-from preprocess.contract import InvalidRequest  # noqa: E402
+from preprocess.contract import STREAM_FAILED, InvalidRequest  # noqa: E402
 from preprocess.engine.generation import logprobs_json  # noqa: E402
 from preprocess.errors import ErrorKind  # noqa: E402
 from preprocess.engine.stream_socket import StreamFailed, socket_path, stream_events  # noqa: E402
@@ -30,16 +30,19 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 MAX_STREAMS = 256  # relays at once; more get UNAVAILABLE rather than a thread each
 
 
+def tensors_response(outputs):
+    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, array) for name, array in outputs.items()])
+
+
 def error_response(message, kind):
-    # A streamed error reaches a gRPC client as its message only: the status goes in front.
-    return io.error_response(pb_utils, kind, kind.tagged(message))
+    # A decoupled model's Triton error would reach a gRPC client as its text alone: a failed
+    # stream ends in band, its kind in ERROR (contract.STREAM_OUTPUTS).
+    piece = {"text": message, "prompt_tokens": 0, "tokens": 0, "finish_reason": STREAM_FAILED}
+    return tensors_response(io.stream_outputs(piece, "", kind))
 
 
 def piece_response(piece):
-    outputs = io.generator_outputs(
-        [piece["text"]], [piece["prompt_tokens"]], [piece["tokens"]], [piece.get("finish_reason") or ""],
-        [logprobs_json(piece.get("logprobs"))])
-    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, array) for name, array in outputs.items()])
+    return tensors_response(io.stream_outputs(piece, logprobs_json(piece.get("logprobs"))))
 
 
 class TritonPythonModel:

@@ -9,7 +9,6 @@ log = prepare_stub_process("postprocess")
 
 from preprocess import triton_io as io  # noqa: E402
 from preprocess.contract import REASONING_MODE  # noqa: E402
-from preprocess.errors import ErrorKind  # noqa: E402
 from preprocess.postprocess_stage import PostprocessStage  # noqa: E402
 from preprocess.settings import load  # noqa: E402
 
@@ -19,7 +18,7 @@ class TritonPythonModel:
         self.stage = PostprocessStage(load(os.environ))
 
     def execute(self, requests):
-        return io.answer_each(requests, self._one, self._invalid, self._fault)
+        return io.answer_each_statelessly(pb_utils, requests, self._one, "postprocess", log)
 
     def _one(self, request):
         read = io.input_reader(pb_utils, request)
@@ -30,13 +29,3 @@ class TritonPythonModel:
                                            None if modes is None else modes.reshape(-1).tolist())
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("answer", io.encode_strings(answers)),
                                                           pb_utils.Tensor("reasoning", io.encode_strings(thoughts))])
-
-    @staticmethod
-    def _invalid(exc):
-        return io.error_response(pb_utils, ErrorKind.INVALID, str(exc))
-
-    @staticmethod
-    def _fault(request, exc):
-        # Clean-up keeps no state between requests: what fails here fails on this request's text.
-        log.exception("postprocess could not clean request %s", request.request_id())
-        return io.error_response(pb_utils, ErrorKind.INVALID, io.request_fault("postprocess", exc))

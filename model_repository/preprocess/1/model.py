@@ -11,7 +11,6 @@ log = prepare_stub_process("preprocess")
 from preprocess import triton_io as io  # noqa: E402
 from preprocess.contract import (GENERATOR_SCALARS, GENERATOR_TEXTS, NUMPY_TYPES, REASONING_MODE, SAMPLING,  # noqa: E402
                                  InvalidRequest)
-from preprocess.errors import ErrorKind  # noqa: E402
 from preprocess.preprocess_stage import PreprocessStage, RequestRows  # noqa: E402
 from preprocess.settings import load  # noqa: E402
 from preprocess.tokenizer import load_tokenizer  # noqa: E402
@@ -24,18 +23,7 @@ class TritonPythonModel:
         log.info("ready: model %s, fast chat template %s", settings.model_dir, self.stage.formatter.fast)
 
     def execute(self, requests):
-        return io.answer_each(requests, self._one, self._invalid, self._internal)
-
-    @staticmethod
-    def _invalid(exc):
-        return io.error_response(pb_utils, ErrorKind.INVALID, str(exc))
-
-    @staticmethod
-    def _internal(request, exc):
-        # The stage keeps no state between requests, so what fails here fails on this
-        # request's content: a 400, never a failure that looks like a dead server.
-        log.exception("preprocess could not prepare request %s", request.request_id())
-        return io.error_response(pb_utils, ErrorKind.INVALID, io.request_fault("preprocess", exc))
+        return io.answer_each_statelessly(pb_utils, requests, self._one, "preprocess", log)
 
     def _one(self, request):
         optional = io.input_reader(pb_utils, request)

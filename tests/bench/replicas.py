@@ -18,7 +18,7 @@ batch of bench_engine (650 judge-like questions, the shipped routing limits, no 
 scored as the judge scores it: answer characters per second; `judge-grouped`, the same
 questions with the longest answer limits last (a list whose code questions come together).
 
-    python -m tests.bench_replicas --model-dir DIR --out FILE
+    python -m tests.bench.replicas --model-dir DIR --out FILE
 """
 from __future__ import annotations
 
@@ -29,12 +29,12 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tests.bench import device_name  # noqa: E402
-from tests.bench_engine import Product, Record, judge_questions, print_table  # noqa: E402
-from tests.gpu_watch import GpuSampler, gpu_processes  # noqa: E402
+from tests.bench.cpu import device_name  # noqa: E402
+from tests.bench.engine import Product, Record, judge_questions, print_table  # noqa: E402
+from tests.bench.gpu_watch import GpuSampler, gpu_processes  # noqa: E402
 
 log = logging.getLogger("bench_replicas")
 

@@ -13,11 +13,11 @@ the GPU waits on the host.
 `--cascade N` turns on vLLM's cascade attention (`disable_cascade_attn=False`) and lets it
 take shared prefixes from N tokens (vLLM's own floor is 256; the judge's shared system
 prompt is shorter). `--judge-batches K` then times K whole judge batches (shipped limits,
-fresh questions each) step by step, as `tests.bench_penalties` does. `--engine-arg KEY=JSON`
+fresh questions each) step by step, as `tests.bench.penalties` does. `--engine-arg KEY=JSON`
 (repeatable) changes one engine argument over the product's, e.g. `block_size=64` or
 `attention_config={"backend": "TRITON_ATTN"}`, to compare attention set-ups.
 
-    python3 tests/gpu/step_profile.py MODEL_DIR --sizes 90 650 --out FILE [--cascade 64] [--judge-batches 3]
+    python3 tests/bench/gpu/step_profile.py MODEL_DIR --sizes 90 650 --out FILE [--cascade 64] [--judge-batches 3]
 """
 from __future__ import annotations
 
@@ -29,12 +29,12 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process, for the profiler
 
-from tests.bench_engine import SHIPPED_ROUTING, judge_questions  # noqa: E402
-from tests.bench_workers import judge_stage, judge_steps, product_engine_args  # noqa: E402
+from tests.bench.engine import SHIPPED_ROUTING, judge_questions  # noqa: E402
+from tests.bench.workers import judge_stage, judge_steps, product_engine_args  # noqa: E402
 
 NO_PENALTIES = {"repetition_penalty": 1.0, "frequency_penalty": 0.0}
 
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     overrides = dict(engine_override(text) for text in args.engine_arg)
     from vllm import LLM
 
-    from tests.bench import device_name
+    from tests.bench.cpu import device_name
 
     engine_args = {**product_engine_args(args.model_dir), "gpu_memory_utilization": args.memory, **overrides}
     if args.cascade:

@@ -4,7 +4,7 @@ import importlib.metadata
 import sys
 from pathlib import Path
 
-STACK = Path(__file__).resolve().parents[2] / "docker" / "stack" / "nvidia.txt"
+STACK = Path(__file__).resolve().parents[3] / "docker" / "stack" / "nvidia.txt"
 
 
 def main() -> int:

@@ -19,7 +19,7 @@ import json
 import multiprocessing
 import time
 
-from tests.bench import at_concurrency, latencies_ms, percentile
+from tests.bench.cpu import at_concurrency, latencies_ms, percentile
 
 
 async def _closed_loop(triton_url: str, items: list, concurrency: int, overrides: dict,
@@ -28,7 +28,7 @@ async def _closed_loop(triton_url: str, items: list, concurrency: int, overrides
     import tritonclient.http.aio as triton_aio
 
     from shim.ensemble import build_inputs
-    from tests.bench import exact_generator_inputs
+    from tests.bench.cpu import exact_generator_inputs
 
     client = triton_aio.InferenceServerClient(triton_url, conn_limit=1024, conn_timeout=3600)
 

@@ -25,7 +25,7 @@ Two parts, on the GPU (docs/performance.md):
 `--timeline` keeps every step's wall time; `--py-spy DIR` records the engine processes
 (py-spy `--subprocesses`) through round 1's stock and no-penalty batches.
 
-    python -m tests.bench_penalties --model-dir DIR --out FILE [--rounds 3] [--memory 0.3]
+    python -m tests.bench.penalties --model-dir DIR --out FILE [--rounds 3] [--memory 0.3]
 """
 from __future__ import annotations
 
@@ -38,12 +38,12 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tests.bench import device_name  # noqa: E402
-from tests.bench_engine import SHIPPED_ROUTING, judge_questions, summary as spread  # noqa: E402
-from tests.bench_workers import Worker  # noqa: E402
+from tests.bench.cpu import device_name  # noqa: E402
+from tests.bench.engine import SHIPPED_ROUTING, judge_questions, summary as spread  # noqa: E402
+from tests.bench.workers import Worker  # noqa: E402
 
 log = logging.getLogger("bench_penalties")
 NO_PENALTIES = {"REPETITION_PENALTY": "1.0", "FREQUENCY_PENALTY": "0.0"}

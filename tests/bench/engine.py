@@ -4,10 +4,10 @@ Every engine stays resident for the whole run, side by side, each with --memory 
 GPU, so one round measures every path within seconds of the others (A B C A B C ...) and
 no engine start sits between them. Ratios are taken per round, then summarised.
 
-    python -m tests.bench_engine --plan batch  --model-dir DIR --out FILE
-    python -m tests.bench_engine --plan online --model-dir DIR --out FILE
+    python -m tests.bench.engine --plan batch  --model-dir DIR --out FILE
+    python -m tests.bench.engine --plan online --model-dir DIR --out FILE
 
-Each plan fits one 10-minute device call (tests/gpu/run_engine.sh runs both):
+Each plan fits one 10-minute device call (tests/bench/gpu/run_engine.sh runs both):
 
 - `batch`: baseline 1 (offline `LLM`, vLLM defaults), baseline 2 (offline `LLM`, the product's
   engine arguments) and shim `/predict`, each size N x T with ignore_eos; then the
@@ -16,7 +16,7 @@ Each plan fits one 10-minute device call (tests/gpu/run_engine.sh runs both):
 - `online`: baseline 3 (`AsyncLLM` with the `vllm serve` usage context) against the ensemble
   over tritonclient at c=1/16/64/256; then the judge-shaped row with the routing limits
   as shipped. `--vllm-serve-http` adds baseline 4, `vllm serve` itself, and `--shim-http`
-  the shim's `/v1/completions`, both driven by one client (tests.bench_clients.openai_load);
+  the shim's `/v1/completions`, both driven by one client (tests.bench.clients.openai_load);
   `--streams` adds windows of server-sent events through both (time to first token,
   inter-token latency).
 
@@ -35,15 +35,15 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tests.bench import (QUESTIONS, check_generated, device_name, generated_tokens, prompts_and_ids,  # noqa: E402
+from tests.bench.cpu import (QUESTIONS, check_generated, device_name, generated_tokens, prompts_and_ids,  # noqa: E402
                          tagged_questions)
-from tests.bench_clients import engine_latency, model_stats, online_load, openai_load, stage_times  # noqa: E402
-from tests.bench_workers import Worker  # noqa: E402
+from tests.bench.clients import engine_latency, model_stats, online_load, openai_load, stage_times  # noqa: E402
+from tests.bench.workers import Worker  # noqa: E402
 from tests.conftest import http_json, scrape_metrics, server_env, start_server, stop_server  # noqa: E402
-from tests.gpu_watch import GpuSampler, gpu_processes  # noqa: E402
+from tests.bench.gpu_watch import GpuSampler, gpu_processes  # noqa: E402
 
 log = logging.getLogger("bench_engine")
 SHIPPED_ROUTING = {"MAX_NEW_TOKENS": "32", "MAX_NEW_TOKENS_CODE_SOFT": "64", "MAX_NEW_TOKENS_CODE": "192"}
@@ -224,7 +224,7 @@ def main(argv=None):
     parser.add_argument("--product-b-env", nargs="*", help="NAME=VALUE on top of --product-env for a second "
                         "product, path `ensemble B` (with --compare-checkout, that tree's; else this one)")
     parser.add_argument("--client-processes", type=int, nargs="+", default=[1],
-                        help="ensemble online paths, one per count of client processes (tests/bench_clients.py)")
+                        help="ensemble online paths, one per count of client processes (tests/bench/clients.py)")
     parser.add_argument("--generator-alone", action="store_true",
                         help="online plan: also the generator model alone, same prompts as token ids")
     parser.add_argument("--skip-judge", action="store_true", help="online plan: no judge-shaped row")

@@ -1,9 +1,9 @@
 """Where the judge's batch spends its time in the product: Triton's per-model statistics
 (queue, compute) for each shim `/predict` batch, and py-spy on the generator stub.
 
-    python3 tests/gpu/profile_batch.py MODEL_DIR N TOKENS OUT_DIR
+    python3 tests/bench/gpu/profile_batch.py MODEL_DIR N TOKENS OUT_DIR
 
-Runs on the GPU machine (tests/gpu/run_batch.sh installs the project first).
+Runs on the GPU machine (tests/bench/gpu/run_batch.sh installs the project first).
 """
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))
 
-from tests.bench_engine import Product  # noqa: E402
+from tests.bench.engine import Product  # noqa: E402
 
 MODELS = ("llm", "preprocess", "generator", "postprocess")
 

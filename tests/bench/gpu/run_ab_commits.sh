@@ -3,8 +3,8 @@
 # against this tree, interleaved, three rounds, each side in its own server. Prepare the
 # earlier tree here first:  rm -rf .gpu-old && mkdir .gpu-old && git archive REV | tar -x -C .gpu-old
 # then on the GPU machine (after the .gpu parts), carry [".gpu-tok", ".gpu-old"]:
-#   bash tests/gpu/run_ab_commits.sh
-# (or one round per device call: bash tests/gpu/ab_round.sh ROUND new old). PYTHONPATH points
+#   bash tests/bench/gpu/run_ab_commits.sh
+# (or one round per device call: bash tests/bench/gpu/ab_round.sh ROUND new old). PYTHONPATH points
 # each side's shim and Triton stubs at its own code (the editable install would otherwise
 # give both sides this tree's packages).
 set -uo pipefail

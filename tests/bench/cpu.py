@@ -18,12 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from tests.conftest import (EMBEDDED_MODEL, http_json, over_replicas, scrape_metrics, server_env, start_server,  # noqa: E402
                             stop_server)
-from tests.perf_tools import perf_analyzer_command, perf_analyzer_env  # noqa: E402
+from tests.bench.perf_tools import perf_analyzer_command, perf_analyzer_env  # noqa: E402
 from shim.progress import Heartbeat  # noqa: E402
 
 log = logging.getLogger("bench")
@@ -320,7 +320,7 @@ def concurrency_levels(n):
 
 
 def baseline_in_child(args, which):
-    command = [sys.executable, "-m", "tests.bench", "--baseline", which, "--model-dir", args.model_dir,
+    command = [sys.executable, "-m", "tests.bench.cpu", "--baseline", which, "--model-dir", args.model_dir,
                "-n", str(args.n), "--max-tokens", str(args.max_tokens)]
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     line = next((l for l in run.stdout.splitlines() if l.startswith("BASELINE ")), None)
@@ -396,7 +396,7 @@ def main(argv=None):
     parser.add_argument("--model-dir", default=str(EMBEDDED_MODEL))
     parser.add_argument("-n", type=int, default=None)
     parser.add_argument("--max-tokens", type=int, default=None)
-    parser.add_argument("--out", default=str(REPO / "tests" / "bench_results" / "latest.json"))
+    parser.add_argument("--out", default=str(REPO / "tests" / "bench" / "results" / "latest.json"))
     args = parser.parse_args(argv)
     if args.perf_analyzer:
         return run_perf_analyzer(args.url, args.out if args.out.endswith(".json") else None)

@@ -6,8 +6,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-INPUT_DATA = REPO / "tests" / "perf_data" / "llm_inputs.json"
+REPO = Path(__file__).resolve().parents[2]
+INPUT_DATA = REPO / "tests" / "bench" / "perf_data" / "llm_inputs.json"
 
 
 def perf_analyzer_binary() -> Path:

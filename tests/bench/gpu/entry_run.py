@@ -4,7 +4,7 @@ Each start: seconds from launch to `GET /` serving, then the judge's batch (N qu
 one POST /predict) with its answer characters per second, then SIGTERM and the seconds to
 exit. The first start is cold (no vLLM/torch compile cache); later ones are warm.
 
-    python3 -m tests.gpu.entry_run --model-dir /tmp/models/qwen3-4b --out $OUT/entry.json [--starts 3] [-n 650]
+    python3 -m tests.bench.gpu.entry_run --model-dir /tmp/models/qwen3-4b --out $OUT/entry.json [--starts 3] [-n 650]
 
 Start-up A/B (#38): `--variant NAME=JSON` (repeatable) names environments laid over the
 preset; each round starts every variant once, the order alternating by round, and `--cold`
@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.bench import tagged_questions
+from tests.bench.cpu import tagged_questions
 from tests.conftest import REPO, free_port, http_json
 
 
@@ -115,7 +115,7 @@ def one_start(model_dir: str, n: int, index: int, log_dir: Path, extra_env: dict
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m tests.gpu.entry_run")
+    parser = argparse.ArgumentParser(prog="python3 -m tests.bench.gpu.entry_run")
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--starts", type=int, default=3)

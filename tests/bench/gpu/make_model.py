@@ -4,7 +4,7 @@ The machine has no network, so the tokenizer is SmolLM2's (ChatML, like Qwen's),
 over; the vocabulary is therefore 49,152 instead of Qwen3's 151,936 (a smaller LM head),
 everything else is the real shape.
 
-    python tests/gpu/make_model.py qwen3-4b /tmp/models/qwen3-4b --tokenizer DIR [--vocab 151936]
+    python tests/bench/gpu/make_model.py qwen3-4b /tmp/models/qwen3-4b --tokenizer DIR [--vocab 151936]
 
 `--vocab` pads the vocabulary to a size of one's own (Qwen3's is 151,936), for work whose
 cost grows with it (the LM head, penalties); the tokenizer still uses only its own ids, so

@@ -1,4 +1,4 @@
-"""The baselines of `tests/bench_engine.py`, each a resident engine in its own child process.
+"""The baselines of `tests/bench/engine.py`, each a resident engine in its own child process.
 
 A worker builds its engine once, prints `READY {scheduler settings}`, then answers one JSON
 command per stdin line with `RESULT {...}`. Kinds:
@@ -29,10 +29,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tests.bench import at_concurrency, latencies_ms, prompts_and_ids, timed_generate  # noqa: E402
+from tests.bench.cpu import at_concurrency, latencies_ms, prompts_and_ids, timed_generate  # noqa: E402
 
 KINDS = ("offline-vllm", "offline-product", "async-serve", "vllm-serve-http")
 
@@ -212,7 +212,7 @@ async def async_serve_worker(model_dir: str, memory: float) -> None:
 async def vllm_serve_http_worker(model_dir: str, memory: float) -> None:
     """`vllm serve` itself, started as users start it (its own defaults, the access log off).
     It only serves: the parent drives its /v1/completions with the same client it points at
-    the shim (tests.bench_clients.openai_load), from READY's port until stdin closes."""
+    the shim (tests.bench.clients.openai_load), from READY's port until stdin closes."""
     import socket
 
     import aiohttp
@@ -258,7 +258,7 @@ class Worker:
 
     def __init__(self, kind: str, model_dir: str, memory: float, env: dict | None = None):
         self.kind = kind
-        self.process = subprocess.Popen([sys.executable, "-m", "tests.bench_workers", kind, model_dir, str(memory)],
+        self.process = subprocess.Popen([sys.executable, "-m", "tests.bench.workers", kind, model_dir, str(memory)],
                                         cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                         env=env)
         self.scheduler = json.loads(self._expect("READY "))

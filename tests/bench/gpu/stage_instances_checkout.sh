@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A copy of this source tree whose preprocess and postprocess models run COUNT instances
 # each (Triton instance_group), for `bench_engine --compare-checkout DEST`.
-#   bash tests/gpu/stage_instances_checkout.sh /tmp/stages4 4
+#   bash tests/bench/gpu/stage_instances_checkout.sh /tmp/stages4 4
 set -euo pipefail
 dest=$1; count=$2
 rm -rf "$dest"; mkdir -p "$dest"
