@@ -339,7 +339,9 @@ def run_bench(args):
     log.info("[3/3] the product: tritonserver + shim")
     started = time.perf_counter()
     with Heartbeat(log, "  server start to ok"):
+        # The tests' work budget (conftest.server_env) would refuse the batch path's one request.
         server = start_server(server_env(model_dir, BATCH_MODE="1", WARMUP_NUM_SAMPLES="0",
+                                         SHIM_MAX_REQUEST_TOKENS=str(10**8), SHIM_MAX_QUEUED_TOKENS=str(10**8),
                                          VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")),
                               "bench-server.log")
     startup_s = time.perf_counter() - started
