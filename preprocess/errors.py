@@ -32,4 +32,3 @@ class ErrorKind(str, Enum):
 _STATUS = {ErrorKind.INVALID: 400, ErrorKind.UNAVAILABLE: 503, ErrorKind.INTERNAL: 500}
 _TRITON_CODE = {ErrorKind.INVALID: "INVALID_ARG", ErrorKind.UNAVAILABLE: "UNAVAILABLE",
                 ErrorKind.INTERNAL: "INTERNAL"}
-

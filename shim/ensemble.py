@@ -115,7 +115,7 @@ TRITON_STATUS = {"400": 400, "StatusCode.INVALID_ARGUMENT": 400,
 
 def ensemble_error(status: int | None, message: str) -> EnsembleError:
     """The shim's answer to a failed call: bad input stays a 400, unavailable a 503 (it heals
-    by itself), anything else is a 502, which counts toward restarting the server."""
+    by itself), anything else is a 502 (after which the shim probes the server: EnsembleClient)."""
     if status in (400, 503):
         return EnsembleError(status, message)
     return EnsembleError(502, f"model server error: {message}")
