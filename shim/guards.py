@@ -37,23 +37,22 @@ class ShimMetrics:
 
     def __init__(self):
         self.registry = CollectorRegistry()
-        self.requests = Counter("llm_shim_requests_total", "HTTP requests by route and status",
-                                ["method", "route", "status"], registry=self.registry)
-        self.latency = Histogram("llm_shim_request_seconds", "HTTP request latency by route", ["method", "route"],
-                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 360),
-                                 registry=self.registry)
-        self.model_failures = Counter("llm_shim_model_failures_total",
-                                      "Failed model calls counted toward restarting a dead tritonserver",
-                                      registry=self.registry)
-        self.queued_tokens = Gauge("llm_shim_queued_tokens",
-                                   "Tokens of work admitted and not yet answered (SHIM_MAX_QUEUED_TOKENS bounds it)",
-                                   registry=self.registry)
-        self.engine_fallback = Gauge("llm_engine_fallback",
-                                     "1 while transformers serves because vLLM could not (see /info engine_fallback)",
-                                     registry=self.registry)
-        self.server_restarts = Counter("llm_shim_server_restarts_total",
-                                       "tritonserver restarts asked by the shim (every request failing)",
-                                       registry=self.registry)
+
+        def made(kind, name: str, text: str, labels: tuple[str, ...] = (), **more):
+            return kind(name, text, list(labels), registry=self.registry, **more)
+
+        self.requests = made(Counter, "llm_shim_requests_total", "HTTP requests by route and status",
+                             ("method", "route", "status"))
+        self.latency = made(Histogram, "llm_shim_request_seconds", "HTTP request latency by route", ("method", "route"),
+                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 360))
+        self.model_failures = made(Counter, "llm_shim_model_failures_total",
+                                   "Failed model calls counted toward restarting a dead tritonserver")
+        self.queued_tokens = made(Gauge, "llm_shim_queued_tokens",
+                                  "Tokens of work admitted and not yet answered (SHIM_MAX_QUEUED_TOKENS bounds it)")
+        self.engine_fallback = made(Gauge, "llm_engine_fallback",
+                                    "1 while transformers serves because vLLM could not (see /info engine_fallback)")
+        self.server_restarts = made(Counter, "llm_shim_server_restarts_total",
+                                    "tritonserver restarts asked by the shim (every request failing)")
 
     def render(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
