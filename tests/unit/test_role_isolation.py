@@ -29,8 +29,7 @@ def formatters(tokenizer):
 
 
 def special_ids(tokenizer) -> set[int]:
-    return set(tokenizer.all_special_ids) | {i for t, i in tokenizer.get_vocab().items()
-                                             if t in tokenizer.get_added_vocab()}
+    return set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
 
 
 def neutral_ids(tokenizer, formatter: ChatFormatter, system: str, user: str) -> list[int]:
