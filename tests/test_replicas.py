@@ -4,7 +4,8 @@
 Covers: the documented command works outside `./build.sh serve`; a judge list is shared
 evenly by the replicas and answered in order; health and metrics per replica; one
 replica's engine killed: the other keeps answering, health says `degraded`, and the dead
-one comes back on its own.
+one comes back on its own; an exception injected into a shim route
+(tests/faults/sitecustomize.py) answered as docs/operations.md says.
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import pytest
 
 from shim.serve import OWN_PROCESS_GROUP
 
-from .conftest import (ARTIFACTS, REPO, TINY_MODEL, free_port, scrape_metrics, server_env, start_server, stop_process,
-                       stop_server, wait_for)
+from .conftest import (ARTIFACTS, REPO, TINY_MODEL, free_port, http_json, scrape_metrics, server_env, start_server,
+                       stop_process, stop_server, wait_for)
 
 pytestmark = pytest.mark.server
 
@@ -68,7 +69,7 @@ def replicated(tiny_model):
     # system prompt): the product's default work limit, not the session's small one.
     env = server_env(tiny_model, DATA_PARALLEL_SIZE="2", MAX_NEW_TOKENS="1", MAX_NEW_TOKENS_CODE="1",
                      MAX_NEW_TOKENS_CODE_SOFT=str(CODE_LIMIT), SHIM_MAX_REQUEST_TOKENS="1048576",
-                     SHIM_MAX_QUEUED_TOKENS="4194304")
+                     SHIM_MAX_QUEUED_TOKENS="4194304", PYTHONPATH=str(REPO / "tests" / "faults"))
     (ARTIFACTS / "plain-tritonserver.log").write_text("")
     triton = PlainTriton(env)
     triton.start()
@@ -116,6 +117,19 @@ def test_the_attached_shim_streams_through_the_grpc_url(replicated):
     chunks = list(client.completions.create(model=TINY_MODEL.name, prompt="hello", max_tokens=3, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == " GPU" * 3
     assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_an_exception_that_escapes_a_route_is_a_counted_json_500_and_the_shim_serves_on(replicated):
+    """docs/operations.md: an exception that escapes a route is a JSON 500, counted."""
+    counted = "llm_shim_requests_total{method=GET,route=/info,status=500}"
+    before = scrape_metrics(replicated.url + "/metrics").get(counted, 0)
+    escaped = http_json("GET", replicated.url + "/info", headers={"x-inject-fault": "1"}, timeout=60)
+    assert escaped == (500, {"error": "internal error in the shim"}), escaped
+    assert scrape_metrics(replicated.url + "/metrics").get(counted, 0) == before + 1
+    assert "unhandled error on GET /info" in replicated.log_text()
+
+    assert replicated.get("/info")[0] == 200  # the positive control: the same request without the fault
+    assert replicated.post("/predict", {"prompt": "still serving?"}) == (200, {"response": "GPU"})
 
 
 def test_a_judge_list_is_shared_evenly_and_answered_in_order(replicated):
