@@ -9,9 +9,8 @@ from fastapi.testclient import TestClient
 
 from preprocess.settings import SYSTEM_PROMPT_MAX_CHARS, load, load_sampling
 from shim.app import create_app
-from shim.ensemble import build_inputs
 
-from .conftest import LEAK_CANARY, warmed
+from .conftest import LEAK_CANARY, TINY_ANSWER, warmed
 
 pytestmark = pytest.mark.server
 
@@ -47,24 +46,32 @@ def test_system_prompt_over_the_limit_is_refused_not_cut(server):
     server.post("/system_prompt", {"system_prompt": before})
 
 
-def test_system_prompt_takes_effect_on_the_next_request(server, triton):
-    question = ["What is shared memory?"]
+def test_system_prompt_takes_effect_on_the_next_request(server):
+    """The answer itself shows which system prompt a request used. The question is sized so
+    that under the longer prompt B only 3 tokens of the tiny model's length are left (vLLM
+    stops there: 3 words), while under A the answer gets all 8 of MAX_NEW_TOKENS."""
+    from .conftest import TINY_MODEL_LEN
 
-    def direct(system):
-        result = triton.infer("llm", build_inputs(question, system, {}))
-        return result.as_numpy("answer").reshape(-1)[0].decode(), result.as_numpy("prompt_tokens").reshape(-1)[0]
-
-    a_answer, a_tokens = direct("Answer briefly.")
-    b_answer, b_tokens = direct("你是一个非常详细的老师，请用很长的篇幅回答每一个问题。")
-    assert a_tokens != b_tokens
+    prompt_a, prompt_b = "Answer briefly.", "你是一个非常详细的老师，请用很长的篇幅回答每一个问题。"
     original = server.get("/system_prompt")[1]["system_prompt"]
+
+    def use(system):
+        assert server.post("/system_prompt", {"system_prompt": system})[0] == 200
+
+    def tokens(question):
+        return server.post("/explain", {"prompt": question})[1]["prompt_tokens"]
+
     try:
-        for system, expected, tokens in (("Answer briefly.", a_answer, a_tokens),
-                                         ("你是一个非常详细的老师，请用很长的篇幅回答每一个问题。", b_answer, b_tokens)):
-            assert server.post("/system_prompt", {"system_prompt": system})[0] == 200
-            assert server.post("/predict", {"prompt": question})[1]["response"] == [expected]
-            # The tiny model's answer is the same under both prompts; the prompt length is not.
-            assert server.post("/explain", {"prompt": question[0]})[1]["prompt_tokens"] == tokens
+        use(prompt_b)
+        one, two = tokens("q why"), tokens("q why why")
+        assert two - one == 1  # one token per " why"
+        question = "q" + " why" * (TINY_MODEL_LEN - 3 - (one - 1))
+        assert tokens(question) == TINY_MODEL_LEN - 3
+        use(prompt_a)
+        assert tokens(question) <= TINY_MODEL_LEN - 8 - 3
+        for system, words in ((prompt_a, 8), (prompt_b, 3), (prompt_a, 8)):
+            use(system)
+            assert server.post("/predict", {"prompt": [question]}) == (200, {"response": [(TINY_ANSWER * words).strip()]})
     finally:
         server.post("/system_prompt", {"system_prompt": original})
 
