@@ -121,8 +121,9 @@ SURROGATE_IN_EVERY_FIELD = [
 ]
 
 
-def test_twenty_hostile_requests_over_30_s_restart_nothing(server):
+def test_a_hostile_request_in_every_text_field_a_second_apart_restarts_nothing(server):
     """Case 2: eight lone surrogates in a schema, a second apart, restarted tritonserver.
+    Now one in every text field (10 requests, 10 s: past the restart rule's 5-second window).
     Now every text field refuses them at the door, and the restart rule counts only the
     shim's own probes. (The positive control, a real death that does restart, is
     tests/reliability/test_faults.py::test_kill_a_stub_while_serving.)"""
@@ -131,10 +132,9 @@ def test_twenty_hostile_requests_over_30_s_restart_nothing(server):
 
     def hostile():
         outcomes = []
-        for i in range(20):
-            route, template, field = SURROGATE_IN_EVERY_FIELD[i % len(SURROGATE_IN_EVERY_FIELD)]
+        for route, template, field in SURROGATE_IN_EVERY_FIELD:
             outcomes.append((field, server.post(route, (template % SURROGATE).encode())))
-            time.sleep(1.5)
+            time.sleep(1.0)
         return outcomes
 
     outcomes, _ = with_victims(server, hostile)
