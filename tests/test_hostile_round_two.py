@@ -123,8 +123,8 @@ SURROGATE_IN_EVERY_FIELD = [
 
 def test_a_hostile_request_in_every_text_field_a_second_apart_restarts_nothing(server):
     """Case 2: eight lone surrogates in a schema, a second apart, restarted tritonserver.
-    Now one in every text field (10 requests, 10 s: past the restart rule's 5-second window).
-    Now every text field refuses them at the door, and the restart rule counts only the
+    Here one goes into every text field, a second apart (10 s: past the restart rule's
+    5-second window). Every text field now refuses them at the door, and the restart rule counts only the
     shim's own probes. (The positive control, a real death that does restart, is
     tests/reliability/test_faults.py::test_kill_a_stub_while_serving.)"""
     pid, restarts_before = tritonserver_pid(server), restarts(server)
