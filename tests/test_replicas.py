@@ -4,7 +4,8 @@
 Covers: the documented command works outside `./build.sh serve`; a judge list is shared
 evenly by the replicas and answered in order; health and metrics per replica; one
 replica's engine killed: the other keeps answering, health says `degraded`, and the dead
-one comes back on its own; an exception injected into a shim route
+one comes back on its own; `kill -9` of the tritonserver leaves no engine and no shared
+memory (tests/test_orphans.py has Ctrl-C of the serve entry); an exception injected into a shim route
 (tests/faults/sitecustomize.py) answered as docs/operations.md says.
 """
 from __future__ import annotations
@@ -20,6 +21,8 @@ from shim.serve import OWN_PROCESS_GROUP
 
 from .conftest import (ARTIFACTS, REPO, TINY_MODEL, free_port, http_json, scrape_metrics, server_env, start_server,
                        stop_process, stop_server, wait_for)
+from .shm_hygiene import remove_orphans, shm_names
+from .test_orphans import BOUND_S, assert_nothing_left, engine_tree
 
 pytestmark = pytest.mark.server
 
@@ -71,6 +74,7 @@ def replicated(tiny_model):
                      MAX_NEW_TOKENS_CODE_SOFT=str(CODE_LIMIT), SHIM_MAX_REQUEST_TOKENS="1048576",
                      SHIM_MAX_QUEUED_TOKENS="4194304", PYTHONPATH=str(REPO / "tests" / "faults"))
     (ARTIFACTS / "plain-tritonserver.log").write_text("")
+    shm_before = shm_names()
     triton = PlainTriton(env)
     triton.start()
     shim = None
@@ -80,7 +84,7 @@ def replicated(tiny_model):
                     "TRITON_GRPC_URL": f"grpc://127.0.0.1:{triton.ports[1]}"}
         shim = start_server(shim_env, "attached-shim.log", [sys.executable, "-m", "shim.serve"])
         shim.metrics_url = f"http://127.0.0.1:{triton.ports[2]}/metrics"
-        shim.triton = triton
+        shim.triton, shim.shm_before = triton, shm_before
         yield shim
     finally:
         if shim is not None:
@@ -217,3 +221,16 @@ def test_the_attached_shim_follows_its_triton_away_and_back(replicated):
     replicated.triton.start()
     waited(lambda: replicated.health() == "ok", 240, "health back to ok")
     assert replicated.post("/predict", {"prompt": ["back", "again"]}) == (200, {"response": ["GPU", "GPU"]})
+
+
+def test_kill_9_of_the_plain_tritonserver_leaves_no_engine_and_no_shared_memory(replicated):
+    """Last in this file: it ends the module's tritonserver (two replicas, two engines). What
+    the SIGTERM-then-kill of the previous test left (PlainTriton.stop says why) is cleared
+    first, so only what this server made is judged."""
+    remove_orphans(replicated.shm_before)
+    tree = engine_tree(replicated.triton.process.pid)  # `exec tritonserver`: the shell's pid is tritonserver's
+    os.kill(replicated.triton.process.pid, signal.SIGKILL)
+    # Reaped, as its parent (a shell, tini) would: a zombie parent still answers the stubs'
+    # "is my parent alive" check, and they would wait for it forever.
+    replicated.triton.process.wait(BOUND_S)
+    assert_nothing_left(tree, replicated.shm_before)
