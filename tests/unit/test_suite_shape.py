@@ -11,7 +11,7 @@ SKIPS = {"skip", "skipif", "importorskip", "xfail"}
 ALLOWED: dict[str, str] = {}  # "path:function": why; empty: nothing is exempt today
 
 
-def test_files() -> list[Path]:
+def suite_files() -> list[Path]:
     return sorted(p for p in TESTS.rglob("*.py") if ".artifacts" not in p.parts)
 
 
@@ -46,12 +46,12 @@ def asserts_in_thread_targets(tree: ast.AST) -> list[str]:
 
 
 def test_no_test_skips_itself():
-    found = {f"{path.relative_to(TESTS)}:{line}" for path in test_files() for line in skips(ast.parse(path.read_text()))}
+    found = {f"{path.relative_to(TESTS)}:{line}" for path in suite_files() for line in skips(ast.parse(path.read_text()))}
     assert not found - set(ALLOWED), sorted(found)
 
 
 def test_no_thread_target_asserts():
-    found = {f"{path.relative_to(TESTS)}:{name}" for path in test_files()
+    found = {f"{path.relative_to(TESTS)}:{name}" for path in suite_files()
              for name in asserts_in_thread_targets(ast.parse(path.read_text()))}
     assert not found - set(ALLOWED), sorted(found)
 
