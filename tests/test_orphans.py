@@ -13,7 +13,7 @@ import sys
 import psutil
 import pytest
 
-from .conftest import scrape_metrics, server_env, start_server, wait_for
+from .conftest import scrape_metrics, server_env, start_server, stop_server, wait_for
 from .shm_hygiene import KINDS, names_in_use, shm_names
 
 pytestmark = pytest.mark.server
@@ -77,8 +77,12 @@ def test_ctrl_c_of_the_serve_entry_leaves_no_engine_and_no_shared_memory(tiny_mo
     shm_before = shm_names()
     server = start_server(server_env(tiny_model, USE_VLLM="true", VLLM_ENGINE_STATS="0"), "server-orphans.log",
                           [sys.executable, "-m", "shim.serve"])  # what ./build.sh serve runs
-    figures_without_engine_stats(server)
-    tree = engine_tree(server.process.pid)
+    try:
+        figures_without_engine_stats(server)
+        tree = engine_tree(server.process.pid)
+    except BaseException:
+        stop_server(server)  # a failed check must not leave a server running for the rest of the session
+        raise
     server.process.send_signal(signal.SIGINT)  # what Ctrl-C sends
     server.process.wait(BOUND_S)
     assert_nothing_left(tree, shm_before)
