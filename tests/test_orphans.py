@@ -13,6 +13,8 @@ import sys
 import psutil
 import pytest
 
+from shim.ensemble import build_inputs
+
 from .conftest import scrape_metrics, server_env, start_server, stop_server, wait_for
 from .shm_hygiene import KINDS, names_in_use, shm_names
 
@@ -43,12 +45,9 @@ def figures_without_engine_stats(server) -> None:
     blocks in use and vLLM's step-by-step figures stay empty, while the generator's own
     counts go on (the positive control; with the statistics on, tests/test_metrics.py sees
     time to first token counted for the same kind of request)."""
-    import numpy as np
     import tritonclient.http as triton_http
 
     client = triton_http.InferenceServerClient(server.triton_url)
-    prompt = triton_http.InferInput("prompt", [1, 1], "BYTES")
-    prompt.set_data_from_numpy(np.array([[b"hello"]], dtype=np.object_))
     received, finished = "llm_generator_prompts_total{replica=0}", "llm_generator_e2e_latency_seconds_count{replica=0}"
 
     def settled(more_than: float = -1):
@@ -59,7 +58,7 @@ def figures_without_engine_stats(server) -> None:
 
     before = wait_for(settled, 30)
     assert before is not None, "the figures never settled"
-    answer = client.infer("llm", [prompt]).as_numpy("answer").reshape(-1)[0].decode()
+    answer = client.infer("llm", build_inputs(["hello"], None, {})).as_numpy("answer").reshape(-1)[0].decode()
     assert answer == " ".join(["GPU"] * 8)  # MAX_NEW_TOKENS of the test servers
     figures = wait_for(lambda: settled(before[finished]), 30)
     assert figures, "the request's figures never arrived"
