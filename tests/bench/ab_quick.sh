@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # CPU A/B of `./build.sh bench --quick` between two checkouts, interleaved (new/old, old/new, ...):
-#   bash tests/bench/ab_quick.sh NEW_TREE OLD_TREE OUT_DIR [ROUNDS]
+#   bash tests/bench/ab_quick.sh NEW_TREE OLD_TREE OUT_DIR [ROUNDS] [FIRST_ROUND]
+# FIRST_ROUND (default 1) continues an earlier run in the same OUT_DIR: rounds FIRST..ROUNDS are
+# added, the order still alternating by round number, and the summary covers every round there.
 # Each side runs its own tree's code (PYTHONPATH, cwd) on this checkout's venv; each tree needs
 # the embedded model (ln -s "$PWD/model" TREE/model). A tree from before the move of the
 # benchmarks has them at tests/bench.py. Compare the ratios to the baseline within each run.
 set -u
-new=$1; old=$2; out=$3; rounds=${4:-3}
+new=$1; old=$2; out=$3; rounds=${4:-3}; first=${5:-1}
 PY=$(cd "$(dirname "$0")/../.." && pwd)/.venv/bin/python
 mkdir -p "$out"
 module_of() { if [ -f "$1/tests/bench/cpu.py" ]; then echo tests.bench.cpu; else echo tests.bench; fi; }
-for r in $(seq 1 "$rounds"); do
+for r in $(seq "$first" "$rounds"); do
   if [ $((r % 2)) = 1 ]; then order="new old"; else order="old new"; fi
   for side in $order; do
     if [ "$side" = new ]; then tree=$new; else tree=$old; fi
