@@ -21,14 +21,19 @@ from shim.serve import OWN_PROCESS_GROUP
 
 from .conftest import (ARTIFACTS, REPO, TINY_MODEL, free_port, http_json, scrape_metrics, server_env, start_server,
                        stop_process, stop_server, wait_for)
+from .faults.overlay import fault_overlay
+from .faults.sitecustomize import FAULT_SEED
 from .shm_hygiene import remove_orphans, shm_names
 from .test_orphans import BOUND_S, assert_nothing_left, engine_tree
 
 pytestmark = pytest.mark.server
 
 # README, "Triton on its own": the same two lines.
-PLAIN_TRITON = ('eval "$(./build.sh env)" && exec tritonserver --model-repository model_repository '
-                '--backend-directory "$TRITON_HOME/backends"')
+README_ENV = 'eval "$(./build.sh env)"'
+README_SERVER = 'exec tritonserver --model-repository model_repository --backend-directory "$TRITON_HOME/backends"'
+PLAIN_TRITON = f"{README_ENV} && {README_SERVER}"
+# The one addition for the faults: the overlay's bin ahead of the venv's (tests/faults/overlay.py).
+ARMED_TRITON = f'{README_ENV} && export PATH="$FAULTS_BIN:$PATH" && {README_SERVER}'
 CODE_LIMIT = 3  # a question that routes to code gets 3 tokens, the others 1: the order shows
 
 
@@ -45,12 +50,13 @@ class PlainTriton:
         self.env = env
         self.ports = [env[f"TRITON_{p}_PORT"] for p in ("HTTP", "GRPC", "METRICS")]
         self.process: subprocess.Popen | None = None
+        self.command = ARMED_TRITON if "FAULTS_BIN" in env else PLAIN_TRITON
 
     def start(self) -> None:
         http, grpc, metrics = self.ports
         with open(ARTIFACTS / "plain-tritonserver.log", "a") as log:
             self.process = subprocess.Popen(
-                ["bash", "-c", f"{PLAIN_TRITON} --http-port={http} --grpc-port={grpc} --metrics-port={metrics}"],
+                ["bash", "-c", f"{self.command} --http-port={http} --grpc-port={grpc} --metrics-port={metrics}"],
                 cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, **OWN_PROCESS_GROUP)
 
     def stop(self) -> None:
@@ -67,12 +73,13 @@ class PlainTriton:
 
 
 @pytest.fixture(scope="module")
-def replicated(tiny_model):
+def replicated(tiny_model, tmp_path_factory):
     # The judge's 650 questions count their prompt tokens (about 100 each with the default
     # system prompt): the product's default work limit, not the session's small one.
     env = server_env(tiny_model, DATA_PARALLEL_SIZE="2", MAX_NEW_TOKENS="1", MAX_NEW_TOKENS_CODE="1",
                      MAX_NEW_TOKENS_CODE_SOFT=str(CODE_LIMIT), SHIM_MAX_REQUEST_TOKENS="1048576",
-                     SHIM_MAX_QUEUED_TOKENS="4194304", PYTHONPATH=str(REPO / "tests" / "faults"))
+                     SHIM_MAX_QUEUED_TOKENS="4194304", PYTHONPATH=str(REPO / "tests" / "faults"),
+                     FAULTS_BIN=str(fault_overlay(tmp_path_factory.mktemp("fault-overlay") / "venv")))
     (ARTIFACTS / "plain-tritonserver.log").write_text("")
     shm_before = shm_names()
     triton = PlainTriton(env)
@@ -134,6 +141,32 @@ def test_an_exception_that_escapes_a_route_is_a_counted_json_500_and_the_shim_se
 
     assert replicated.get("/info")[0] == 200  # the positive control: the same request without the fault
     assert replicated.post("/predict", {"prompt": "still serving?"}) == (200, {"response": "GPU"})
+
+
+def test_an_internal_error_in_the_generator_is_a_502_without_internals_and_serving_goes_on(replicated):
+    """docs/operations.md: internal errors reach the client as "internal error in the generator
+    (see the server log)", without class names; the log has the detail. A 5xx makes the shim
+    probe the model, and a probe that succeeds restarts nothing."""
+    import openai
+
+    restarts = "llm_shim_server_restarts_total"
+    before = scrape_metrics(replicated.url + "/metrics").get(restarts, 0)
+    pid = replicated.triton.process.pid
+    client = openai.OpenAI(base_url=replicated.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    with pytest.raises(openai.APIStatusError) as failed:
+        client.completions.create(model=TINY_MODEL.name, prompt="hello", max_tokens=2, seed=FAULT_SEED)
+    assert failed.value.status_code == 502
+    message = failed.value.body["message"]
+    assert "internal error in the generator (see the server log)" in message, message
+    assert "RuntimeError" not in message and "injected" not in message
+    waited(lambda: "RuntimeError: injected fault in the generator" in
+           (ARTIFACTS / "plain-tritonserver.log").read_text(errors="replace"), 30, "the detail in the server log")
+    # The positive control: the same request with another seed, and the judge's route.
+    again = client.completions.create(model=TINY_MODEL.name, prompt="hello", max_tokens=2, seed=FAULT_SEED + 1)
+    assert again.choices[0].text == " GPU GPU"
+    assert replicated.post("/predict", {"prompt": "still serving?"}) == (200, {"response": "GPU"})
+    assert scrape_metrics(replicated.url + "/metrics").get(restarts, 0) == before
+    assert replicated.triton.process.poll() is None and replicated.triton.process.pid == pid
 
 
 def test_a_judge_list_is_shared_evenly_and_answered_in_order(replicated):

@@ -1,11 +1,14 @@
-"""Fault injection for one test server's shim (tests/test_replicas.py), loaded by Python at
-start-up through PYTHONPATH. Nothing here runs in a shipped server.
+"""Fault injection for one test server (tests/test_replicas.py). Python loads this module at
+start-up: the shim through PYTHONPATH, Triton's stubs and the engine processes through the
+overlay environment of tests/faults/overlay.py (the stubs ignore PYTHONPATH). Nothing here
+runs in a shipped server.
 
-The fault: /info with the header `x-inject-fault` raises a RuntimeError inside the route, as
-a bug would. The module is patched right after its first import (an import hook), so a
-process that never imports it pays nothing. Triton's stubs start isolated (`sys.flags.isolated`
-is 1 there, and the processes they spawn inherit `-I`), so PYTHONPATH cannot reach the
-generator: its internal errors are covered by unit tests, not by this server.
+The faults, each raised where a bug would raise it:
+- in the shim: /info with the header `x-inject-fault` raises a RuntimeError inside the route;
+- in the generator: a prompt sampled with seed FAULT_SEED raises a RuntimeError inside the
+  vLLM runner's generation, after the request reached the engine's side.
+Each module is patched right after its first import (an import hook), so a process that
+never imports it pays nothing.
 """
 from __future__ import annotations
 
@@ -25,7 +28,21 @@ def fault_in_the_shim(module) -> None:
     module.shim_state = shim_state
 
 
-PATCHES = {"shim.routes.admin": fault_in_the_shim}
+FAULT_SEED = 987_654_321
+
+
+def fault_in_the_generator(module) -> None:
+    real = module.VllmRunner._generate_one
+
+    async def generate_one(self, token_ids, params, *args, **kwargs):
+        if params.seed == FAULT_SEED:
+            raise RuntimeError("injected fault in the generator")
+        return await real(self, token_ids, params, *args, **kwargs)
+
+    module.VllmRunner._generate_one = generate_one
+
+
+PATCHES = {"shim.routes.admin": fault_in_the_shim, "preprocess.engine.vllm_runner": fault_in_the_generator}
 
 
 class PatchAfterImport(importlib.abc.MetaPathFinder):
@@ -45,4 +62,5 @@ class PatchAfterImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-sys.meta_path.insert(0, PatchAfterImport())
+if __name__ == "sitecustomize":  # armed only when Python loads it at start-up, not when a test imports FAULT_SEED
+    sys.meta_path.insert(0, PatchAfterImport())
