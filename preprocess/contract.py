@@ -142,11 +142,11 @@ OPTIONAL_OUTPUTS = ("logprobs", "prompt_ids", "reasoning")
 REASONING_MODE = ("REASONING", "INT32")
 # llm_stream's outputs, per response: the text and tokens since the previous one; the
 # finish reason ("" until the last); logprobs of the piece's tokens (JSON, "" when not asked
-# for); `error`, "" unless the stream failed. A decoupled model's Triton error reaches a gRPC
+# for); `token_ids`, the piece's token ids; `error`, "" unless the stream failed. A decoupled model's Triton error reaches a gRPC
 # client as text alone, so a failed stream ends in band instead: its last response has
 # finish_reason STREAM_FAILED, the kind (preprocess.errors.ErrorKind's value) in `error` and
 # the message in `text`.
-STREAM_OUTPUTS = ("text", "prompt_tokens", "completion_tokens", "finish_reason", "logprobs", "error")
+STREAM_OUTPUTS = ("text", "prompt_tokens", "completion_tokens", "finish_reason", "logprobs", "token_ids", "error")
 STREAM_FAILED = "error"
 EXPLAIN_OUTPUTS = ("ROUTE", "MAX_TOKENS", "IS_CODE", "PROMPT_TEXT", "PROMPT_IDS")
 

@@ -8,24 +8,37 @@ from typing import Sequence
 
 from . import settings as cfg
 from .cleanup import clean_answer
-from .reasoning import ReasoningMode, split_reasoning
+from .reasoning import Reasoning, ReasoningMode, configured
 from .routing import Route
 
 
 class PostprocessStage:
     def __init__(self, settings: cfg.Settings):
         self.settings = settings.cleanup
+        self._reasoning_choice = (settings.chat.reasoning_parser, settings.model_dir)
+        self._reasoning: tuple[Reasoning | None] | None = None
+
+    def reasoning(self) -> Reasoning | None:
+        """vLLM's parser, as the shim resolves it (preprocess.reasoning.configured); the
+        tokenizer is loaded on the first row that asks for a split."""
+        if self._reasoning is None:
+            from .tokenizer import load_tokenizer
+
+            choice, model_dir = self._reasoning_choice
+            self._reasoning = (configured(choice, model_dir, load_tokenizer(model_dir)),)
+        return self._reasoning[0]
 
     def run(self, texts: Sequence[str], routes: Sequence[str], is_code: Sequence[bool],
-            reasoning: Sequence[int] | None = None) -> tuple[list[str], list[str]]:
+            modes: Sequence[int] | None = None) -> tuple[list[str], list[str]]:
         """Per row the cleaned answer, and its thinking where the row asked for it split out
         (ReasoningMode.SPLIT*: the answer is cleaned without it; "" otherwise)."""
         answers, thoughts = [], []
         for k, (text, route, code) in enumerate(zip(texts, routes, is_code)):
-            mode = ReasoningMode(int(reasoning[k])) if reasoning is not None else ReasoningMode.DROP
+            mode = ReasoningMode(int(modes[k])) if modes is not None else ReasoningMode.DROP
             thought = None
-            if mode is not ReasoningMode.DROP:
-                thought, text = split_reasoning(text, opened=mode is ReasoningMode.SPLIT_OPENED)
+            if mode is not ReasoningMode.DROP and (split := self.reasoning()) is not None:
+                thought, text = split.split(text, opened=mode is ReasoningMode.SPLIT_OPENED,
+                                                thinking_disabled=mode is ReasoningMode.SPLIT_THINKING_OFF)
             answers.append(clean_answer(text, Route(route), bool(code), self.settings))
             thoughts.append(thought or "")
         return answers, thoughts

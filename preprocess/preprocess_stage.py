@@ -4,6 +4,7 @@ model only moves tensors in and out (the answers' stage is postprocess_stage.py)
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
@@ -13,7 +14,7 @@ from . import controls
 from .chat import ChatFormatter, TemplateOptions, Turn
 from .contract import NOT_SET
 from .grammar.sandbox import GrammarSandbox
-from .reasoning import ReasoningMode
+from .reasoning import ReasoningMode, thinking_off
 from .conversation import last_user_text, messages_from_tensor, with_system_prompt
 from .routing import Route, RoutingDecision, decide, log_buckets
 from .sampling import OVERRIDE_NAMES, InvalidRequest, SamplingSettings, resolve
@@ -98,9 +99,9 @@ class PreprocessStage:
                 raise
             except Exception as exc:  # the template's own refusal (role order, a role it lacks)
                 raise InvalidRequest(f"messages: the chat template cannot render this conversation ({exc})") from None
-            for i, prompt in zip(conversations, formatted):
+            for (i, (_, option)), prompt in zip(conversations.items(), formatted):
                 prepared[i] = PreparedRow(prompt.text, prompt.token_ids, decisions[i], samplings[i],
-                                          self._reasoning(rows, i, prompt.opens_reasoning))
+                                          self._reasoning(rows, i, prompt.opens_reasoning, option.kwargs))
         # Single questions (the judge's): formatted in groups of equal system prompts.
         questions = [i for i in range(count) if prepared[i] is None]
         for system in dict.fromkeys(systems[i] for i in questions):
@@ -112,9 +113,11 @@ class PreprocessStage:
         return prepared  # type: ignore[return-value]
 
     @staticmethod
-    def _reasoning(rows: RequestRows, row: int, opened: bool) -> ReasoningMode:
+    def _reasoning(rows: RequestRows, row: int, opened: bool, template_kwargs: str = "") -> ReasoningMode:
         if not rows.at(rows.split_reasoning, row, False):
             return ReasoningMode.DROP
+        if template_kwargs and thinking_off(json.loads(template_kwargs)):
+            return ReasoningMode.SPLIT_THINKING_OFF
         return ReasoningMode.SPLIT_OPENED if opened else ReasoningMode.SPLIT
 
     def _decide(self, rows: RequestRows, row: int):

@@ -134,6 +134,10 @@ def load_sampling(environ: Mapping[str, str]) -> SamplingDefaults:
 class ChatSettings:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     fast_chat_template: bool = False
+    # /v1 chat: thinking as `reasoning_content`, split by vLLM's reasoning parser of this name
+    # (as `vllm serve --reasoning-parser`); auto: one for a tokenizer with both thinking tags
+    # as tokens (preprocess.reasoning.parser_name); none: never.
+    reasoning_parser: str = "auto"
 
 
 def batch_mode(environ: Mapping[str, str] | None = None) -> bool:
@@ -158,6 +162,7 @@ def load_chat(environ: Mapping[str, str]) -> ChatSettings:
     return ChatSettings(
         system_prompt=system_prompt,
         fast_chat_template=env.bool("FAST_CHAT_TEMPLATE", batch_mode(environ)),
+        reasoning_parser=env.str("REASONING_PARSER", "auto"),
     )
 
 
@@ -213,9 +218,6 @@ class ShimSettings:
     api_key: str | None = field(default=None, repr=False)  # SHIM_API_KEY: what /v1 requires, as vllm serve --api-key
     sse_keepalive_s: float = 15.0  # a comment line on a stream that has been silent this long
     tool_call_parser: str = "hermes"  # vLLM's tool parser for tool_choice "auto" (the model family's)
-    # /v1 chat: thinking (<think>...</think>) as `reasoning_content`, not `content`. auto: when
-    # the tokenizer has both tags as tokens (Qwen3, DeepSeek-R1); think: always; none: never.
-    reasoning_parser: str = "auto"
     max_body_bytes: int = 8 * 1024 * 1024
     max_batch_prompts: int = 4096
     max_request_tokens: int = 1_048_576  # prompt tokens + choices x max new tokens, per request
@@ -277,7 +279,6 @@ def load_shim(environ: Mapping[str, str]) -> ShimSettings:
         api_key=env.raw("SHIM_API_KEY"),
         sse_keepalive_s=env.float("SHIM_SSE_KEEPALIVE_S", 15.0, 0.1, 600.0),
         tool_call_parser=env.str("TOOL_CALL_PARSER", "hermes"),
-        reasoning_parser=env.choice("REASONING_PARSER", "auto", ("auto", "think", "none")),
         max_body_bytes=env.int("SHIM_MAX_BODY_BYTES", 8 * 1024 * 1024, 1024),
         max_batch_prompts=env.int("SHIM_MAX_BATCH_PROMPTS", 4096, 1),
         max_request_tokens=env.int("SHIM_MAX_REQUEST_TOKENS", 1_048_576, 1),

@@ -130,10 +130,12 @@ def generator_columns(tensor: Callable[[str], np.ndarray | None]) -> tuple[list[
 
 
 def stream_outputs(piece: dict, logprobs: str, error: ErrorKind | None = None) -> dict[str, np.ndarray]:
-    """generator_stream's output tensors for one piece (the generator's, one row) and ERROR:
-    "" or, on a failed stream's last response, its kind (contract.STREAM_OUTPUTS)."""
+    """generator_stream's output tensors for one piece (the generator's, one row), its
+    TOKEN_IDS (one row, as many as the piece has, maybe none) and ERROR: "" or, on a failed
+    stream's last response, its kind (contract.STREAM_OUTPUTS)."""
     return {**generator_outputs([piece["text"]], [piece["prompt_tokens"]], [piece["tokens"]],
                                 [piece.get("finish_reason") or ""], [logprobs]),
+            "TOKEN_IDS": np.array([piece.get("token_ids") or []], dtype=np.int32).reshape(1, -1),
             "ERROR": encode_strings([error.value if error is not None else ""])}
 
 

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Sequence
 
 from preprocess.chat import ChatFormatter, as_turns
 from preprocess.conversation import read_conversation, with_system_prompt
-from preprocess.reasoning import THINK_END, THINK_START, opens_reasoning
+from preprocess.reasoning import opens_reasoning
 
 from .errors import ApiError
 
@@ -31,7 +31,6 @@ class PromptCounter:
     def __init__(self, tokenizer: Any | None, fast_chat_template: bool = False):
         self.tokenizer = tokenizer
         self.formatter = ChatFormatter(tokenizer, fast_chat_template)
-        self._think_tokens: bool | None = None
 
     def count(self, rows: Sequence[str], system_prompt: str, row_input: str = "prompt",
               verbatim: bool = False) -> list[int]:
@@ -48,15 +47,6 @@ class PromptCounter:
             return self.formatter.count_tokens([with_system_prompt(turns, system_prompt) for turns, _ in read],
                                                [options for _, options in read])
         return self.formatter.count_tokens([[("system", system_prompt), ("user", row)] for row in rows])
-
-    def has_think_tokens(self) -> bool:
-        """Whether the tokenizer has both thinking tags as tokens (a thinking model's)."""
-        if self.tokenizer is None:
-            return False
-        if self._think_tokens is None:  # the vocabulary is read once: a dict of the whole of it
-            vocab = self.tokenizer.get_vocab()
-            self._think_tokens = THINK_START in vocab and THINK_END in vocab
-        return self._think_tokens
 
     def opens_reasoning(self, row: str, system_prompt: str, row_input: str = "prompt") -> bool:
         """Whether this row's prompt, as preprocess will render it, starts the answer inside a

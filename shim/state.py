@@ -12,6 +12,7 @@ from fastapi import Request
 
 from preprocess import settings as cfg
 from preprocess.contract import InvalidRequest
+from preprocess.reasoning import Reasoning, configured
 from preprocess.runtime import CancelMarkers, GeneratorState
 from preprocess.sampling import model_sampling_defaults
 
@@ -62,6 +63,7 @@ class ShimState:
         self.ready_after_s: float | None = None
         self.last_wait_report_s = 0.0
         self._openai_defaults: dict[str, Any] | None = None
+        self._reasoning: tuple[Reasoning | None] | None = None
 
     def openai_defaults(self) -> dict[str, Any]:
         """What /v1 applies to a sampling field a client leaves out (model_sampling_defaults),
@@ -73,10 +75,13 @@ class ShimState:
             return found
         return self._openai_defaults
 
-    def splits_reasoning(self) -> bool:
-        """Whether /v1 chat answers carry thinking as `reasoning_content` (REASONING_PARSER)."""
-        choice = self.settings.shim.reasoning_parser
-        return self.counter.has_think_tokens() if choice == "auto" else choice == "think"
+    def reasoning(self) -> Reasoning | None:
+        """vLLM's reasoning parser that splits thinking out of /v1 chat answers as
+        `reasoning_content` (REASONING_PARSER), None for no split; resolved once."""
+        if self._reasoning is None:
+            self._reasoning = (configured(self.settings.chat.reasoning_parser, self.settings.model_dir,
+                                          self.counter.tokenizer),)
+        return self._reasoning[0]
 
     @property
     def batch_mode(self) -> bool:
@@ -204,7 +209,6 @@ class ShimState:
         from preprocess.tokenizer import load_tokenizer
 
         counter = PromptCounter(load_tokenizer(self.settings.model_dir), self.settings.chat.fast_chat_template)
-        counter.has_think_tokens()  # read here, off the event loop
         return counter
 
 

@@ -36,6 +36,7 @@ class Piece:
     completion_tokens: int
     finish_reason: str | None
     logprobs: list | None = None
+    token_ids: tuple[int, ...] = ()
 
 
 def read_piece(result) -> Piece:
@@ -49,7 +50,7 @@ def read_piece(result) -> Piece:
     logprobs = first("logprobs").decode("utf-8")
     return Piece(text, int(first("prompt_tokens")),
                  int(first("completion_tokens")), first("finish_reason").decode() or None,
-                 json.loads(logprobs) if logprobs else None)
+                 json.loads(logprobs) if logprobs else None, tuple(result.as_numpy("token_ids").reshape(-1).tolist()))
 
 
 class StreamClient:

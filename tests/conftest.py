@@ -311,8 +311,6 @@ def server_env(model_dir: Path, **extra: str) -> dict:
         "SHIM_MAX_REQUEST_TOKENS": str(SESSION_TOKEN_BUDGET), "SHIM_MAX_QUEUED_TOKENS": str(SESSION_QUEUE_BUDGET),
         # Short door timeouts, so the tests that hold a request open finish quickly.
         "SHIM_HEADER_TIMEOUT_S": "3", "SHIM_BODY_TIMEOUT_S": "5",
-        # SmolLM2's tokenizer has no thinking tags, so `auto` would leave the split off.
-        "REASONING_PARSER": "think",
     })
     env.update(extra)
     return env

@@ -5,8 +5,9 @@ Covers: the documented command works outside `./build.sh serve`; a judge list is
 evenly by the replicas and answered in order; health and metrics per replica; one
 replica's engine killed: the other keeps answering, health says `degraded`, and the dead
 one comes back on its own; `kill -9` of the tritonserver leaves no engine and no shared
-memory (tests/test_orphans.py has Ctrl-C of the serve entry); an exception injected into a shim route
-(tests/faults/sitecustomize.py) answered as docs/operations.md says.
+memory (tests/test_orphans.py has Ctrl-C of the serve entry); faults injected into a shim route and
+into a replica's engine (tests/faults/) answered as docs/operations.md says; thinking split out
+of /v1 chat answers by vLLM's Qwen3 reasoning parser (REASONING_PARSER=qwen3 on this server only).
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ import pytest
 
 from shim.serve import OWN_PROCESS_GROUP
 
-from .conftest import (ARTIFACTS, REPO, TINY_MODEL, free_port, http_json, scrape_metrics, server_env, start_server,
-                       stop_process, stop_server, wait_for)
+from .conftest import (ARTIFACTS, REPO, TINY_ANSWER, TINY_MODEL, free_port, http_json, scrape_metrics, server_env,
+                       start_server, stop_process, stop_server, wait_for)
 from .faults.overlay import fault_overlay
 from .faults.sitecustomize import FAULT_SEED
 from .shm_hygiene import remove_orphans, shm_names
@@ -79,7 +80,10 @@ def replicated(tiny_model, tmp_path_factory):
     env = server_env(tiny_model, DATA_PARALLEL_SIZE="2", MAX_NEW_TOKENS="1", MAX_NEW_TOKENS_CODE="1",
                      MAX_NEW_TOKENS_CODE_SOFT=str(CODE_LIMIT), SHIM_MAX_REQUEST_TOKENS="1048576",
                      SHIM_MAX_QUEUED_TOKENS="4194304", PYTHONPATH=str(REPO / "tests" / "faults"),
-                     FAULTS_BIN=str(fault_overlay(tmp_path_factory.mktemp("fault-overlay") / "venv")))
+                     FAULTS_BIN=str(fault_overlay(tmp_path_factory.mktemp("fault-overlay") / "venv")),
+                     # vLLM's Qwen3 parser (tests/test_openai_reasoning.py); SmolLM2's tokenizer has no
+                     # thinking tags, so `auto` leaves the split off, as in the session's server.
+                     REASONING_PARSER="qwen3")
     (ARTIFACTS / "plain-tritonserver.log").write_text("")
     shm_before = shm_names()
     triton = PlainTriton(env)
@@ -167,6 +171,65 @@ def test_an_internal_error_in_the_generator_is_a_502_without_internals_and_servi
     assert replicated.post("/predict", {"prompt": "still serving?"}) == (200, {"response": "GPU"})
     assert scrape_metrics(replicated.url + "/metrics").get(restarts, 0) == before
     assert replicated.triton.process.poll() is None and replicated.triton.process.pid == pid
+
+
+# Thinking as `reasoning_content` on /v1 chat, split by vLLM's Qwen3 parser (REASONING_PARSER),
+# read with the official `openai` package. The tiny model never thinks by itself, so a JSON
+# schema whose one value holds a thinking block makes it write one: real generated tokens,
+# the tags cut across them as the tokenizer cuts them, through preprocess, the generator,
+# postprocess and the stream (which carries the pieces' token ids to the parser). The JSON
+# string's opening quote comes before the tag, and Qwen3's parser (thinking from the first
+# token, as in `vllm serve`) counts it as thinking: reasoning `"plan it`, content `Paris"`.
+THOUGHT, ANSWER = "plan it", "Paris"
+SPLIT = (f'"{THOUGHT}', f'{ANSWER}"')
+FORCED = {"type": "json_schema", "json_schema": {"name": "t", "schema": {
+    "type": "string", "enum": [f"<think>{THOUGHT}</think>{ANSWER}"]}}}
+QUESTION = [{"role": "user", "content": "Where?"}]
+THINKING_OFF = {"chat_template_kwargs": {"enable_thinking": False}}
+
+
+@pytest.fixture(scope="module")
+def chat(replicated):
+    import openai
+
+    return openai.OpenAI(base_url=replicated.url + "/v1", api_key="unused", max_retries=0, timeout=120).chat.completions
+
+
+def streamed_parts(stream) -> tuple[str, str]:
+    thought, content = [], []
+    for chunk in stream:
+        delta = chunk.choices[0].delta
+        thought.append((delta.model_extra or {}).get("reasoning_content") or "")
+        content.append(delta.content or "")
+        assert "<think>" not in content[-1] and "</think>" not in thought[-1] + content[-1]
+    return "".join(thought), "".join(content)
+
+
+def test_thinking_comes_back_apart_from_the_answer(chat):
+    reply = chat.create(model=TINY_MODEL.name, messages=QUESTION, max_tokens=40, response_format=FORCED)
+    message = reply.choices[0].message
+    assert reply.choices[0].finish_reason == "stop"
+    assert (message.model_extra["reasoning_content"], message.content) == SPLIT
+
+
+def test_a_stream_sends_the_thinking_as_reasoning_deltas(chat):
+    stream = chat.create(model=TINY_MODEL.name, messages=QUESTION, max_tokens=40, response_format=FORCED, stream=True)
+    assert streamed_parts(stream) == SPLIT
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_answer_with_no_tags_is_thinking_as_vllms_qwen3_parser_reads_it(chat, stream):
+    """Thinking on (the template's default), vLLM's parser reads everything before `</think>`
+    as thinking, as `vllm serve --reasoning-parser qwen3` does; turned off by the request's
+    `chat_template_kwargs`, the parser is built with it off and everything is content."""
+    for extra, expected in ((None, (TINY_ANSWER * 3, "")), (THINKING_OFF, ("", TINY_ANSWER * 3))):
+        reply = chat.create(model=TINY_MODEL.name, messages=QUESTION, max_tokens=3, stream=stream, extra_body=extra)
+        if stream:
+            assert streamed_parts(reply) == expected, extra
+            continue
+        message = reply.choices[0].message
+        said = (message.model_extra["reasoning_content"] or "", message.content or "")
+        assert said == (expected[0], expected[1].strip()), extra  # clean-up trims the content only
 
 
 def test_a_judge_list_is_shared_evenly_and_answered_in_order(replicated):

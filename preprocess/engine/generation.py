@@ -54,10 +54,12 @@ class StreamDelta:
     prompt_tokens: int
     finish_reason: str | None = None
     logprobs: list[TokenLogprobs] | None = None
+    # The piece's token ids: vLLM's reasoning parsers read the thinking tags from them.
+    token_ids: tuple[int, ...] = ()
 
     @classmethod
     def whole(cls, result: GenerationResult) -> "StreamDelta":
-        """A whole answer as one last piece (a backend that cannot stream)."""
+        """A whole answer as one last piece (a backend that cannot stream; no token ids)."""
         return cls(result.text, result.completion_tokens, result.prompt_tokens, result.finish_reason, result.logprobs)
 
 

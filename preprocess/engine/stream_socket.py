@@ -10,8 +10,8 @@ generator's process and feeds the same engines (no second copy of the weights).
 
 Protocol, one connection per answer, newline-delimited JSON:
 - the client sends one line: {"prompt_ids": [...], "values": {SamplingSettings field: value}};
-- the server sends {"text", "tokens", "prompt_tokens", "finish_reason", "logprobs"} per
-  piece (finish_reason null until the last), or one {"error", "kind"} line;
+- the server sends {"text", "tokens", "prompt_tokens", "finish_reason", "logprobs",
+  "token_ids"} per piece (finish_reason null until the last), or one {"error", "kind"} line;
 - the client closing the connection aborts the generation in vLLM.
 """
 from __future__ import annotations

@@ -311,7 +311,8 @@ class VllmRunner:
                 on_delta(StreamDelta(
                     text=completion.text, tokens=len(completion.token_ids), prompt_tokens=len(item.token_ids),
                     finish_reason=(completion.finish_reason or "stop") if output.finished else None,
-                    logprobs=None if params.logprobs is None else token_logprobs(completion, params.logprobs)))
+                    logprobs=None if params.logprobs is None else token_logprobs(completion, params.logprobs),
+                    token_ids=tuple(completion.token_ids)))
         except Exception as exc:
             raise self._refusal(exc, params, received) from None
 

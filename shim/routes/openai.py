@@ -38,7 +38,7 @@ from fastapi.responses import StreamingResponse
 
 from preprocess.contract import InvalidRequest
 from preprocess.conversation import conversation_row, require_user_turn
-from preprocess.reasoning import ReasoningSplitter, split_reasoning
+from preprocess.reasoning import ParserUnavailable, Reasoning, thinking_off
 
 from ..state import run_until_disconnect, shim_state
 from ..bodies import ChatRequest, CompletionRequest, NamedToolChoice, OpenAIParams, json_body, parse_body
@@ -74,7 +74,7 @@ def merged(pieces: list[Piece]) -> Piece:
     """Pieces as one: the text and tokens of all, the last one's finish reason."""
     logprobs = [entry for piece in pieces for entry in piece.logprobs or ()] if pieces[0].logprobs is not None else None
     return Piece("".join(p.text for p in pieces), pieces[0].prompt_tokens, sum(p.completion_tokens for p in pieces),
-                 pieces[-1].finish_reason, logprobs)
+                 pieces[-1].finish_reason, logprobs, tuple(i for p in pieces for i in p.token_ids))
 
 
 async def streamed(request: Request, body: OpenAIParams, row: str, row_input: str, extra: dict[str, Any],
@@ -156,6 +156,19 @@ def completion_logprobs(answer: Answer | Piece) -> dict | None:
             "top_logprobs": [dict(top) for _, _, top in answer.logprobs], "text_offset": offsets}
 
 
+def loaded_reasoning(state) -> Reasoning | None:
+    """The reasoning split (REASONING_PARSER) with vLLM's parser imported, off the event
+    loop; a parser the installed vLLM lacks is a 501 before any work is done."""
+    reasoning = state.reasoning()
+    if reasoning is not None:
+        try:
+            reasoning.load()
+        except ParserUnavailable as exc:
+            log.warning("%s", exc)
+            raise ApiError(501, str(exc), param="model") from None
+    return reasoning
+
+
 async def generate(request: Request, rows: list[str], params: OpenAIParams, row_input: str = "prompt",
                    extra: dict[str, Any] | None = None) -> list[Answer]:
     state = shim_state(request)
@@ -216,9 +229,10 @@ async def chat(request: Request):
     if parser is not None:
         await asyncio.to_thread(parser.load)
     extra = {"raw": True} if calls.calls_expected else {}  # a call's JSON is the model's own: no routing, no clean-up
-    reasoning = state.splits_reasoning()
-    if reasoning:
+    reasoning = await asyncio.to_thread(loaded_reasoning, state)
+    if reasoning is not None:
         extra["split_reasoning"] = True
+    thinking_disabled = thinking_off(body.chat_template_kwargs)
     conversation = conversation_row([m.as_dict(i) for i, m in enumerate(body.messages)], tools,
                                     body.chat_template_kwargs)
     body.check_stream(1)
@@ -227,25 +241,26 @@ async def chat(request: Request):
     def message(text: str, finish_reason: str | None, thought: str | None) -> tuple[dict, str | None]:
         content, tool_calls, finish = calls.read(text, finish_reason, parser)
         said = {"role": "assistant", "content": content, **({"tool_calls": tool_calls} if tool_calls else {})}
-        if reasoning:
+        if reasoning is not None:
             said["reasoning_content"] = thought or None
         return said, finish
 
     if body.stream:
-        opened = reasoning and state.counter.opens_reasoning(conversation, state.system_prompt, "messages")
-        splitter = ReasoningSplitter(opened)
+        opened = reasoning is not None and state.counter.opens_reasoning(conversation, state.system_prompt, "messages")
+        splitter = reasoning.stream(opened, thinking_disabled) if reasoning is not None else None
 
         def chat_chunk(piece: Piece, first: bool) -> dict:
             if calls.calls_expected:  # one chunk, the whole answer read (see streamed's `whole`)
-                thought, text = split_reasoning(piece.text, opened) if reasoning else (None, piece.text)
+                thought, text = (reasoning.split(piece.text, opened, thinking_disabled) if reasoning is not None
+                                 else (None, piece.text))
                 delta, finish = message(text, piece.finish_reason, thought)
                 delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(delta.get("tool_calls", ()))]
                 if not delta["tool_calls"]:
                     del delta["tool_calls"]
                 return {"index": 0, "delta": delta, "logprobs": chat_logprobs(piece), "finish_reason": finish}
             delta = {"role": "assistant"} if first else {}
-            if reasoning:
-                thought, text = splitter.feed(piece.text)
+            if splitter is not None:
+                thought, text = splitter.feed(piece.text, piece.token_ids)
                 if piece.finish_reason is not None:
                     rest_thought, rest_text = splitter.finish()
                     thought, text = thought + rest_thought, text + rest_text

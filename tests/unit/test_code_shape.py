@@ -19,8 +19,8 @@ ENVIRONMENT_READERS = {
     "model_repository/generator/1/model.py", "model_repository/preprocess/1/model.py",
     "model_repository/postprocess/1/model.py", "model_repository/generator_stream/1/model.py",
 }
-TEXT_STAGES = ("chat", "cleanup", "routing", "sampling", "preprocess_stage", "postprocess_stage", "reasoning",
-               "tokenizer")
+# reasoning.py is not among them: it runs vLLM's own reasoning parsers (imported on first use).
+TEXT_STAGES = ("chat", "cleanup", "routing", "sampling", "preprocess_stage", "postprocess_stage", "tokenizer")
 
 
 def sources():

@@ -43,12 +43,15 @@ def test_the_streaming_pair_takes_what_the_batch_pair_takes():
     assert tensors(STREAM_ENSEMBLE, "input") == tensors("llm", "input")
     assert tensors("generator_stream", "input") == tensors("generator", "input")
     assert list(tensors(STREAM_ENSEMBLE, "output")) == list(STREAM_OUTPUTS)
-    # generator_stream: the generator's outputs and ERROR, the kind of a failed stream
-    assert list(tensors("generator_stream", "output")) == [*tensors("generator", "output"), "ERROR"]
+    # generator_stream: the generator's outputs, the piece's TOKEN_IDS, and ERROR, the kind of a failed stream
+    assert list(tensors("generator_stream", "output")) == [*tensors("generator", "output"), "TOKEN_IDS", "ERROR"]
     from preprocess.triton_io import generator_outputs, stream_outputs
 
     streamed = stream_outputs({"text": "a", "prompt_tokens": 1, "tokens": 2, "finish_reason": None}, "")
     assert list(streamed) == list(tensors("generator_stream", "output"))
+    assert streamed["TOKEN_IDS"].shape == (1, 0)  # a piece without ids (an error's) sends none
+    with_ids = stream_outputs({"text": "a", "prompt_tokens": 1, "tokens": 2, "token_ids": [7, 8]}, "")
+    assert with_ids["TOKEN_IDS"].tolist() == [[7, 8]] and str(with_ids["TOKEN_IDS"].dtype) == "int32"
     assert [name.lower() for name in streamed] == list(STREAM_OUTPUTS)
 
     written = generator_outputs(["a"], [1], [2], ["stop"], [""])  # what both adapters send

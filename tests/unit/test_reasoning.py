@@ -1,6 +1,7 @@
-"""Thinking split out of answers (preprocess.reasoning): a stream and a whole reply split the
-same text the same way, whatever the pieces; the template alone decides whether an answer
-starts inside a block; `auto` follows the tokenizer's own tags."""
+"""Thinking split out of answers (preprocess.reasoning) by vLLM's own reasoning parsers: the
+configured parser is vLLM's (`auto` follows the tokenizer's own tags); a stream cut at any
+token boundaries splits as the whole answer does; a request that turns thinking off gets
+all content; the template alone decides whether an answer starts inside a block."""
 from __future__ import annotations
 
 import copy
@@ -10,57 +11,101 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from preprocess.reasoning import THINK_END, THINK_START, ReasoningSplitter, opens_reasoning, split_reasoning
+from preprocess.reasoning import (THINK_END, THINK_START, ParserUnavailable, Reasoning, configured, opens_reasoning,
+                                  parser_name)
 from shim.budget import PromptCounter
 
 HERMES = (Path(__file__).resolve().parent.parent / "templates" / "hermes_tools.jinja").read_text()
 # DeepSeek-R1's way: the generation prompt itself opens the block.
 OPENING = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
            "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
-
-# Text made mostly of tag fragments, so that tags split across pieces are common.
-fragments = st.sampled_from([THINK_START, THINK_END, "<", "</", "<th", "ink>", "think>", "</thi", "a", "答", "\n", " "])
-answers = st.lists(fragments, max_size=12).map("".join)
+PARSERS = ("qwen3", "deepseek_r1")
 
 
-def streamed(text: str, cuts: list[int], opened: bool) -> tuple[str | None, str]:
-    splitter = ReasoningSplitter(opened)
-    bounds = [0, *sorted(c % (len(text) + 1) for c in cuts), len(text)]
-    parts = [splitter.feed(text[a:b]) for a, b in zip(bounds, bounds[1:])] + [splitter.finish()]
-    return ("".join(r for r, _ in parts) if splitter.seen else None), "".join(c for _, c in parts)
+@pytest.fixture(scope="module")
+def thinking_tokenizer(tokenizer):
+    """SmolLM2's tokenizer given the two tags as tokens, as Qwen3's and DeepSeek-R1's have them."""
+    thinking = copy.deepcopy(tokenizer)
+    thinking.add_tokens([THINK_START, THINK_END])
+    return thinking
 
 
-@settings(max_examples=400, deadline=None)
-@given(answers, st.lists(st.integers(0, 200), max_size=6), st.booleans())
-def test_any_pieces_split_as_the_whole_text(text, cuts, opened):
-    assert streamed(text, cuts, opened) == split_reasoning(text, opened)
+@pytest.fixture(scope="module")
+def splits(thinking_tokenizer):
+    return {name: Reasoning(name, thinking_tokenizer) for name in PARSERS}
 
 
-@settings(max_examples=400, deadline=None)
-@given(answers, st.booleans())
-def test_only_whole_tags_are_removed_and_an_opening_tag_always_opens(text, opened):
-    reasoning, content = split_reasoning(text, opened)
-    if THINK_START in text or opened:
-        assert reasoning is not None
-    else:
-        assert (reasoning, content) == (None, text)
-    # Nothing but whole tags is removed.
-    removed = len(text) - len(reasoning or "") - len(content)
-    assert any(removed == a * len(THINK_START) + b * len(THINK_END) for a in range(13) for b in range(13))
+def test_the_configured_parser_is_vllms(tokenizer, thinking_tokenizer, tiny_model, tmp_path):
+    assert configured("auto", tiny_model, tokenizer) is None  # SmolLM2's tokenizer: no tags, no split
+    assert configured("auto", tiny_model, thinking_tokenizer).name == "qwen3"
+    assert configured("none", tiny_model, thinking_tokenizer) is None
+    assert configured("deepseek_r1", tiny_model, tokenizer).name == "deepseek_r1"
+    assert parser_name("auto", True, "deepseek_v3") == "deepseek_r1"
+    from vllm.reasoning import ReasoningParserManager
+
+    reasoning = configured("qwen3", tiny_model, tokenizer)
+    assert isinstance(reasoning.parser(), ReasoningParserManager.get_reasoning_parser("qwen3"))
+    with pytest.raises(ParserUnavailable, match="REASONING_PARSER='no-such-parser'"):
+        configured("no-such-parser", tiny_model, tokenizer).load()
 
 
+@pytest.mark.parametrize("name", PARSERS)
 @pytest.mark.parametrize("text, opened, expected", [
     ("<think>\nplan\n</think>\n\nAnswer", False, ("\nplan\n", "\n\nAnswer")),  # Qwen3, thinking on
     ("plan</think>Answer", True, ("plan", "Answer")),  # DeepSeek-R1: the prompt opened it
     ("cut off mid-thought", True, ("cut off mid-thought", "")),
-    ("Answer <think>cut off", False, ("cut off", "Answer ")),
-    ("no thinking at all", False, (None, "no thinking at all")),
-    ("a stray </think> stays", False, (None, "a stray </think> stays")),
-    ("<think></think>Answer", False, ("", "Answer")),  # an empty block: reasoning, empty
-    ("ends with <thi", False, (None, "ends with <thi")),  # a tag begun, never finished, is text
+    ("<think>plan</think>", False, ("plan", "")),
 ])
-def test_examples(text, opened, expected):
-    assert split_reasoning(text, opened) == expected
+def test_examples(splits, name, text, opened, expected):
+    assert splits[name].split(text, opened) == expected
+
+
+@pytest.mark.parametrize("name", PARSERS)
+def test_an_answer_with_no_tags_is_reasoning_until_the_end_tag(splits, name):
+    """vLLM's rule for both parsers (and so `vllm serve`'s): with thinking on, the model is
+    thinking until it writes `</think>`."""
+    assert splits[name].split("no tags at all") == ("no tags at all", "")
+
+
+def test_thinking_turned_off_is_all_content(splits):
+    """Qwen3's parser built with enable_thinking false, as vLLM's server builds it."""
+    assert splits["qwen3"].split("no tags at all", thinking_disabled=True) == (None, "no tags at all")
+    stream = splits["qwen3"].stream(thinking_disabled=True)
+    assert stream.feed("no tags", [1, 2]) == ("", "no tags")
+
+
+plain = st.lists(st.sampled_from(["<", "</", "<th", "ink>", "a", "答", "\n", " ", "think", "plan"]),
+                 max_size=8).map("".join)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(PARSERS), plain, st.one_of(st.none(), plain), st.booleans(),
+       st.lists(st.integers(0, 40), max_size=5))
+def test_a_stream_cut_at_any_tokens_splits_as_the_whole_answer(splits, thinking_tokenizer, name, thought, answer,
+                                                              model_opens, cuts):
+    """The shapes a thinking model writes: its block (opened by itself or by the template),
+    maybe closed, then the answer; streamed in pieces of whole tokens with their ids, as the
+    generator sends them. Qwen3's parser: pieces of any size. DeepSeek-R1's (vLLM's
+    BaseThinkingReasoningParser): one token per piece, the engine's usual step; a piece that
+    holds `<think>` and more text with no `</think>` keeps the tag in its reasoning there,
+    as it does in `vllm serve` (docs/api.md)."""
+    if THINK_START in thought + (answer or "") or THINK_END in thought + (answer or ""):
+        return
+    text = (THINK_START if model_opens else "") + thought + ("" if answer is None else THINK_END + answer)
+    ids = thinking_tokenizer.encode(text, add_special_tokens=False)
+    bounds = ([0, *sorted(c % (len(ids) + 1) for c in cuts), len(ids)] if name == "qwen3"
+              else list(range(len(ids) + 1)))
+    stream = splits[name].stream(opened=not model_opens)
+    parts, sent = [], ""
+    for a, b in zip(bounds, bounds[1:]):
+        if b > a:  # the text as vLLM's detokenizer releases it: a character split across tokens waits
+            text_so_far = thinking_tokenizer.decode(ids[:b]).rstrip("\ufffd") if b < len(ids) else \
+                thinking_tokenizer.decode(ids)
+            parts.append(stream.feed(text_so_far[len(sent):], ids[a:b]))
+            sent = text_so_far
+    parts.append(stream.finish())
+    whole_reasoning, whole_content = splits[name].split(text, opened=not model_opens)
+    assert ("".join(r for r, _ in parts), "".join(c for _, c in parts)) == (whole_reasoning or "", whole_content)
 
 
 def test_only_the_templates_own_tail_opens_a_block():
@@ -98,36 +143,3 @@ def test_no_message_can_open_a_block(counters, text):
     """A question that ends with the opening tag is the user's text, not the template's."""
     assert not counters["model"].opens_reasoning(conversation(text), "s", "messages")
     assert not counters["hermes"].opens_reasoning(conversation(text), "s", "messages")
-
-
-def test_auto_follows_the_tokenizers_own_tags(tokenizer):
-    assert not PromptCounter(tokenizer).has_think_tokens()  # SmolLM2's: no tags
-    thinking = copy.deepcopy(tokenizer)
-    thinking.add_tokens([THINK_START, THINK_END])
-    assert PromptCounter(thinking).has_think_tokens()
-
-
-@pytest.fixture(scope="module")
-def vllm_r1_parser(tokenizer):
-    """vLLM's own DeepSeek-R1 parser, on a tokenizer given the two tags (it requires them)."""
-    from vllm.reasoning.deepseek_r1_reasoning_parser import DeepSeekR1ReasoningParser
-
-    thinking = copy.deepcopy(tokenizer)
-    thinking.add_tokens([THINK_START, THINK_END])
-    return DeepSeekR1ReasoningParser(thinking)
-
-
-plain = st.lists(st.sampled_from(["<", "</", "<th", "ink>", "a", "答", "\n", " ", "think"]), max_size=8).map("".join)
-
-
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(plain, st.one_of(st.none(), plain), st.booleans())
-def test_the_split_is_vllms_deepseek_r1_split(vllm_r1_parser, thought, answer, model_opens):
-    """Where vLLM's parser and ours read the same situation, they split the same: an answer
-    whose block the template opened (R1's), or one that opens it itself (Qwen3 thinking), with
-    or without its end. vLLM says None for an empty content; we say ""."""
-    if THINK_START in thought or THINK_END in thought or (answer and THINK_START in answer):
-        return
-    text = (THINK_START if model_opens else "") + thought + ("" if answer is None else THINK_END + answer)
-    reasoning, content = vllm_r1_parser.extract_reasoning(text, request=None)
-    assert split_reasoning(text, opened=not model_opens) == (reasoning, content or "")

@@ -74,11 +74,18 @@ def test_postprocess_cleans_each_row_by_its_own_route():
 
 
 def test_postprocess_splits_thinking_out_where_the_row_asks():
-    """ReasoningMode per row: dropped (the judge's clean-up), split out, or split out of an
-    answer whose opening tag the template wrote."""
-    stage = PostprocessStage(load({"OUTPUT_MAX_SENTENCES": "1"}))
+    """ReasoningMode per row: dropped (the judge's clean-up), split out by vLLM's parser
+    (REASONING_PARSER), split out of an answer whose opening tag the template wrote, or not
+    split because the request turned thinking off."""
+    stage = PostprocessStage(load({"OUTPUT_MAX_SENTENCES": "1", "REASONING_PARSER": "qwen3"}))
     answers, thoughts = stage.run(["<think>plan</think>第一句。第二句。", "<think>plan</think>第一句。第二句。",
-                                   "plan</think>答。", "<think>cut off mid-thought"],
-                                  ["short", "short", "code", "code"], [False] * 4, [0, 1, 2, 1])
-    assert answers == ["第一句。", "第一句。", "答。", ""]
-    assert thoughts == ["", "plan", "plan", "cut off mid-thought"]
+                                   "plan</think>答。", "<think>cut off mid-thought", "第一句。第二句。"],
+                                  ["short", "short", "code", "code", "short"], [False] * 5, [0, 1, 2, 1, 3])
+    assert answers == ["第一句。", "第一句。", "答。", "", "第一句。"]
+    assert thoughts == ["", "plan", "plan", "cut off mid-thought", ""]
+    assert stage.reasoning().name == "qwen3"
+    # REASONING_PARSER=auto with SmolLM2's tokenizer (no thinking tags): nothing to split with,
+    # so clean-up drops the thinking as on /predict.
+    plain = PostprocessStage(load({"OUTPUT_MAX_SENTENCES": "1"}))
+    answers, thoughts = plain.run(["<think>plan</think>第一句。"], ["short"], [False], [1])
+    assert plain.reasoning() is None and thoughts == [""] and "plan" not in answers[0]
