@@ -4,12 +4,15 @@ tensors in and out.
 """
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 from . import settings as cfg
 from .cleanup import clean_answer
-from .reasoning import Reasoning, ReasoningMode, configured
+from .reasoning import ParserUnavailable, Reasoning, ReasoningMode, configured
 from .routing import Route
+
+log = logging.getLogger("postprocess")
 
 
 class PostprocessStage:
@@ -27,6 +30,15 @@ class PostprocessStage:
             choice, model_dir = self._reasoning_choice
             self._reasoning = (configured(choice, model_dir, load_tokenizer(model_dir)),)
         return self._reasoning[0]
+
+    def prepare_reasoning(self) -> None:
+        """Loads the tokenizer and vLLM's parser now, if one is configured; a parser the
+        installed vLLM lacks is logged (the shim answers 501 for it)."""
+        try:
+            if (split := self.reasoning()) is not None:
+                split.load()
+        except ParserUnavailable as exc:
+            log.error("%s", exc)
 
     def run(self, texts: Sequence[str], routes: Sequence[str], is_code: Sequence[bool],
             modes: Sequence[int] | None = None) -> tuple[list[str], list[str]]:

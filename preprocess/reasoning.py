@@ -89,9 +89,27 @@ def parser_class(name: str):
                                 f"({type(exc).__name__}: {exc})") from None
 
 
+def vllm_chat_request_class():
+    """vLLM's ChatCompletionRequest (ImportError without vLLM): parsers read settings from it."""
+    try:
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    except ImportError:  # the protocol's older home
+        from vllm.entrypoints.openai.protocol import ChatCompletionRequest
+    return ChatCompletionRequest
+
+
+@functools.lru_cache(maxsize=2)
+def chat_request(thinking_disabled: bool):
+    """The request a parser reads (some read skip_special_tokens and the like): vLLM's
+    defaults, and the thinking switch as the client set it."""
+    kwargs = {"chat_template_kwargs": dict.fromkeys(THINKING_SWITCHES, False)} if thinking_disabled else {}
+    return vllm_chat_request_class()(model="served", messages=[{"role": "user", "content": "-"}], **kwargs)
+
+
 class Reasoning:
     """vLLM's reasoning parser `name` on the model's tokenizer. A parser keeps state, so
-    each answer and each stream gets its own (about 20 ms to build)."""
+    each answer and each stream gets its own (well under a millisecond once the tokenizer's
+    vocabulary is cached)."""
 
     def __init__(self, name: str, tokenizer: Any):
         self.name = name
@@ -110,7 +128,7 @@ class Reasoning:
         parser = self.parser(thinking_disabled)
         if opened and not thinking_disabled:
             text = (parser.reasoning_start_str or "") + text
-        reasoning, content = parser.extract_reasoning(text, None)  # the request: read by no parser we use
+        reasoning, content = parser.extract_reasoning(text, chat_request(thinking_disabled))
         return reasoning, content or ""
 
     def stream(self, opened: bool = False, thinking_disabled: bool = False) -> "ReasoningStream":

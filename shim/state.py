@@ -12,7 +12,7 @@ from fastapi import Request
 
 from preprocess import settings as cfg
 from preprocess.contract import InvalidRequest
-from preprocess.reasoning import Reasoning, configured
+from preprocess.reasoning import ParserUnavailable, Reasoning, configured
 from preprocess.runtime import CancelMarkers, GeneratorState
 from preprocess.sampling import model_sampling_defaults
 
@@ -64,6 +64,7 @@ class ShimState:
         self.last_wait_report_s = 0.0
         self._openai_defaults: dict[str, Any] | None = None
         self._reasoning: tuple[Reasoning | None] | None = None
+        self._reasoning_load: asyncio.Future | None = None
 
     def openai_defaults(self) -> dict[str, Any]:
         """What /v1 applies to a sampling field a client leaves out (model_sampling_defaults),
@@ -190,6 +191,8 @@ class ShimState:
         await self.client.read_max_batch_size()
         if self.counter.tokenizer is None:
             self.counter = await asyncio.to_thread(self._load_counter)
+        if self._reasoning_load is None:  # beside the warm-up, not before it: readiness does not wait
+            self._reasoning_load = asyncio.ensure_future(asyncio.to_thread(self._load_reasoning))
         prompts = warmup_prompts(self.settings.warmup)
         started = time.monotonic()
         try:
@@ -204,6 +207,18 @@ class ShimState:
         log.info("ready: warm-up took %.1f s, %.1f s since the shim started", time.monotonic() - started,
                  time.monotonic() - self.started)
 
+
+    def _load_reasoning(self) -> None:
+        """vLLM's reasoning parser imported before the first chat asks for it (seconds); one
+        the installed vLLM lacks is logged here, and /v1 chat answers 501 naming it."""
+        reasoning = self.reasoning()
+        if reasoning is None:
+            return
+        try:
+            reasoning.load()
+            log.info("thinking split by vLLM's reasoning parser %r", reasoning.name)
+        except ParserUnavailable as exc:
+            log.error("%s: /v1 chat answers 501", exc)
 
     def _load_counter(self) -> PromptCounter:
         from preprocess.tokenizer import load_tokenizer

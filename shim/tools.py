@@ -19,6 +19,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from preprocess.reasoning import vllm_chat_request_class
+
 from .errors import ApiError
 
 log = logging.getLogger("shim.tools")
@@ -136,11 +138,7 @@ def vllm_tool_parser(name: str):
     """(parser class, ChatCompletionRequest class) from the installed vLLM, or ApiError 501."""
     try:
         from vllm.tool_parsers import ToolParserManager
-        try:
-            from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-        except ImportError:  # the protocol's older home
-            from vllm.entrypoints.openai.protocol import ChatCompletionRequest
-        return ToolParserManager.get_tool_parser(name), ChatCompletionRequest
+        return ToolParserManager.get_tool_parser(name), vllm_chat_request_class()
     except (ImportError, KeyError) as exc:
         log.warning("tool parser %r unavailable: %s", name, exc)
         raise ApiError(501, f"tool_choice 'auto' needs vLLM's tool parser {name!r} (TOOL_CALL_PARSER), "

@@ -89,3 +89,9 @@ def test_postprocess_splits_thinking_out_where_the_row_asks():
     plain = PostprocessStage(load({"OUTPUT_MAX_SENTENCES": "1"}))
     answers, thoughts = plain.run(["<think>plan</think>第一句。"], ["short"], [False], [1])
     assert plain.reasoning() is None and thoughts == [""] and "plan" not in answers[0]
+
+
+def test_a_parser_vllm_lacks_is_logged_at_load_and_does_not_stop_the_model(caplog):
+    stage = PostprocessStage(load({"REASONING_PARSER": "no-such-parser"}))
+    stage.prepare_reasoning()
+    assert "REASONING_PARSER='no-such-parser' is not a reasoning parser of the installed vLLM" in caplog.text

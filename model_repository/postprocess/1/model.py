@@ -16,6 +16,7 @@ from preprocess.settings import load  # noqa: E402
 class TritonPythonModel:
     def initialize(self, args):
         self.stage = PostprocessStage(load(os.environ))
+        self.stage.prepare_reasoning()  # while the generator loads, not on the first chat
 
     def execute(self, requests):
         return io.answer_each_statelessly(pb_utils, requests, self._one, "postprocess", log)
