@@ -91,10 +91,7 @@ def parser_class(name: str):
 
 def vllm_chat_request_class():
     """vLLM's ChatCompletionRequest (ImportError without vLLM): parsers read settings from it."""
-    try:
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-    except ImportError:  # the protocol's older home
-        from vllm.entrypoints.openai.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     return ChatCompletionRequest
 
 
