@@ -4,6 +4,7 @@ tensors in and out.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Sequence
 
@@ -19,23 +20,21 @@ class PostprocessStage:
     def __init__(self, settings: cfg.Settings):
         self.settings = settings.cleanup
         self._reasoning_choice = (settings.chat.reasoning_parser, settings.model_dir)
-        self._reasoning: tuple[Reasoning | None] | None = None
 
+    @functools.cached_property
     def reasoning(self) -> Reasoning | None:
-        """vLLM's parser, as the shim resolves it (preprocess.reasoning.configured); the
-        tokenizer is loaded on the first row that asks for a split."""
-        if self._reasoning is None:
-            from .tokenizer import load_tokenizer
+        """vLLM's parser, as the shim resolves it (preprocess.reasoning.configured), with the
+        model's tokenizer, loaded on first use."""
+        from .tokenizer import load_tokenizer
 
-            choice, model_dir = self._reasoning_choice
-            self._reasoning = (configured(choice, model_dir, load_tokenizer(model_dir)),)
-        return self._reasoning[0]
+        choice, model_dir = self._reasoning_choice
+        return configured(choice, model_dir, load_tokenizer(model_dir))
 
     def prepare_reasoning(self) -> None:
         """Loads the tokenizer and vLLM's parser now, if one is configured; a parser the
         installed vLLM lacks is logged (the shim answers 501 for it)."""
         try:
-            if (split := self.reasoning()) is not None:
+            if (split := self.reasoning) is not None:
                 split.load()
         except ParserUnavailable as exc:
             log.error("%s", exc)
@@ -48,7 +47,7 @@ class PostprocessStage:
         for k, (text, route, code) in enumerate(zip(texts, routes, is_code)):
             mode = ReasoningMode(int(modes[k])) if modes is not None else ReasoningMode.DROP
             thought = None
-            if mode is not ReasoningMode.DROP and (split := self.reasoning()) is not None:
+            if mode is not ReasoningMode.DROP and (split := self.reasoning) is not None:
                 thought, text = split.split(text, opened=mode is ReasoningMode.SPLIT_OPENED,
                                                 thinking_disabled=mode is ReasoningMode.SPLIT_THINKING_OFF)
             answers.append(clean_answer(text, Route(route), bool(code), self.settings))

@@ -63,7 +63,7 @@ class ShimState:
         self.ready_after_s: float | None = None
         self.last_wait_report_s = 0.0
         self._openai_defaults: dict[str, Any] | None = None
-        self._reasoning: tuple[Reasoning | None] | None = None
+        self._reasoning_for: tuple[Any, Reasoning | None] | None = None  # (the tokenizer, its split)
         self._reasoning_load: asyncio.Future | None = None
 
     def openai_defaults(self) -> dict[str, Any]:
@@ -76,13 +76,17 @@ class ShimState:
             return found
         return self._openai_defaults
 
+    @property
     def reasoning(self) -> Reasoning | None:
         """vLLM's reasoning parser that splits thinking out of /v1 chat answers as
-        `reasoning_content` (REASONING_PARSER), None for no split; resolved once."""
-        if self._reasoning is None:
-            self._reasoning = (configured(self.settings.chat.reasoning_parser, self.settings.model_dir,
-                                          self.counter.tokenizer),)
-        return self._reasoning[0]
+        `reasoning_content` (REASONING_PARSER), None for no split. Resolved off the event loop
+        (`auto` reads the whole vocabulary) for the tokenizer the shim holds: a chat that
+        arrives before the warm-up has loaded it gets no split, and later ones get the parser."""
+        tokenizer = self.counter.tokenizer
+        if self._reasoning_for is None or self._reasoning_for[0] is not tokenizer:
+            self._reasoning_for = (tokenizer, configured(self.settings.chat.reasoning_parser, self.settings.model_dir,
+                                                         tokenizer))
+        return self._reasoning_for[1]
 
     @property
     def batch_mode(self) -> bool:
@@ -211,7 +215,7 @@ class ShimState:
     def _load_reasoning(self) -> None:
         """vLLM's reasoning parser imported before the first chat asks for it (seconds); one
         the installed vLLM lacks is logged here, and /v1 chat answers 501 naming it."""
-        reasoning = self.reasoning()
+        reasoning = self.reasoning
         if reasoning is None:
             return
         try:

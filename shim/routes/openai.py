@@ -159,7 +159,7 @@ def completion_logprobs(answer: Answer | Piece) -> dict | None:
 def loaded_reasoning(state) -> Reasoning | None:
     """The reasoning split (REASONING_PARSER) with vLLM's parser imported, off the event
     loop; a parser the installed vLLM lacks is a 501 before any work is done."""
-    reasoning = state.reasoning()
+    reasoning = state.reasoning
     if reasoning is not None:
         try:
             reasoning.load()

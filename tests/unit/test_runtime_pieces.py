@@ -83,12 +83,12 @@ def test_postprocess_splits_thinking_out_where_the_row_asks():
                                   ["short", "short", "code", "code", "short"], [False] * 5, [0, 1, 2, 1, 3])
     assert answers == ["第一句。", "第一句。", "答。", "", "第一句。"]
     assert thoughts == ["", "plan", "plan", "cut off mid-thought", ""]
-    assert stage.reasoning().name == "qwen3"
+    assert stage.reasoning.name == "qwen3"
     # REASONING_PARSER=auto with SmolLM2's tokenizer (no thinking tags): nothing to split with,
     # so clean-up drops the thinking as on /predict.
     plain = PostprocessStage(load({"OUTPUT_MAX_SENTENCES": "1"}))
     answers, thoughts = plain.run(["<think>plan</think>第一句。"], ["short"], [False], [1])
-    assert plain.reasoning() is None and thoughts == [""] and "plan" not in answers[0]
+    assert plain.reasoning is None and thoughts == [""] and "plan" not in answers[0]
 
 
 def test_a_parser_vllm_lacks_is_logged_at_load_and_does_not_stop_the_model(caplog):
