@@ -28,7 +28,7 @@ class PostprocessStage:
         from .tokenizer import load_tokenizer
 
         choice, model_dir = self._reasoning_choice
-        return configured(choice, model_dir, load_tokenizer(model_dir))
+        return None if choice == "none" else configured(choice, model_dir, load_tokenizer(model_dir))
 
     def prepare_reasoning(self) -> None:
         """Loads the tokenizer and vLLM's parser now, if one is configured; a parser the

@@ -70,11 +70,13 @@ def configured(choice: str, model_dir: Path, tokenizer: Any) -> "Reasoning | Non
     if choice == "none" or tokenizer is None:
         return None
     tokenizer = VocabCached(tokenizer)
-    vocab = tokenizer.get_vocab() if choice == "auto" else {}
-    try:
-        model_type = str(json.loads((model_dir / "config.json").read_text()).get("model_type", ""))
-    except (OSError, ValueError):
-        model_type = ""
+    vocab, model_type = {}, ""
+    if choice == "auto":  # only `auto` reads the vocabulary and the model's type
+        vocab = tokenizer.get_vocab()
+        try:
+            model_type = str(json.loads((model_dir / "config.json").read_text()).get("model_type", ""))
+        except (OSError, ValueError):
+            pass
     name = parser_name(choice, THINK_START in vocab and THINK_END in vocab, model_type)
     return None if name is None else Reasoning(name, tokenizer)
 
@@ -95,12 +97,17 @@ def vllm_chat_request_class():
     return ChatCompletionRequest
 
 
+def thinking_kwargs(thinking_disabled: bool) -> dict[str, Any]:
+    """What vLLM's server hands a parser and its request for a client that turned thinking off."""
+    return {"chat_template_kwargs": dict.fromkeys(THINKING_SWITCHES, False)} if thinking_disabled else {}
+
+
 @functools.lru_cache(maxsize=2)
 def chat_request(thinking_disabled: bool):
     """The request a parser reads (some read skip_special_tokens and the like): vLLM's
     defaults, and the thinking switch as the client set it."""
-    kwargs = {"chat_template_kwargs": dict.fromkeys(THINKING_SWITCHES, False)} if thinking_disabled else {}
-    return vllm_chat_request_class()(model="served", messages=[{"role": "user", "content": "-"}], **kwargs)
+    return vllm_chat_request_class()(model="served", messages=[{"role": "user", "content": "-"}],
+                                     **thinking_kwargs(thinking_disabled))
 
 
 class Reasoning:
@@ -117,8 +124,7 @@ class Reasoning:
         parser_class(self.name)
 
     def parser(self, thinking_disabled: bool = False):
-        kwargs = {"chat_template_kwargs": dict.fromkeys(THINKING_SWITCHES, False)} if thinking_disabled else {}
-        return parser_class(self.name)(self.tokenizer, **kwargs)
+        return parser_class(self.name)(self.tokenizer, **thinking_kwargs(thinking_disabled))
 
     def split(self, text: str, opened: bool = False, thinking_disabled: bool = False) -> tuple[str | None, str]:
         """(reasoning, content) of a whole answer; reasoning None when the parser found none."""
