@@ -108,6 +108,8 @@ def even_chunks(items: Sequence, limit: int) -> list[Sequence]:
     return [items[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
+READY_TIMEOUT_S = 5.0  # the readiness probe's wait; a Triton that answers at all answers in milliseconds
+
 # Triton's status as tritonclient reports it (HTTP: the status code; gRPC: the call's code).
 TRITON_STATUS = {"400": 400, "StatusCode.INVALID_ARGUMENT": 400,
                  "503": 503, "UNAVAILABLE": 503, "StatusCode.UNAVAILABLE": 503}
@@ -186,6 +188,7 @@ class EnsembleClient:
         self.max_batch_size = max_batch_size
         self.timeout_s = timeout_s
         self._client: triton_http.InferenceServerClient | None = None
+        self._calls_in_flight = 0
 
     def _connection(self) -> triton_http.InferenceServerClient:
         if self._client is None:
@@ -201,10 +204,23 @@ class EnsembleClient:
             log.warning("could not read the ensemble's max_batch_size: %s", exc)
 
     async def ready(self) -> bool:
+        """Asked on a connection of its own, closed after: a stopping tritonserver stops
+        accepting connections but goes on answering the ones open, so a pooled connection
+        would say "ready" until it exits."""
+        probe = triton_http.InferenceServerClient(self.url, conn_timeout=READY_TIMEOUT_S)
         try:
-            return bool(await self._connection().is_model_ready(ENSEMBLE))
+            return bool(await probe.is_model_ready(ENSEMBLE))
         except Exception:
             return False
+        finally:
+            await probe.close()
+
+    async def let_go_when_idle(self) -> None:
+        """Close our pooled connections if no call is using them. A stopping tritonserver
+        waits out its exit timeout (30 s by default) while any HTTP connection is open, idle
+        keep-alive ones included; with ours gone it exits at once. The next call reconnects."""
+        if self._calls_in_flight == 0:
+            await self.close()
 
     async def generate(self, prompts: Sequence[str], system_prompt: str | None = None,
                        overrides: dict[str, Any] | None = None, row_input: str = "prompt",
@@ -250,6 +266,7 @@ class EnsembleClient:
     async def _infer(self, model: str, inputs: list, output_names: Sequence[str]):
         outputs = [triton_http.InferRequestedOutput(name) for name in output_names]
         request_id = uuid.uuid4().hex
+        self._calls_in_flight += 1
         try:
             result = await self._connection().infer(
                 model, inputs, outputs=outputs, request_id=request_id, timeout=int(self.timeout_s))
@@ -266,6 +283,8 @@ class EnsembleClient:
             raise
         except Exception as exc:  # connection refused/reset: the server is down or restarting
             raise EnsembleError(503, f"the model server is unavailable ({type(exc).__name__}: {exc})") from None
+        finally:
+            self._calls_in_flight -= 1
         if model == ENSEMBLE:  # the whole chain answered: nothing of it is dead
             self.reset_failures()
         return result

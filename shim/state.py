@@ -142,6 +142,8 @@ class ShimState:
             if self.restart_server is not None and self.client.suspect:
                 await self.check_for_dead_server()
             up = generator_up and await self.client.ready()
+            if not up:
+                await self.client.let_go_when_idle()
             if not up and not self.ready:
                 self._report_waiting()
             if up and not self.ready:

@@ -12,6 +12,7 @@ of /v1 chat answers by vLLM's Qwen3 reasoning parser (REASONING_PARSER=qwen3 on 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -61,11 +62,9 @@ class PlainTriton:
                 cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, **OWN_PROCESS_GROUP)
 
     def stop(self) -> None:
-        """SIGTERM, then whatever of its process group is left. With the shim's keep-alive
-        connections open, tritonserver waits its exit timeout (30 s) and then ends the stubs
-        hard, and their vLLM engine processes outlive them (seen in plain-tritonserver.log:
-        "Exit timeout expired", "Non-graceful termination"): ./build.sh serve kills the
-        group for the same reason."""
+        """SIGTERM, then whatever of its process group is left: a tritonserver that runs out
+        its exit timeout ends the stubs hard, and their vLLM engine processes outlive them
+        (./build.sh serve kills the group for the same reason)."""
         stop_process(self.process, signal.SIGTERM)
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
@@ -310,6 +309,12 @@ def test_the_attached_shim_follows_its_triton_away_and_back(replicated):
     """Same health, warm-up and recovery as under ./build.sh serve, except that the shim does
     not restart a server it did not start: its owner does (here, the test)."""
     replicated.triton.stop()
+    # Its HTTP front end stopped before its exit timeout ran out: the shim let go of its
+    # keep-alive connections (EnsembleClient.let_go_when_idle). Held, Triton waits the whole
+    # 30 s for them and logs "Timeout 0: Found 0 model versions ..." next.
+    stopping = (ARTIFACTS / "plain-tritonserver.log").read_text(errors="replace").rsplit("Signal (15) received.", 1)[1]
+    left = re.search(r"Timeout (\d+): Found \d+ model versions that have in-flight inferences", stopping)
+    assert left and int(left[1]) > 0, stopping[:3000]
     waited(lambda: replicated.health() == "warming", 60, "health leaving ok")
     status, body = replicated.post("/predict", {"prompt": "while Triton is gone"}, timeout=60)
     assert status == 503 and "unavailable" in body["error"], body

@@ -393,6 +393,10 @@ class GeneratorService:
         }
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
+        """The replicas' engines stop side by side: vLLM gives each engine process up to 5 s
+        to exit before it kills it, and one after another that would outlast Triton's exit
+        timeout with a few replicas."""
         self._stop.set()
-        for replica in self.replicas:
-            replica.runner.shutdown(timeout_s)
+        with concurrent.futures.ThreadPoolExecutor(len(self.replicas), thread_name_prefix="replica-stop") as pool:
+            for done in [pool.submit(replica.runner.shutdown, timeout_s) for replica in self.replicas]:
+                done.result()

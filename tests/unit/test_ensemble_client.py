@@ -34,3 +34,60 @@ def test_a_shorter_answer_list_is_a_502_never_passed_on(monkeypatch):
         asyncio.run(client.generate([f"q{i}" for i in range(10)]))
     assert caught.value.status == 502
     assert "returned 7 answers for 10 prompts" in caught.value.message
+
+
+class KeepAliveServer:
+    """A stand-in for Triton's HTTP front end that only counts the connections open to it:
+    every request gets a small JSON 200 and the connection is kept for the next one."""
+
+    def __init__(self):
+        self.open = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.open += 1
+        try:
+            while (await reader.readuntil(b"\r\n\r\n")):
+                body = b'{"max_batch_size": 8}'
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.open -= 1
+            writer.close()
+
+    async def settled(self, expected: int) -> int:
+        for _ in range(200):  # the server's side of a close arrives a loop turn or two later
+            if self.open == expected:
+                break
+            await asyncio.sleep(0.01)
+        return self.open
+
+
+def test_the_readiness_probe_leaves_no_connection_and_idle_ones_are_let_go():
+    """A stopping tritonserver answers on the connections already open and waits for them
+    to close (its exit timeout): the probe must not hold one, and the pool lets go of its
+    idle ones when the ensemble is not ready, never of one a call is using."""
+    async def scenario():
+        counter = KeepAliveServer()
+        server = await asyncio.start_server(counter.serve, "127.0.0.1", 0)
+        client = EnsembleClient(f"127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        try:
+            assert await client.ready() is True
+            assert await counter.settled(0) == 0  # the probe's own connection is closed
+            await client.read_max_batch_size()  # a pooled keep-alive connection
+            assert client.max_batch_size == 8 and await counter.settled(1) == 1
+            client._calls_in_flight = 1  # as while a request is being answered
+            await client.let_go_when_idle()
+            assert await counter.settled(1) == 1
+            client._calls_in_flight = 0
+            await client.let_go_when_idle()
+            assert await counter.settled(0) == 0
+            await client.read_max_batch_size()  # the next call reconnects
+            assert await counter.settled(1) == 1
+        finally:
+            await client.close()
+            server.close()
+
+    asyncio.run(scenario())
