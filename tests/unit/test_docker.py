@@ -122,3 +122,29 @@ def test_build_sh_docker_rejects_an_unknown_flavour():
     result = subprocess.run([str(REPO / "build.sh"), "docker", "amd"], capture_output=True, text=True,
                             env={"LLM_PREINSTALLED": "1", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 2 and "nvidia|metax" in result.stderr
+
+
+def setup_model_closure() -> set[str]:
+    """The project files `python3 -m shim.setup_model` imports, relative to the repository."""
+    code = ("import sys, shim.setup_model; "
+            "print('\\n'.join(m.__file__ for m in list(sys.modules.values()) if getattr(m, '__file__', None)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    files = {Path(line).resolve() for line in out.splitlines()}
+    project = {f.relative_to(REPO) for f in files if f.is_relative_to(REPO)}
+    return {str(f) for f in project if f.parts[0] in ("preprocess", "shim", "model_repository", "docker")}
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_the_model_layer_comes_before_the_code_and_copies_what_fetching_imports(dockerfile):
+    """A code change must not fetch the model again: only the files fetch_model.sh runs are
+    copied before it, and they are all it needs."""
+    steps = instructions(dockerfile)
+    fetch = next(i for i, (keyword, args) in enumerate(steps) if keyword == "RUN" and "docker/fetch_model.sh" in args)
+    before = [args.split() for keyword, args in steps[:fetch] if keyword == "COPY"]
+    copied = {source for parts in before for source in parts[:-1] if not source.startswith("--")}
+    assert not copied & {"preprocess/", "shim/", "model_repository/", "docker/"}, copied
+    needed = setup_model_closure()
+    assert {"shim/setup_model.py", "preprocess/settings.py"} <= needed, needed  # the closure was found
+    python_copied = {source for source in copied if source.endswith(".py")}
+    assert needed == python_copied, "what the model step imports, and only that, is copied before it"
+    assert "docker/fetch_model.sh" in copied
