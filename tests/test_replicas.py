@@ -216,6 +216,22 @@ def test_a_stream_sends_the_thinking_as_reasoning_deltas(chat):
     assert streamed_parts(stream) == SPLIT
 
 
+def test_an_agent_framework_reads_the_thinking_apart_whole_and_streamed(replicated):
+    """The second, independent client: LangChain's ChatDeepSeek (langchain-deepseek), which
+    reads `reasoning_content` where ChatOpenAI drops it by design, pointed at this server."""
+    from langchain_core.messages import HumanMessage
+    from langchain_deepseek import ChatDeepSeek
+
+    chat = ChatDeepSeek(base_url=replicated.url + "/v1", api_key="unused", model=TINY_MODEL.name, max_tokens=40,
+                        max_retries=0, timeout=120).bind(response_format=FORCED)
+    said = chat.invoke([HumanMessage("Where?")])
+    assert (said.additional_kwargs.get("reasoning_content"), said.content) == SPLIT, said
+    streamed = None
+    for chunk in chat.stream([HumanMessage("Where?")]):
+        streamed = chunk if streamed is None else streamed + chunk
+    assert (streamed.additional_kwargs.get("reasoning_content"), streamed.content) == SPLIT, streamed
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_an_answer_with_no_tags_is_thinking_as_vllms_qwen3_parser_reads_it(chat, stream):
     """Thinking on (the template's default), vLLM's parser reads everything before `</think>`
