@@ -302,6 +302,6 @@ class EnsembleClient:
                 and time.monotonic() - self.first_failure_at >= seconds)
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        client, self._client = self._client, None  # a call made while this closes opens a new one
+        if client is not None:
+            await client.close()
