@@ -325,9 +325,10 @@ def test_the_attached_shim_follows_its_triton_away_and_back(replicated):
     """Same health, warm-up and recovery as under ./build.sh serve, except that the shim does
     not restart a server it did not start: its owner does (here, the test)."""
     replicated.triton.stop()
-    # Its HTTP front end stopped before its exit timeout ran out: the shim let go of its
-    # keep-alive connections (EnsembleClient.let_go_when_idle). Held, Triton waits the whole
-    # 30 s for them and logs "Timeout 0: Found 0 model versions ..." next.
+    # Its HTTP front end stopped before its exit timeout ran out: the shim's readiness probe
+    # runs on a connection of its own (EnsembleClient.ready), so the shim noticed and let go of
+    # its pooled ones (let_go_when_idle, tests/unit/test_ensemble_client.py). With the probe on
+    # a pooled connection Triton waits the whole 30 s and logs "Timeout 0: Found 0 model versions ...".
     stopping = (ARTIFACTS / "plain-tritonserver.log").read_text(errors="replace").rsplit("Signal (15) received.", 1)[1]
     left = re.search(r"Timeout (\d+): Found \d+ model versions that have in-flight inferences", stopping)
     assert left and int(left[1]) > 0, stopping[:3000]
