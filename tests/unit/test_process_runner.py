@@ -21,6 +21,8 @@ from preprocess.sampling import SamplingSettings
 
 from ..conftest import TINY_ANSWER
 
+pytestmark = pytest.mark.engine  # an engine per module, another per rebuild
+
 
 def settings(max_tokens: int, **extra) -> SamplingSettings:
     return SamplingSettings(max_tokens=max_tokens, temperature=0.0, top_p=1.0, top_k=-1, repetition_penalty=1.0,
