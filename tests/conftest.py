@@ -427,10 +427,11 @@ def xdist_group_of(item) -> str:
 
 @pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture, which would undo the order
 def pytest_collection_modifyitems(config, items):
-    """./build.sh test runs two pytest-xdist workers (`--dist loadgroup`). The order: the
-    session server's group first, with its fault tests, which kill parts of the shared
-    server, last in it; then the files that start servers and engines of their own, so the
-    other worker starts on those while the first serves the shared one.
+    """./build.sh test runs two pytest-xdist workers (`--dist loadgroup`). Within a group the
+    order holds: the session server's fault tests, which kill parts of the shared server,
+    run last in its group. Between groups it does not: pytest-xdist hands out the largest
+    groups first, whatever the order here (so the `engine` marker's place in this sort has no
+    effect under ./build.sh test; it orders a plain serial run).
 
     The group goes into the test's id as `@GROUP`, which is what pytest-xdist's scheduler
     reads. pytest-xdist 3.8 writes it into `item._nodeid`, which pytest 9 no longer reads
