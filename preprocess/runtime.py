@@ -14,7 +14,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 
 class GeneratorStatus(NamedTuple):
@@ -101,3 +101,22 @@ class CancelMarkers:
             except FileNotFoundError:
                 continue
         return removed
+
+
+class Rarely:
+    """A yes/no question that is costly to ask (Triton's `is_cancelled` is a round trip
+    from the stub to the server), asked at most once per `every_s`: the first call asks,
+    calls in between say no, and once the answer is yes it stays yes without asking."""
+
+    def __init__(self, ask: Callable[[], bool], every_s: float, clock: Callable[[], float] = time.monotonic):
+        self.ask = ask
+        self.every_s = every_s
+        self.clock = clock
+        self._next_s = float("-inf")
+        self._yes = False
+
+    def __call__(self) -> bool:
+        if not self._yes and self.clock() >= self._next_s:
+            self._next_s = self.clock() + self.every_s
+            self._yes = bool(self.ask())
+        return self._yes

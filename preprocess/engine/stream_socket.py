@@ -150,13 +150,28 @@ class StreamFailed(Exception):
         self.kind = kind
 
 
+def merge_pieces(pieces: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pieces as one: the text, tokens, token ids and logprobs of all, in order, and the
+    last one's finish reason."""
+    if len(pieces) == 1:
+        return pieces[0]
+    logprobs = [entry for piece in pieces for entry in piece.get("logprobs") or ()]
+    return {"text": "".join(piece["text"] for piece in pieces), "tokens": sum(piece["tokens"] for piece in pieces),
+            "prompt_tokens": pieces[0]["prompt_tokens"], "finish_reason": pieces[-1].get("finish_reason"),
+            "logprobs": logprobs if any(piece.get("logprobs") is not None for piece in pieces) else None,
+            "token_ids": [i for piece in pieces for i in piece.get("token_ids") or ()]}
+
+
 def stream_events(path: Path, prompt_ids: list[int], values: dict[str, Any],
                   stop_asked: Callable[[], bool], poll_s: float = 0.5) -> Iterator[dict[str, Any]]:
     """The pieces of one answer from the server at `path`, as dicts (see the protocol
-    above), until the one with a finish reason. `stop_asked` is polled every `poll_s`
-    while waiting: when it says yes the connection is closed (the server aborts the
-    generation) and the iterator ends. StreamFailed for an error line; a server that is
-    not there or goes away gives StreamFailed(UNAVAILABLE)."""
+    above), until the one with a finish reason. Pieces that arrived together are yielded as
+    one (merge_pieces): a reader that falls behind the engine catches up with fewer, larger
+    pieces instead of a growing backlog, and nothing is lost. `stop_asked` is polled
+    before each wait for more, and every `poll_s` while waiting: when it says yes the
+    connection is closed (the server aborts the generation) and the iterator ends.
+    StreamFailed for an error line (after the pieces before it); a server that is not there
+    or goes away gives StreamFailed(UNAVAILABLE)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         try:
             conn.connect(str(path))
@@ -166,20 +181,25 @@ def stream_events(path: Path, prompt_ids: list[int], values: dict[str, Any],
         conn.settimeout(poll_s)
         buffer = b""
         while True:
-            newline = buffer.find(b"\n")
-            if newline >= 0:
-                line, buffer = buffer[:newline], buffer[newline + 1:]
-                event = json.loads(line)  # a piece, or {"error", "kind"}
-                if "error" in event:
-                    raise StreamFailed(event["error"], ErrorKind(event.get("kind", ErrorKind.INTERNAL.value)))
-                yield event
-                if event.get("finish_reason") is not None:
+            lines, _, buffer = buffer.rpartition(b"\n")  # every complete line; the rest waits
+            if lines:
+                pieces = []
+                for line in lines.split(b"\n"):
+                    event = json.loads(line)  # a piece, or {"error", "kind"}
+                    if "error" in event:
+                        if pieces:
+                            yield merge_pieces(pieces)
+                        raise StreamFailed(event["error"], ErrorKind(event.get("kind", ErrorKind.INTERNAL.value)))
+                    pieces.append(event)
+                    if event.get("finish_reason") is not None:
+                        break
+                yield merge_pieces(pieces)
+                if pieces[-1].get("finish_reason") is not None:
                     return
-                continue
             if stop_asked():
                 return
             try:
-                chunk = conn.recv(65536)
+                chunk = conn.recv(1 << 20)
             except socket.timeout:
                 continue
             except OSError as exc:

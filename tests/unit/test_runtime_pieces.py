@@ -6,7 +6,7 @@ import pytest
 
 from preprocess.postprocess_stage import PostprocessStage
 from preprocess.preprocess_stage import PreprocessStage
-from preprocess.runtime import CancelMarkers
+from preprocess.runtime import CancelMarkers, Rarely
 from preprocess.sampling import InvalidRequest
 from preprocess.settings import load
 from shim.serve import TritonSupervisor, restart_delay
@@ -95,3 +95,18 @@ def test_a_parser_vllm_lacks_is_logged_at_load_and_does_not_stop_the_model(caplo
     stage = PostprocessStage(load({"REASONING_PARSER": "no-such-parser"}))
     stage.prepare_reasoning()
     assert "REASONING_PARSER='no-such-parser' is not a reasoning parser of the installed vLLM" in caplog.text
+
+
+def test_a_costly_question_is_asked_at_most_once_per_interval_and_a_yes_sticks():
+    now, asked, answers = [0.0], [], iter([False, False, True])
+
+    def ask():
+        asked.append(now[0])
+        return next(answers)
+
+    cancelled = Rarely(ask, every_s=0.1, clock=lambda: now[0])
+    for t in (0.0, 0.05, 0.099, 0.1, 0.15, 0.2, 0.25, 0.3, 0.31, 5.0):
+        now[0] = t
+        cancelled()
+    assert asked == [0.0, 0.1, 0.2]  # the first call asks; then once per 0.1 s until the yes
+    assert cancelled() and len(asked) == 3

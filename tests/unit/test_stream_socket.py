@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import os
 import socket
+import tempfile
+import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from preprocess.engine.generation import client_error
 from preprocess.engine.stream_socket import UNIX_PATH_MAX, StreamFailed, StreamServer, socket_path, stream_events
@@ -71,3 +75,78 @@ def test_no_server_is_unavailable_not_a_bug(tmp_path):
     with pytest.raises(StreamFailed) as failed:
         list(stream_events(tmp_path / "none.sock", [1], VALUES, lambda: False))
     assert failed.value.kind == "unavailable"
+
+
+def piece(text: str, ids: list[int], finish: str | None = None, logprobs: bool = False) -> dict:
+    return {"text": text, "tokens": len(ids), "prompt_tokens": 3, "finish_reason": finish,
+            "logprobs": [{"token": str(i), "logprob": -1.0, "top": []} for i in ids] if logprobs else None,
+            "token_ids": ids}
+
+
+def serve_bytes(path: Path, parts: list[bytes]) -> threading.Thread:
+    """A stand-in for the generator's socket: reads the request line, then sends `parts`,
+    each with one sendall, and closes."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(1)
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn, listener:
+            conn.makefile("rb").readline()
+            for part in parts:
+                conn.sendall(part)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def lines_of(pieces: list[dict]) -> bytes:
+    return b"".join(json.dumps(p).encode() + b"\n" for p in pieces)
+
+
+def test_pieces_that_arrive_together_are_one_piece_with_everything_in_order(tmp_path):
+    sent = [piece("a", [1], logprobs=True), piece("bc", [2, 3], logprobs=True), piece("d", [4], "length", True)]
+    thread = serve_bytes(tmp_path / "s.sock", [lines_of(sent)])  # one write: one read on the other side
+    (got,) = list(stream_events(tmp_path / "s.sock", [1], VALUES, lambda: False))
+    thread.join(10)
+    assert got["text"] == "abcd" and got["tokens"] == 4 and got["token_ids"] == [1, 2, 3, 4]
+    assert [entry["token"] for entry in got["logprobs"]] == ["1", "2", "3", "4"]
+    assert got["finish_reason"] == "length" and got["prompt_tokens"] == 3
+
+
+def test_an_error_after_pieces_comes_after_them(tmp_path):
+    sent = lines_of([piece("a", [1]), piece("b", [2])]) + json.dumps({"error": "engine died", "kind": "internal"}).encode() + b"\n"
+    thread = serve_bytes(tmp_path / "s.sock", [sent])
+    events = stream_events(tmp_path / "s.sock", [1], VALUES, lambda: False)
+    first = next(events)
+    with pytest.raises(StreamFailed, match="engine died") as failed:
+        next(events)
+    thread.join(10)
+    assert first["text"] == "ab" and first["token_ids"] == [1, 2] and failed.value.kind == "internal"
+
+
+@settings(max_examples=40, deadline=None)
+@given(texts=st.lists(st.text(min_size=0, max_size=5), min_size=1, max_size=12), cuts=st.lists(st.integers(0, 10**6), max_size=8),
+       logprobs=st.booleans())
+def test_however_the_bytes_are_cut_nothing_is_lost_or_reordered(texts, cuts, logprobs):
+    """A property of the merging: the pieces read, joined, are the pieces sent, whatever
+    the writes' boundaries (even inside a line or a UTF-8 character's JSON escape)."""
+    sent = [piece(text, [i], "stop" if i == len(texts) - 1 else None, logprobs) for i, text in enumerate(texts)]
+    raw = lines_of(sent)
+    points = sorted({c % (len(raw) + 1) for c in cuts} | {0, len(raw)})
+    parts = [raw[a:b] for a, b in zip(points, points[1:]) if b > a]
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "s.sock"
+        thread = serve_bytes(path, parts)
+        got = list(stream_events(path, [1], VALUES, lambda: False))
+        thread.join(10)
+    assert "".join(p["text"] for p in got) == "".join(texts)
+    assert [i for p in got for i in p["token_ids"]] == list(range(len(texts)))
+    assert sum(p["tokens"] for p in got) == len(texts)
+    assert [p["finish_reason"] for p in got] == [None] * (len(got) - 1) + ["stop"]
+    if logprobs:
+        assert [e["token"] for p in got for e in p["logprobs"]] == [str(i) for i in range(len(texts))]
+    else:
+        assert all(p["logprobs"] is None for p in got)
