@@ -237,8 +237,8 @@ def main(argv=None):
     parser.add_argument("--streams", nargs="*", default=[],
                         help="CONCURRENCY:REQUESTS windows of streamed /v1/completions: the shim's SSE and, with "
                         "--vllm-serve-http, vllm serve's")
-    parser.add_argument("--py-spy", help="folder for py-spy profiles of the three stubs (round 2: the "
-                        "largest batch, or the ensemble at c=256)")
+    parser.add_argument("--py-spy", help="folder for py-spy profiles of the shim and the stubs (round 2: the "
+                        "largest batch, the ensemble at c=256, or the shim's last stream window)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     model_dir = Path(args.model_dir)
@@ -315,30 +315,36 @@ def run_batch_plan(args, workers, product, record) -> None:
         judge_round(args, b1, product, record, round_, "judge long", engine_floor=b2)
 
 
-def stub_pids() -> dict[str, int]:
-    """The Python-backend stub of each Triton model, by model name (from its command line)."""
+def stub_pids(root: int | None = None) -> dict[str, int]:
+    """The Python-backend stub of each Triton model, by model name (from its command line);
+    with `root`, only that process's descendants (one product of several)."""
     import psutil
 
+    processes = psutil.Process(root).children(recursive=True) if root else psutil.process_iter()
     found = {}
-    for process in psutil.process_iter(["name", "cmdline"]):
-        line = " ".join(process.info["cmdline"] or [])
+    for process in processes:
+        try:
+            line = " ".join(process.cmdline())
+        except psutil.Error:
+            continue
         if "triton_python_backend_stub" in line:
-            for model in ("preprocess", "generator", "postprocess"):
+            for model in ("preprocess", "generator", "generator_stream", "postprocess"):
                 if f"/{model}/1/model.py" in line:
                     found[model] = process.pid
     return found
 
 
 def profiler(args, product, record, case: str, path: str = "shim /predict") -> list[subprocess.Popen]:
-    """py-spy on every stub for one product window (its length taken from round 1)."""
+    """py-spy on the product's shim and every stub for one window (its length taken from
+    round 1)."""
     if not args.py_spy:
         return []
     seconds = next(m["seconds"] for m in record.measurements if m["case"] == case and m["path"] == path)
     folder = Path(args.py_spy)
     folder.mkdir(parents=True, exist_ok=True)
     spies = []
-    for model, pid in stub_pids().items():
-        out = folder / f"{model}-{case.replace(' ', '-').replace('=', '')}.txt"  # plain names travel back
+    for name, pid in {"shim": product.server.process.pid, **stub_pids(product.server.process.pid)}.items():
+        out = folder / f"{name}-{case.replace(' ', '-').replace('=', '')}.txt"  # plain names travel back
         spies.append(subprocess.Popen(["py-spy", "record", "-p", str(pid), "-d", str(int(seconds) + 1), "--threads",
                                        "--nonblocking", "--format", "raw", "-o", str(out)]))
     return spies
@@ -392,7 +398,11 @@ def run_online_plan(args, workers, products: dict, record) -> None:
                 sides.append(("baseline4-vllm-serve-http", lambda: vllm_serve_load(
                     b4, concurrency, requests, args.tokens, f"{tag}b4", stream=True)))
             for path, measure in (sides if round_ % 2 == 0 else sides[::-1]):  # each side goes first in turn
+                profiled = round_ == 1 and path == "shim /v1 SSE" and (concurrency, requests) == streams[-1]
+                spies = profiler(args, shim, record, case, path) if profiled else []
                 record.add(case, path, round_, measure(), "tokens")
+                for spy in spies:
+                    spy.wait(120)
         if not args.skip_judge:
             judge_round(args, b1, shim, record, round_, "judge shipped", products.get("ensemble B"), engine_floor=b2)
     if not args.skip_judge and b2 is not None:  # the judge-only plan: one batch step by step, on each engine
