@@ -85,8 +85,8 @@ def cleaned_chars(rows, texts: list[str]) -> int:
     from preprocess.postprocess_stage import PostprocessStage
     from preprocess.settings import load
 
-    answers = PostprocessStage(load(os.environ)).run(texts, [r.decision.route.value for r in rows],
-                                                     [r.decision.is_code for r in rows])
+    answers, _ = PostprocessStage(load(os.environ)).run(texts, [r.decision.route.value for r in rows],
+                                                        [r.decision.is_code for r in rows])
     return sum(len(a) for a in answers)
 
 

@@ -77,3 +77,18 @@ def test_engine_latency_splits_the_client_mean_at_the_engine():
 def test_latencies_ms_are_the_window_s_mean_and_percentiles():
     assert latencies_ms([0.3, 0.1, 0.2]) == pytest.approx({"mean_ms": 200.0, "p50_ms": 200.0, "p99_ms": 300.0})
     assert all(v != v for v in latencies_ms([]).values())  # an empty window: NaN, not a crash
+
+
+def test_the_in_process_judge_counts_the_characters_of_its_cleaned_answers(tokenizer):
+    """The replaced service's batch path in the GPU bench is credited with the characters of
+    its cleaned answers, as the shim's /predict is (not with a count of something else)."""
+    from preprocess.postprocess_stage import PostprocessStage
+    from preprocess.preprocess_stage import PreprocessStage
+    from preprocess.settings import load
+    from tests.bench.workers import cleaned_chars
+
+    rows = PreprocessStage(load({}), tokenizer).run(["What is a GPU?", "写一个 CUDA kernel"])
+    texts = ["A GPU is a processor for parallel work.", "```cuda\n__global__ void k() {}\n```"]
+    cleaned, _ = PostprocessStage(load({})).run(texts, [r.decision.route.value for r in rows],
+                                                [r.decision.is_code for r in rows])
+    assert cleaned_chars(rows, texts) == sum(len(a) for a in cleaned) > 40
