@@ -199,7 +199,7 @@ def stream_events(path: Path, prompt_ids: list[int], values: dict[str, Any],
             if stop_asked():
                 return
             try:
-                chunk = conn.recv(1 << 20)
+                chunk = conn.recv(65536)  # under glibc's mmap threshold: a bigger buffer costs an mmap per call
             except socket.timeout:
                 continue
             except OSError as exc:
