@@ -377,8 +377,16 @@ def stop_server(server: Server) -> None:
     stop_process(server.process, signal.SIGINT)  # what Ctrl-C sends
 
 
+# One empty file per pytest-xdist worker that started the session's server (see
+# pytest_sessionfinish: more than one means the grouping broke).
+SESSION_SERVER_STARTS = ARTIFACTS / "session-server-starts"
+
+
 @pytest.fixture(scope="session")
 def server(tiny_model) -> Server:
+    if worker := os.environ.get("PYTEST_XDIST_WORKER"):
+        SESSION_SERVER_STARTS.mkdir(parents=True, exist_ok=True)
+        (SESSION_SERVER_STARTS / worker).touch()
     env = server_env(tiny_model, USE_VLLM="true", HF_TOKEN=LEAK_CANARY, OPENAI_API_KEY=LEAK_CANARY)
     srv = start_server(env, "server.log")
     yield srv
@@ -399,12 +407,16 @@ def pytest_sessionstart(session):
 
     if not hasattr(session.config, "workerinput"):  # the controller, before any worker starts
         session.config.stash[SHM_BEFORE] = shm_names()
+        shutil.rmtree(SESSION_SERVER_STARTS, ignore_errors=True)
 
 
 def pytest_sessionfinish(session, exitstatus):
     """After every session fixture (the servers among them) has stopped: what killed servers
     left in /dev/shm goes (tests/shm_hygiene.py). Only the controller does it, once every
-    worker has ended: a worker that ends first could take the other's segments for orphans."""
+    worker has ended: a worker that ends first could take the other's segments for orphans.
+    And the session fails if more than one worker started the session's server: that is
+    pytest-xdist running the session's tests apart (the item._id rewrite below no longer
+    works with the installed pytest and pytest-xdist)."""
     from tests.shm_hygiene import remove_orphans
 
     before = session.config.stash.get(SHM_BEFORE, None)
@@ -412,6 +424,12 @@ def pytest_sessionfinish(session, exitstatus):
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if removed and reporter is not None:
         reporter.write_line(f"\n/dev/shm: removed {len(removed)} left by killed test servers: {' '.join(removed)}")
+    starts = sorted(path.name for path in SESSION_SERVER_STARTS.glob("*")) if before is not None else []
+    if len(starts) > 1:  # the session's tests ran on several workers, against several servers
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        if reporter is not None:
+            reporter.write_line(f"\nFAILED: the session's server was started by {len(starts)} workers ({', '.join(starts)}): "
+                                "pytest-xdist ignored the groups (pytest_collection_modifyitems)", red=True)
 
 
 SESSION_SERVER_GROUP = "session-server"
