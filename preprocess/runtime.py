@@ -116,7 +116,7 @@ class Rarely:
         self._yes = False
 
     def __call__(self) -> bool:
-        if not self._yes and self.clock() >= self._next_s:
-            self._next_s = self.clock() + self.every_s
+        if not self._yes and (now := self.clock()) >= self._next_s:
+            self._next_s = now + self.every_s
             self._yes = bool(self.ask())
         return self._yes
