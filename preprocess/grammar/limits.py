@@ -10,6 +10,7 @@ contained by the sandboxed compile (preprocess.grammar.sandbox).
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -87,6 +88,9 @@ def check_schema_cost(schema: Any, where: str = "response_format's schema") -> N
             value = node.get(keyword)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
+            if not math.isfinite(value):  # JSON parsers here accept Infinity and NaN
+                raise InvalidRequest(f"{where}: {path or '/'}{keyword} is {value}; a count must be a finite number "
+                                     f"within the limit of {MAX_SCHEMA_BOUND}")
             if value > MAX_SCHEMA_BOUND:
                 raise InvalidRequest(f"{where}: {path or '/'}{keyword} is {value:g}; the limit is "
                                      f"{MAX_SCHEMA_BOUND} (a grammar grows with every count)")
