@@ -12,56 +12,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from tests.bench.clients import openai_load  # noqa: E402
+from tests.bench.engine import stub_pids  # noqa: E402
 from tests.conftest import TINY_MODEL, build_tiny_model, server_env, start_server, stop_server  # noqa: E402
 
-MODELS = ("generator_stream", "generator", "preprocess", "postprocess")
+def roles(root: int) -> dict[int, str]:
+    """Every process of the product by what it is: the shim (the root), each model's stub,
+    tritonserver, or its process name (vLLM's engine processes)."""
+    stubs = {pid: f"stub {model}" for model, pid in stub_pids(root).items()}
+    return {root: "shim"} | {child.pid: stubs.get(child.pid, child.name())
+                             for child in psutil.Process(root).children(recursive=True)}
 
 
 def cpu_seconds(pid: int) -> float:
     """User and system time of the process, all its threads."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def process_tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    children.setdefault(int(stat.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-            except OSError:
-                continue
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo += children.get(pid, [])
-    return tree
-
-
-def role(pid: int, root: int) -> str:
-    """What the process is: the shim (the root), tritonserver, a model's stub, or its name."""
-    if pid == root:
-        return "shim"
-    try:
-        line = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        name = Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return "gone"
-    if "triton_python_backend_stub" in line:
-        return next((f"stub {model}" for model in MODELS if f"/{model}/1/model.py" in line), "stub ?")
-    return "tritonserver" if name == "tritonserver" else name
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 def main(argv=None) -> None:
@@ -84,14 +59,14 @@ def main(argv=None) -> None:
         openai_load(server.url, model.name, prompts, args.concurrency, 8, stream=True)  # warm, not measured
         root = server.process.pid
         for round_ in range(args.rounds):
-            pids = process_tree(root)
-            before = {pid: cpu_seconds(pid) for pid in pids}
+            named = roles(root)
+            before = {pid: cpu_seconds(pid) for pid in named}
             result = openai_load(server.url, model.name, prompts, args.concurrency, args.tokens, stream=True)
             spent: dict[str, float] = {}
-            for pid in pids:
+            for pid, role in named.items():
                 try:
-                    spent[role(pid, root)] = spent.get(role(pid, root), 0.0) + cpu_seconds(pid) - before[pid]
-                except OSError:
+                    spent[role] = spent.get(role, 0.0) + cpu_seconds(pid) - before[pid]
+                except psutil.Error:  # a process that ended during the window
                     continue
             chunks = round(result["chunks_per_stream"] * args.concurrency)
             window = {"checkout": str(checkout), "round": round_, "streams": args.concurrency, "tokens": result["tokens"],
