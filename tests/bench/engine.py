@@ -29,7 +29,6 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -41,6 +40,7 @@ sys.path.insert(0, str(REPO))
 from tests.bench.cpu import (QUESTIONS, check_generated, device_name, generated_tokens, prompts_and_ids,  # noqa: E402
                          tagged_questions)
 from tests.bench.hops import ttft_by_door  # noqa: E402
+from tests.bench.record import Record, print_table, summary  # noqa: E402,F401 (summary: tests.bench.penalties)
 from tests.bench.clients import engine_latency, model_stats, online_load, openai_load, stage_times  # noqa: E402
 from tests.bench.workers import Worker  # noqa: E402
 from tests.conftest import http_json, scrape_metrics, server_env, start_server, stop_server  # noqa: E402
@@ -130,80 +130,6 @@ def vllm_serve_load(worker, concurrency: int, requests: int, tokens: int, tag: s
     """Baseline 4's /v1/completions, through the same client as `Product.http`."""
     return openai_load(worker.scheduler["url"], worker.scheduler["model"], tagged_questions(requests, tag),
                        concurrency, tokens, stream)
-
-
-# A window's latency figures (milliseconds), summarised per path and against each baseline.
-LATENCY_KEYS = ("p50_ms", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "tpot_p50_ms")
-
-
-def summary(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
-
-
-class Record:
-    """Every measurement as it lands, written to disk each time (a cut-off run keeps its rounds)."""
-
-    def __init__(self, out: Path, header: dict):
-        self.out, self.header, self.measurements = out, header, []
-
-    def add(self, case: str, path: str, round_: int, result: dict, rate_key: str) -> None:
-        rate = result[rate_key] / result["seconds"]
-        self.measurements.append({"case": case, "path": path, "round": round_, "rate": rate, **result})
-        extra = "".join(f", {key.removesuffix('_ms').replace('_', ' ')} {result[key]:.1f} ms"
-                        for key in LATENCY_KEYS if key in result)
-        log.info("round %d %-14s %-16s %9.0f %s/s (%.1f s%s)", round_ + 1, case, path, rate,
-                 rate_key.removesuffix("s"), result["seconds"], extra)
-        for model, stage in result.get("stages", {}).items():
-            log.info("    %-16s %6d requests, %.2f per execution; ms per request: queue %s, input %s, infer %s, "
-                     "output %s", model, stage["requests"], stage["requests_per_execution"] or 0, stage["queue_ms"],
-                     stage["compute_input_ms"], stage["compute_infer_ms"], stage["compute_output_ms"])
-        if engine := result.get("engine"):
-            log.info("    client mean %.1f ms: %.1f ms in the engine, %.1f ms outside it (%d prompts)",
-                     result["mean_ms"], engine["engine_mean_ms"], engine["outside_engine_ms"], engine["prompts"])
-        self.write()
-
-    def table(self) -> dict:
-        cases: dict[str, dict[str, dict[int, dict]]] = {}
-        for m in self.measurements:
-            cases.setdefault(m["case"], {}).setdefault(m["path"], {})[m["round"]] = m
-        table = {}
-        for case, paths in cases.items():
-            rows = {path: {"rate": summary([m["rate"] for m in rounds.values()])} for path, rounds in paths.items()}
-            for path, rounds in paths.items():
-                for key in LATENCY_KEYS:
-                    if key in next(iter(rounds.values())):
-                        rows[path][key] = summary([m[key] for m in rounds.values()])
-                for base, base_rounds in paths.items():
-                    # each path against every baseline; product B's also against the first product
-                    if base == path or not (base.startswith("baseline") or path == f"{base} B"):
-                        continue
-                    common = sorted(set(rounds) & set(base_rounds))
-                    if common:
-                        rows[path][f"ratio_to_{base}"] = summary(
-                            [rounds[r]["rate"] / base_rounds[r]["rate"] for r in common])
-                        for key in LATENCY_KEYS:  # milliseconds more than the baseline, per round
-                            if key in rounds[common[0]] and key in base_rounds[common[0]]:
-                                rows[path][f"{key}_over_{base}"] = summary(
-                                    [rounds[r][key] - base_rounds[r][key] for r in common])
-            table[case] = rows
-        return table
-
-    def write(self, **more) -> None:
-        self.header.update(more)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.out.write_text(json.dumps({**self.header, "table": self.table(), "measurements": self.measurements},
-                                       indent=1, ensure_ascii=False))
-
-
-def print_table(table: dict) -> None:
-    for case, rows in table.items():
-        for path, row in rows.items():
-            rate = row["rate"]
-            ratios = "  ".join(f"{k.removeprefix('ratio_to_')} {v['median']:.3f} ({v['min']:.3f}-{v['max']:.3f})"
-                               for k, v in row.items() if k.startswith("ratio_to_"))
-            latency = "".join(f"  {key.removesuffix('_ms').replace('_', ' ')} {row[key]['median']:.1f} ms"
-                              for key in LATENCY_KEYS if key in row)
-            print(f"{case:14} {path:18} {rate['median']:9.0f} ({rate['min']:.0f}-{rate['max']:.0f}){latency}  {ratios}")
 
 
 def main(argv=None):
@@ -383,6 +309,14 @@ def run_online_plan(args, workers, products: dict, record) -> None:
                 each.http(16, 32, 8, "warmh", stream=bool(streams))
     hops = []
     for round_ in range(args.rounds):
+        if args.ttft_hops:  # first in the round: short, and kept when a time limit cuts the round
+            for name, each in products.items():
+                doors = ttft_by_door(each.server, each.model_dir, args.ttft_hops, 4, f"r{round_}hops{name[-1]}",
+                                     b4.scheduler["url"] if b4 is not None and name == "ensemble" else None)
+                hops.append({"round": round_, "product": name, "doors": doors})
+                record.write(ttft_hops=hops)
+                log.info("round %d time to first piece by door, %s: %s", round_ + 1, name, ", ".join(
+                    f"{door} {d['ttft_p50_ms']:.1f} ms" for door, d in doors.items()))
         for concurrency, requests in windows:
             case, tag = f"online c={concurrency}", f"r{round_}c{concurrency}"
             if b3 is not None:
@@ -416,14 +350,6 @@ def run_online_plan(args, workers, products: dict, record) -> None:
                 record.add(case, path, round_, measure(), "tokens")
                 for spy in spies:
                     spy.wait(120)
-        if args.ttft_hops:
-            for name, each in products.items():
-                doors = ttft_by_door(each.server, each.model_dir, args.ttft_hops, 4, f"r{round_}hops{name[-1]}",
-                                     b4.scheduler["url"] if b4 is not None and name == "ensemble" else None)
-                hops.append({"round": round_, "product": name, "doors": doors})
-                record.write(ttft_hops=hops)
-                log.info("round %d time to first piece by door, %s: %s", round_ + 1, name, ", ".join(
-                    f"{door} {d['ttft_p50_ms']:.1f} ms" for door, d in doors.items()))
         if not args.skip_judge:
             judge_round(args, b1, shim, record, round_, "judge shipped", products.get("ensemble B"), engine_floor=b2)
     if not args.skip_judge and b2 is not None:  # the judge-only plan: one batch step by step, on each engine

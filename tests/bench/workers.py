@@ -235,7 +235,8 @@ async def vllm_serve_http_worker(model_dir: str, memory: float) -> None:
     log_path = REPO / "tests" / ".artifacts" / "vllm-serve-http.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log_file:
-        server = subprocess.Popen([sys.executable, "-m", *vllm_serve_command(), model_dir, "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
+        server = subprocess.Popen([sys.executable, "-m", *vllm_serve_command(), model_dir, "--host", "127.0.0.1",
+                                   "--port", str(port), "--dtype", "bfloat16",
                                    "--gpu-memory-utilization", str(memory), "--disable-uvicorn-access-log"],
                                   stdout=log_file, stderr=subprocess.STDOUT)
     try:
