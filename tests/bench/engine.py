@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 from tests.bench.cpu import (QUESTIONS, check_generated, device_name, generated_tokens, prompts_and_ids,  # noqa: E402
                          tagged_questions)
 from tests.bench.hops import ttft_by_door  # noqa: E402
-from tests.bench.record import Record, print_table, summary  # noqa: E402,F401 (summary: tests.bench.penalties)
+from tests.bench.record import Record, print_table  # noqa: E402
 from tests.bench.clients import engine_latency, model_stats, online_load, openai_load, stage_times  # noqa: E402
 from tests.bench.workers import Worker  # noqa: E402
 from tests.conftest import http_json, scrape_metrics, server_env, start_server, stop_server  # noqa: E402

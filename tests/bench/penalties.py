@@ -42,7 +42,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from tests.bench.cpu import device_name  # noqa: E402
-from tests.bench.engine import SHIPPED_ROUTING, judge_questions, summary as spread  # noqa: E402
+from tests.bench.engine import SHIPPED_ROUTING, judge_questions  # noqa: E402
+from tests.bench.record import summary as spread  # noqa: E402
 from tests.bench.workers import Worker  # noqa: E402
 
 log = logging.getLogger("bench_penalties")
