@@ -3,7 +3,8 @@
 #   ./build.sh                 set everything up (idempotent; a second run takes seconds)
 #   ./build.sh serve [PRESET]  set up if needed, then tritonserver + shim on :8000
 #                              PRESET: docker/run_model.sh (fills unset variables) or
-#                              docker/env_force.sh (forces the full set)
+#                              docker/env_force.sh (forces the full set): the judge's;
+#                              docker/online.sh: online serving on a GPU
 #   ./build.sh test            set up if needed, then the test suite
 #   ./build.sh env             set up if needed, then print the `export` lines a plain
 #                              `tritonserver --model-repository model_repository` needs

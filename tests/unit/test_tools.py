@@ -1,4 +1,4 @@
-"""The command-line tools and presets users run: preprocess explain/clean, the two presets."""
+"""The command-line tools and presets users run: preprocess explain/clean, the three presets."""
 import json
 import subprocess
 import sys
@@ -54,3 +54,16 @@ def test_presets_parse_as_valid_settings():
         env = preset_env(preset)
         settings = load(env)
         assert env["BATCH_MODE"] == "1" and settings.routing.max_new_tokens == int(env["MAX_NEW_TOKENS"])
+
+
+def test_online_preset_fills_only_unset_engine_defaults():
+    from preprocess.engine_settings import load_engine
+
+    env = preset_env("online.sh")
+    engine = load_engine(env, metax=False)
+    assert engine.compilation_config == {} and engine.scheduler_defaults == "serve"
+    assert "BATCH_MODE" not in env  # online: health says ok, engine statistics stay on
+    assert engine.engine_stats
+    mine = preset_env("online.sh", VLLM_COMPILATION_CONFIG='{"backend": "eager"}', VLLM_SCHEDULER_DEFAULTS="offline")
+    engine = load_engine(mine, metax=False)
+    assert engine.compilation_config == {"backend": "eager"} and engine.scheduler_defaults == "offline"
