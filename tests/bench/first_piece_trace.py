@@ -52,7 +52,7 @@ PROBES = [
 # Points on the way back, each taken once per stream (its first piece).
 FIRST_ONLY = [
     ("preprocess/engine/vllm_runner.py", "                received = True\n", True, "09 engine first output"),
-    ("preprocess/engine/stream_socket.py", "                writer.write(encode(asdict(event)))\n", True,
+    ("preprocess/engine/stream_socket.py", "                writer.write(b\"\".join(lines))\n", True,
      "10 socket server writes"),
     ("model_repository/generator_stream/1/model.py", "                last = piece.get(\"finish_reason\") is not None\n",
      True, "11 relay has the piece"),

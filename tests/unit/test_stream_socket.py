@@ -150,3 +150,80 @@ def test_however_the_bytes_are_cut_nothing_is_lost_or_reordered(texts, cuts, log
         assert [e["token"] for p in got for e in p["logprobs"]] == [str(i) for i in range(len(texts))]
     else:
         assert all(p["logprobs"] is None for p in got)
+
+
+@settings(max_examples=30, deadline=None)
+@given(streams=st.lists(st.integers(1, 40), min_size=1, max_size=6))
+def test_the_hand_off_delivers_every_piece_once_and_in_order(streams):
+    """Engine threads hand pieces to the socket server's loop in bursts (HandOff): each
+    connection's queue gets exactly its pieces, in the order they were put, however the
+    threads interleave; never more wake-ups of the loop than pieces."""
+    import asyncio
+
+    from preprocess.engine.stream_socket import HandOff
+
+    loop = asyncio.new_event_loop()
+    wakeups = []
+    hand_off = HandOff(loop)
+    deliver = hand_off._deliver
+    hand_off._deliver = lambda: (wakeups.append(1), deliver())
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+    try:
+        queues = asyncio.run_coroutine_threadsafe(_queues(len(streams)), loop).result(10)
+        start = threading.Barrier(len(streams))
+
+        def engine(index: int, count: int) -> None:
+            start.wait()
+            for n in range(count):
+                hand_off.put(queues[index], (index, n))
+
+        threads = [threading.Thread(target=engine, args=(i, count)) for i, count in enumerate(streams)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        got = asyncio.run_coroutine_threadsafe(_drain(queues, streams), loop).result(10)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(10)
+        loop.close()
+    assert got == [[(i, n) for n in range(count)] for i, count in enumerate(streams)]
+    assert 1 <= len(wakeups) <= sum(streams)
+
+
+async def _queues(count: int) -> list:
+    import asyncio
+
+    return [asyncio.Queue() for _ in range(count)]
+
+
+async def _drain(queues: list, counts: list[int]) -> list:
+    return [[await queue.get() for _ in range(count)] for queue, count in zip(queues, counts)]
+
+
+def test_pieces_handed_over_while_the_loop_is_busy_cost_one_wake_up():
+    import asyncio
+
+    from preprocess.engine.stream_socket import HandOff
+
+    loop = asyncio.new_event_loop()
+    hand_off = HandOff(loop)
+    wakeups = []
+    deliver = hand_off._deliver
+    hand_off._deliver = lambda: (wakeups.append(1), deliver())
+    busy = threading.Event()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+    try:
+        queue = asyncio.run_coroutine_threadsafe(_queues(1), loop).result(10)[0]
+        loop.call_soon_threadsafe(busy.wait, 10)  # the loop is held up, as by vLLM's output handling
+        for n in range(64):
+            hand_off.put(queue, n)
+        busy.set()
+        got = asyncio.run_coroutine_threadsafe(_drain([queue], [64]), loop).result(10)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(10)
+        loop.close()
+    assert got == [list(range(64))] and len(wakeups) == 1
