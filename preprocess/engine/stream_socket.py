@@ -92,7 +92,7 @@ class HandOff:
 
 class StreamServer:
     """Serves `service.stream` (GeneratorService) on a Unix socket, on its own asyncio
-    thread: the engines' threads hand pieces over with call_soon_threadsafe, and a slow
+    thread: the engines' threads hand pieces over through a HandOff, and a slow
     reader holds up only its own connection, never an engine."""
 
     def __init__(self, service, path: Path, describe: Callable[[BaseException, bool], tuple[ErrorKind, str]]):
@@ -146,7 +146,13 @@ class StreamServer:
             if handle is not None:
                 self._streaming.add(handle)
             gone = asyncio.ensure_future(reader.read(1))  # EOF: the client closed, abort
-            gone.add_done_callback(lambda _: pieces.put_nowait(CLIENT_GONE))
+
+            def client_left(done: asyncio.Future) -> None:
+                if not done.cancelled():
+                    done.exception()  # a reset connection is only a client leaving: retrieved, not logged
+                pieces.put_nowait(CLIENT_GONE)
+
+            gone.add_done_callback(client_left)
             while True:
                 # Every piece waiting goes out in one write: a connection that fell behind
                 # catches up with one system call, not one per piece.

@@ -2,11 +2,13 @@
 how a client sees a server that is not there (the served path is in test_openai_stream)."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
 import tempfile
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from preprocess.engine.generation import client_error
-from preprocess.engine.stream_socket import UNIX_PATH_MAX, StreamFailed, StreamServer, socket_path, stream_events
+from preprocess.engine.stream_socket import (UNIX_PATH_MAX, HandOff, StreamFailed, StreamServer, socket_path,
+                                             stream_events)
 
 
 # Every setting the generator needs, as preprocess sends them.
@@ -152,25 +155,40 @@ def test_however_the_bytes_are_cut_nothing_is_lost_or_reordered(texts, cuts, log
         assert all(p["logprobs"] is None for p in got)
 
 
+@contextmanager
+def running_hand_off():
+    """A HandOff onto a loop running on its own thread, as the socket server's; `wakeups`
+    counts the loop's wake-ups. Yields (the loop, run a coroutine on it, hand_off, wakeups)."""
+    loop = asyncio.new_event_loop()
+    hand_off, wakeups = HandOff(loop), []
+    deliver = hand_off._deliver
+    hand_off._deliver = lambda: (wakeups.append(1), deliver())
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+    try:
+        yield loop, (lambda coroutine: asyncio.run_coroutine_threadsafe(coroutine, loop).result(10)), hand_off, wakeups
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(10)
+        loop.close()
+
+
+async def new_queues(count: int) -> list[asyncio.Queue]:
+    return [asyncio.Queue() for _ in range(count)]
+
+
+async def drain(queues: list[asyncio.Queue], counts: list[int]) -> list[list]:
+    return [[await queue.get() for _ in range(count)] for queue, count in zip(queues, counts)]
+
+
 @settings(max_examples=30, deadline=None)
 @given(streams=st.lists(st.integers(1, 40), min_size=1, max_size=6))
 def test_the_hand_off_delivers_every_piece_once_and_in_order(streams):
     """Engine threads hand pieces to the socket server's loop in bursts (HandOff): each
     connection's queue gets exactly its pieces, in the order they were put, however the
     threads interleave; never more wake-ups of the loop than pieces."""
-    import asyncio
-
-    from preprocess.engine.stream_socket import HandOff
-
-    loop = asyncio.new_event_loop()
-    wakeups = []
-    hand_off = HandOff(loop)
-    deliver = hand_off._deliver
-    hand_off._deliver = lambda: (wakeups.append(1), deliver())
-    runner = threading.Thread(target=loop.run_forever, daemon=True)
-    runner.start()
-    try:
-        queues = asyncio.run_coroutine_threadsafe(_queues(len(streams)), loop).result(10)
+    with running_hand_off() as (_, on_loop, hand_off, wakeups):
+        queues = on_loop(new_queues(len(streams)))
         start = threading.Barrier(len(streams))
 
         def engine(index: int, count: int) -> None:
@@ -183,47 +201,18 @@ def test_the_hand_off_delivers_every_piece_once_and_in_order(streams):
             thread.start()
         for thread in threads:
             thread.join(10)
-        got = asyncio.run_coroutine_threadsafe(_drain(queues, streams), loop).result(10)
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        runner.join(10)
-        loop.close()
+        got = on_loop(drain(queues, streams))
     assert got == [[(i, n) for n in range(count)] for i, count in enumerate(streams)]
     assert 1 <= len(wakeups) <= sum(streams)
 
 
-async def _queues(count: int) -> list:
-    import asyncio
-
-    return [asyncio.Queue() for _ in range(count)]
-
-
-async def _drain(queues: list, counts: list[int]) -> list:
-    return [[await queue.get() for _ in range(count)] for queue, count in zip(queues, counts)]
-
-
 def test_pieces_handed_over_while_the_loop_is_busy_cost_one_wake_up():
-    import asyncio
-
-    from preprocess.engine.stream_socket import HandOff
-
-    loop = asyncio.new_event_loop()
-    hand_off = HandOff(loop)
-    wakeups = []
-    deliver = hand_off._deliver
-    hand_off._deliver = lambda: (wakeups.append(1), deliver())
-    busy = threading.Event()
-    runner = threading.Thread(target=loop.run_forever, daemon=True)
-    runner.start()
-    try:
-        queue = asyncio.run_coroutine_threadsafe(_queues(1), loop).result(10)[0]
-        loop.call_soon_threadsafe(busy.wait, 10)  # the loop is held up, as by vLLM's output handling
+    with running_hand_off() as (loop, on_loop, hand_off, wakeups):
+        (queue,) = on_loop(new_queues(1))
+        busy = threading.Event()
+        loop.call_soon_threadsafe(busy.wait, 10)  # the loop held up, as by vLLM's output handling
         for n in range(64):
             hand_off.put(queue, n)
         busy.set()
-        got = asyncio.run_coroutine_threadsafe(_drain([queue], [64]), loop).result(10)
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        runner.join(10)
-        loop.close()
+        got = on_loop(drain([queue], [64]))
     assert got == [list(range(64))] and len(wakeups) == 1
