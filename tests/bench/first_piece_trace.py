@@ -120,8 +120,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     trace_dir = Path(tempfile.mkdtemp(prefix="first-piece-points-"))
     copy = instrumented_copy(trace_dir)
-    env = server_env(args.model_dir.resolve(), BATCH_MODE="1", DTYPE="bfloat16", PYTHONPATH=str(copy),
-                     SHIM_MAX_REQUEST_TOKENS=str(10**8), **dict(item.split("=", 1) for item in args.product_env))
+    # --product-env overrides these defaults (the same keyword twice was a TypeError).
+    overrides = {"BATCH_MODE": "1", "DTYPE": "bfloat16", "SHIM_MAX_REQUEST_TOKENS": str(10**8),
+                 **dict(item.split("=", 1) for item in args.product_env), "PYTHONPATH": str(copy)}
+    env = server_env(args.model_dir.resolve(), **overrides)
     server = start_server(env, "first-piece-trace-server.log", cwd=copy)
     try:
         for k in range(3):
