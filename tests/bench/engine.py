@@ -45,6 +45,7 @@ from tests.bench.clients import engine_latency, model_stats, online_load, openai
 from tests.bench.workers import Worker  # noqa: E402
 from tests.conftest import http_json, scrape_metrics, server_env, start_server, stop_server  # noqa: E402
 from tests.bench.gpu_watch import GpuSampler, gpu_processes  # noqa: E402
+from tests.bench.process_cpu import CpuWindow, stub_pids  # noqa: E402
 
 log = logging.getLogger("bench_engine")
 SHIPPED_ROUTING = {"MAX_NEW_TOKENS": "32", "MAX_NEW_TOKENS_CODE_SOFT": "64", "MAX_NEW_TOKENS_CODE": "192"}
@@ -118,18 +119,24 @@ class Product:
                 "engine": engine_latency(metrics_before, scrape_metrics(metrics_url), result["mean_ms"])}
 
     def http(self, concurrency: int, requests: int, tokens: int, tag: str, stream: bool = False) -> dict:
-        """The shim's /v1/completions (the prompt verbatim, as `vllm serve` takes it)."""
-        return openai_load(self.server.url, self.model_dir.name, tagged_questions(requests, tag), concurrency,
-                           tokens, stream)
+        """The shim's /v1/completions (the prompt verbatim, as `vllm serve` takes it), with
+        each of its processes' share of a core over the window."""
+        window = CpuWindow(self.server.process.pid)
+        result = openai_load(self.server.url, self.model_dir.name, tagged_questions(requests, tag), concurrency,
+                             tokens, stream)
+        return {**result, "cpu_core_share": window.core_shares()}
 
     def close(self) -> None:
         stop_server(self.server)
 
 
 def vllm_serve_load(worker, concurrency: int, requests: int, tokens: int, tag: str, stream: bool = False) -> dict:
-    """Baseline 4's /v1/completions, through the same client as `Product.http`."""
-    return openai_load(worker.scheduler["url"], worker.scheduler["model"], tagged_questions(requests, tag),
-                       concurrency, tokens, stream)
+    """Baseline 4's /v1/completions, through the same client as `Product.http`, with its
+    processes' shares of a core (its API server is the worker's child)."""
+    window = CpuWindow(worker.process.pid, "bench worker")
+    result = openai_load(worker.scheduler["url"], worker.scheduler["model"], tagged_questions(requests, tag),
+                         concurrency, tokens, stream)
+    return {**result, "cpu_core_share": window.core_shares()}
 
 
 def main(argv=None):
@@ -245,25 +252,6 @@ def run_batch_plan(args, workers, product, record) -> None:
             for spy in spies:
                 spy.wait(120)  # py-spy stops on its own after -d seconds and writes its file then
         judge_round(args, b1, product, record, round_, "judge long", engine_floor=b2)
-
-
-def stub_pids(root: int | None = None) -> dict[str, int]:
-    """The Python-backend stub of each Triton model, by model name (from its command line);
-    with `root`, only that process's descendants (one product of several)."""
-    import psutil
-
-    processes = psutil.Process(root).children(recursive=True) if root else psutil.process_iter()
-    found = {}
-    for process in processes:
-        try:
-            line = " ".join(process.cmdline())
-        except psutil.Error:
-            continue
-        if "triton_python_backend_stub" in line:
-            for model in ("preprocess", "generator", "generator_stream", "postprocess"):
-                if f"/{model}/1/model.py" in line:
-                    found[model] = process.pid
-    return found
 
 
 def profiler(args, product, record, case: str, path: str = "shim /predict") -> list[subprocess.Popen]:

@@ -35,6 +35,8 @@ class Record:
             log.info("    %-16s %6d requests, %.2f per execution; ms per request: queue %s, input %s, infer %s, "
                      "output %s", model, stage["requests"], stage["requests_per_execution"] or 0, stage["queue_ms"],
                      stage["compute_input_ms"], stage["compute_infer_ms"], stage["compute_output_ms"])
+        if shares := result.get("cpu_core_share"):
+            log.info("    cores busy: %s", ", ".join(f"{role} {share:.2f}" for role, share in shares.items() if share >= 0.05))
         if engine := result.get("engine"):
             log.info("    client mean %.1f ms: %.1f ms in the engine, %.1f ms outside it (%d prompts)",
                      result["mean_ms"], engine["engine_mean_ms"], engine["outside_engine_ms"], engine["prompts"])

@@ -16,27 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
-
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from tests.bench.clients import openai_load  # noqa: E402
-from tests.bench.engine import stub_pids  # noqa: E402
+from tests.bench.process_cpu import CpuWindow  # noqa: E402
 from tests.conftest import TINY_MODEL, build_tiny_model, server_env, start_server, stop_server  # noqa: E402
-
-def roles(root: int) -> dict[int, str]:
-    """Every process of the product by what it is: the shim (the root), each model's stub,
-    tritonserver, or its process name (vLLM's engine processes)."""
-    stubs = {pid: f"stub {model}" for model, pid in stub_pids(root).items()}
-    return {root: "shim"} | {child.pid: stubs.get(child.pid, child.name())
-                             for child in psutil.Process(root).children(recursive=True)}
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system time of the process, all its threads."""
-    times = psutil.Process(pid).cpu_times()
-    return times.user + times.system
 
 
 def main(argv=None) -> None:
@@ -59,15 +44,9 @@ def main(argv=None) -> None:
         openai_load(server.url, model.name, prompts, args.concurrency, 8, stream=True)  # warm, not measured
         root = server.process.pid
         for round_ in range(args.rounds):
-            named = roles(root)
-            before = {pid: cpu_seconds(pid) for pid in named}
+            cpu = CpuWindow(root)
             result = openai_load(server.url, model.name, prompts, args.concurrency, args.tokens, stream=True)
-            spent: dict[str, float] = {}
-            for pid, role in named.items():
-                try:
-                    spent[role] = spent.get(role, 0.0) + cpu_seconds(pid) - before[pid]
-                except psutil.Error:  # a process that ended during the window
-                    continue
+            spent, _ = cpu.spent()
             chunks = round(result["chunks_per_stream"] * args.concurrency)
             window = {"checkout": str(checkout), "round": round_, "streams": args.concurrency, "tokens": result["tokens"],
                       "seconds": round(result["seconds"], 2), "tok_s": round(result["tokens"] / result["seconds"], 1),
