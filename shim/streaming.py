@@ -85,13 +85,17 @@ class StreamClient:
                 if error is not None:
                     raise map_triton_error(error)
                 piece = read_piece(result)
-                yield piece
                 if piece.finish_reason is not None:
+                    # Answered before the last piece is handed out: a caller that closes this
+                    # iterator after it has not left early, and nothing is cancelled.
                     answered.set()
+                    yield piece
                     return
+                yield piece
             raise EnsembleError(502, "the model server ended the stream before the answer was complete")
         except (asyncio.CancelledError, GeneratorExit):
-            self.cancel_markers.mark(request_id)  # the caller left: abort the generation
+            if not answered.is_set():
+                self.cancel_markers.mark(request_id)  # the caller left: abort the generation
             raise
         except InferenceServerException as exc:
             raise map_triton_error(exc) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 
 import numpy as np
 import openai
@@ -52,6 +53,19 @@ def test_a_streamed_completion_is_verbatim_and_carries_logprobs(client):
     streamed_tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
     assert streamed_tokens == whole.choices[0].logprobs.tokens and len(streamed_tokens) == 5
     assert all(len(c.choices[0].logprobs.top_logprobs[0]) == 3 for c in chunks if c.choices[0].logprobs)
+
+
+def test_a_stream_that_ends_leaves_no_cancel_marker(client, server):
+    """A stream read to its end is answered, not cancelled: the shim drops no cancel marker
+    for it (one per finished stream piled up until the 60 s sweep, a file written and a gRPC
+    call cancelled per stream)."""
+    folder = Path(server.env["LLM_RUNTIME_DIR"]) / "cancelled"
+    before = set(folder.iterdir())
+    for _ in range(3):
+        chunks = list(client.completions.create(model=TINY_MODEL.name, prompt="The answer is", max_tokens=3,
+                                                temperature=0, stream=True))
+        assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
+    assert set(folder.iterdir()) - before == set()
 
 
 def leave_after_the_first_piece(server, max_tokens: int) -> dict[str, float]:
