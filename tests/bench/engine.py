@@ -114,8 +114,10 @@ class Product:
         items = prompts_and_ids(self.model_dir, requests, tag)[1] if generator_only else tagged_questions(requests, tag)
         url, metrics_url = self.server.triton_url, self.server.metrics_url
         before, metrics_before = model_stats(url), scrape_metrics(metrics_url)
+        window = CpuWindow(self.server.process.pid)
         result = online_load(url, items, concurrency, {"max_new_tokens": tokens, **EXACT}, processes)
-        return {"tokens": requests * tokens, **result, "stages": stage_times(before, model_stats(url)),
+        return {"tokens": requests * tokens, **result, "cpu_core_share": window.core_shares(),
+                "stages": stage_times(before, model_stats(url)),
                 "engine": engine_latency(metrics_before, scrape_metrics(metrics_url), result["mean_ms"])}
 
     def http(self, concurrency: int, requests: int, tokens: int, tag: str, stream: bool = False) -> dict:
