@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 
 from ..contract import InvalidRequest
 from ..errors import ErrorKind
-from .generation import StreamDelta, generation_items
+from .generation import generation_items
 
 log = logging.getLogger("generator.stream")
 
@@ -52,11 +52,6 @@ def encode(message: dict[str, Any]) -> bytes:
 
 def error_message(kind: ErrorKind, text: str) -> dict[str, Any]:
     return {"error": text, "kind": kind.value}
-
-
-def piece_message(event: StreamDelta) -> dict[str, Any]:
-    return {"text": event.text, "tokens": event.tokens, "prompt_tokens": event.prompt_tokens,
-            "finish_reason": event.finish_reason, "logprobs": event.logprobs, "token_ids": event.token_ids}
 
 
 CLIENT_GONE = object()  # in a connection's queue: its client closed the connection (or wrote to it)
@@ -170,7 +165,8 @@ class StreamServer:
                         lines.append(encode(error_message(*self.describe(event, self.service.serving))))
                         ended = True
                         break
-                    lines.append(encode(piece_message(event)))
+                    # The piece's own fields, as they are: asdict would deep-copy its logprobs.
+                    lines.append(encode(vars(event)))
                     if event.finish_reason is not None:
                         ended = True
                         break
