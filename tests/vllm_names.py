@@ -145,6 +145,7 @@ def engine_argument_uses() -> list[Use]:
         "VLLM_TOKENIZER_POOL_SIZE": "2", "VLLM_TOKENIZER_POOL_TYPE": "ray", "ENABLE_CHUNKED_PREFILL": "1",
         "VLLM_COMPILATION_CONFIG": '{"level": 3}', "VLLM_ASYNC_SCHEDULING": "1",
         "VLLM_MAX_CUDAGRAPH_CAPTURE_SIZE": "64", "ENABLE_SPECULATIVE_DECODING": "1",
+        "VLLM_STREAM_INTERVAL": "4",
     })
     names = set(engine_config.engine_kwargs(everything, "/model")) | {"structured_outputs_config"}
     where = "preprocess/engine/config.py engine_kwargs"

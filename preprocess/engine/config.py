@@ -94,6 +94,7 @@ def engine_kwargs(settings: EngineSettings, model_dir: str) -> dict[str, Any]:
         "compilation_config": settings.compilation_config,
         "async_scheduling": settings.async_scheduling,
         "max_cudagraph_capture_size": settings.max_cudagraph_capture_size,
+        "stream_interval": settings.stream_interval,
     }
     kwargs.update({k: v for k, v in optional.items() if v is not None})
     if settings.speculative is not None:

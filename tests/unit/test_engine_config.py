@@ -54,14 +54,15 @@ def test_every_variable_reaches_its_argument():
            "VLLM_MAX_NUM_SEQS": "64", "VLLM_MAX_NUM_BATCHED_TOKENS": "8192", "VLLM_TOKENIZER_POOL_SIZE": "2",
            "VLLM_TOKENIZER_POOL_TYPE": "ray", "TENSOR_PARALLEL_SIZE": "2", "VLLM_ENFORCE_EAGER": "1",
            "ENABLE_CHUNKED_PREFILL": "1", "VLLM_COMPILATION_CONFIG": '{"level": 3}',
-           "VLLM_ATTENTION_BACKEND": "TRITON_ATTN"}
+           "VLLM_ATTENTION_BACKEND": "TRITON_ATTN", "VLLM_STREAM_INTERVAL": "8"}
     kw = engine_kwargs(load_engine(env, metax=False), "/m")
     assert kw == {"model": "/m", "tokenizer": "/m", "tensor_parallel_size": 2, "gpu_memory_utilization": 0.5,
                   "dtype": "bfloat16", "enable_prefix_caching": False, "disable_log_stats": False,
                   "enforce_eager": True, "max_model_len": 2048, "quantization": "awq", "load_format": "safetensors",
                   "kv_cache_dtype": "fp8", "max_num_seqs": 64, "max_num_batched_tokens": 8192,
                   "tokenizer_pool_size": 2, "tokenizer_pool_type": "ray", "enable_chunked_prefill": True,
-                  "compilation_config": {"level": 3}, "attention_backend": "TRITON_ATTN"}
+                  "compilation_config": {"level": 3}, "attention_backend": "TRITON_ATTN",
+                  "stream_interval": 8}
     assert engine_kwargs(load_engine({"VLLM_KV_CACHE_DTYPE": "fp8_e5m2", "KV_CACHE_DTYPE": "fp8"}), "/m")[
         "kv_cache_dtype"] == "fp8_e5m2"
 
@@ -84,6 +85,9 @@ def test_speculative_ngram_forces_chunked_prefill_off_and_clips():
 def test_bad_compilation_config_and_choices_are_one_line_errors():
     with pytest.raises(SettingsError, match="VLLM_COMPILATION_CONFIG"):
         load_engine({"VLLM_COMPILATION_CONFIG": "{level"})
+    with pytest.raises(SettingsError, match="VLLM_STREAM_INTERVAL='four'"):
+        load_engine({"VLLM_STREAM_INTERVAL": "four"})
+    assert load_engine({"VLLM_STREAM_INTERVAL": "0"}).stream_interval == 1  # integers are clipped, not refused
     with pytest.raises(SettingsError, match="USE_VLLM='maybe'"):
         load_engine({"USE_VLLM": "maybe"})
 

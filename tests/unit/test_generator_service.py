@@ -113,7 +113,7 @@ def test_use_vllm_auto_needs_an_accelerator():
 def test_real_vllm_rejects_a_load_format_and_the_chain_recovers(tiny_model, caplog):
     """Real vLLM, real error: `awq` weights do not exist for this model; the retry without it serves."""
     with caplog.at_level("WARNING"):
-        s = service(tiny_model, VLLM_LOAD_FORMAT="awq", VLLM_MAX_NUM_SEQS="24")
+        s = service(tiny_model, VLLM_LOAD_FORMAT="awq", VLLM_MAX_NUM_SEQS="24", VLLM_STREAM_INTERVAL="4")
     try:
         assert s.replicas[0].runner.backend == "vllm"
         # The environment's scheduler setting wins over the device defaults, and /info shows it.
@@ -124,6 +124,7 @@ def test_real_vllm_rejects_a_load_format_and_the_chain_recovers(tiny_model, capl
         assert "Unscraped" in loggers and "PrometheusStatLogger" not in loggers, loggers
         assert "load_format='awq' rejected" in caplog.text
         check_sampling_params(s.replicas[0].runner)
+        check_a_stream_comes_in_pieces_of_the_interval(s.replicas[0].runner)
         check_a_failing_prompt_cancels_its_siblings(s.replicas[0].runner)
         check_a_runner_shut_down_answers_what_it_held(s.replicas[0].runner)  # last: the runner is gone after it
     finally:
@@ -151,6 +152,37 @@ def check_a_runner_shut_down_answers_what_it_held(runner):
     runner.cancel(handle)
     runner.shutdown(timeout_s=5)
     assert len(outcomes) == 1 and len(stream_errors) == 1
+
+
+def check_a_stream_comes_in_pieces_of_the_interval(runner):
+    """VLLM_STREAM_INTERVAL=4 reaches vLLM: after the first token, a piece every 4 tokens (or
+    fewer pieces, when the reader falls behind), the last one at once; the pieces together
+    are the answer the same settings give whole."""
+    from preprocess.engine.generation import GenerationItem
+    from preprocess.sampling import SamplingSettings
+
+    assert runner.engine.vllm_config.scheduler_config.stream_interval == 4
+    settings = SamplingSettings(max_tokens=10, temperature=0.0, top_p=1.0, top_k=-1, repetition_penalty=1.0,
+                                frequency_penalty=0.0, ignore_eos=True)
+    pieces, whole, ended = [], [], threading.Event()
+
+    def on_piece(event):
+        pieces.append(event)
+        if isinstance(event, Exception) or event.finish_reason is not None:
+            ended.set()
+
+    def on_whole(outcome):
+        whole.append(outcome)
+        ended.set()
+
+    runner.stream(GenerationItem([1, 2, 3], settings), on_piece)
+    assert ended.wait(120) and not any(isinstance(p, Exception) for p in pieces), pieces
+    ended.clear()
+    runner.submit([GenerationItem([1, 2, 3], settings)], on_whole)
+    assert ended.wait(120) and not isinstance(whole[0], Exception), whole
+    assert [p.tokens for p in pieces][0] == 1 and sum(p.tokens for p in pieces) == 10
+    assert len(pieces) <= 4, [p.tokens for p in pieces]  # 1 + 4 + 4 + 1; one a token would be 10
+    assert "".join(p.text for p in pieces) == whole[0][0].text
 
 
 def check_a_failing_prompt_cancels_its_siblings(runner):
