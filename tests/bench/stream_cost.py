@@ -3,10 +3,11 @@ model's stub and vLLM's engine processes, read from /proc around windows of conc
 streams (`/v1/completions`, `stream: true`, exactly `--tokens` tokens each, greedy). The
 tiny test model keeps the engine cheap, so the rest of the stream path shows.
 
-    python -m tests.bench.stream_cost [--checkout TREE] [--rounds 2] [--concurrency 64] [--out FILE]
+    python -m tests.bench.stream_cost [--checkout TREE] [--env NAME=VALUE ...] [--rounds 2]
+        [--concurrency 64] [--out FILE]
 
 `--checkout`: run that source tree's shim and model repository (another commit) on this
-venv. Prints one JSON line per window; `--out` keeps them all.
+venv; `--env`: variables on top of the server's (VLLM_STREAM_INTERVAL=8). Prints one JSON line per window; `--out` keeps them all.
 """
 from __future__ import annotations
 
@@ -30,13 +31,15 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--env", nargs="*", default=[], metavar="NAME=VALUE")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     checkout = args.checkout.resolve()
     model = build_tiny_model(TINY_MODEL)
     limits = {name: str(args.tokens) for name in ("MAX_NEW_TOKENS", "MAX_NEW_TOKENS_CODE_SOFT", "MAX_NEW_TOKENS_CODE")}
     env = server_env(model, USE_VLLM="true", SHIM_MAX_REQUEST_TOKENS=str(10**7), SHIM_MAX_QUEUED_TOKENS=str(10**8),
-                     **limits, **({"PYTHONPATH": str(checkout)} if checkout != REPO else {}))
+                     **limits, **({"PYTHONPATH": str(checkout)} if checkout != REPO else {}),
+                     **dict(item.split("=", 1) for item in args.env))
     server = start_server(env, "stream-cost-server.log", cwd=checkout)
     windows = []
     try:
@@ -48,9 +51,10 @@ def main(argv=None) -> None:
             result = openai_load(server.url, model.name, prompts, args.concurrency, args.tokens, stream=True)
             spent, _ = cpu.spent()
             chunks = round(result["chunks_per_stream"] * args.concurrency)
-            window = {"checkout": str(checkout), "round": round_, "streams": args.concurrency, "tokens": result["tokens"],
+            window = {"checkout": str(checkout), "env": args.env, "round": round_, "streams": args.concurrency, "tokens": result["tokens"],
                       "seconds": round(result["seconds"], 2), "tok_s": round(result["tokens"] / result["seconds"], 1),
                       "chunks": chunks, "cpu_ms_per_100_chunks": {k: round(1e5 * v / chunks, 1) for k, v in sorted(spent.items())},
+                      "cpu_ms_per_stream": {k: round(1e3 * v / args.concurrency, 2) for k, v in sorted(spent.items())},
                       "ttft_p50_ms": round(result["ttft_p50_ms"], 1), "at": time.strftime("%H:%M:%S")}
             print(json.dumps(window), flush=True)
             windows.append(window)
