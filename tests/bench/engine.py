@@ -29,6 +29,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -166,6 +167,8 @@ def main(argv=None):
     parser.add_argument("--skip-judge", action="store_true", help="online plan: no judge-shaped row")
     parser.add_argument("--vllm-serve-http", action="store_true",
                         help="online plan: also `vllm serve` itself over HTTP (path baseline4-vllm-serve-http)")
+    parser.add_argument("--vllm-serve-args", default="", metavar="'ARGS'",
+                        help="more arguments for that `vllm serve`, one string: --vllm-serve-args='--stream-interval 8'")
     parser.add_argument("--shim-http", action="store_true",
                         help="online plan: also the shim's /v1/completions over HTTP (path `shim /v1`)")
     parser.add_argument("--skip-ensemble", action="store_true",
@@ -199,12 +202,14 @@ def main(argv=None):
         kinds += [("baseline4-vllm-serve-http", "vllm-serve-http")] if args.vllm_serve_http else []
     record = Record(Path(args.out), {"device": device_name(), "plan": args.plan, "model_dir": str(model_dir),
                                      "memory_each": args.memory, "product_env": product_env,
+                                     "product_b_env": args.product_b_env, "vllm_serve_args": args.vllm_serve_args,
                                      "gpu_before": gpu_processes()})
     workers, product, product_b = {}, None, None
     try:
         for name, kind in kinds:
             started = time.perf_counter()
-            workers[name] = Worker(kind, str(model_dir), args.memory, env=anchor_env(worker_env, kind))
+            workers[name] = Worker(kind, str(model_dir), args.memory, env=anchor_env(worker_env, kind),
+                                   extra_args=shlex.split(args.vllm_serve_args) if kind == "vllm-serve-http" else ())
             log.info("%s up in %.1f s: %s", name, time.perf_counter() - started, workers[name].scheduler)
         product = Product(model_dir, product_env)
         log.info("product up in %.1f s: %s", product.startup_s, product.info.get("scheduler"))

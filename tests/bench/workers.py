@@ -221,8 +221,9 @@ def vllm_serve_command() -> list[str]:
         return ["vllm.entrypoints.openai.api_server", "--model"]
 
 
-async def vllm_serve_http_worker(model_dir: str, memory: float) -> None:
-    """`vllm serve` itself, started as users start it (its own defaults, the access log off).
+async def vllm_serve_http_worker(model_dir: str, memory: float, extra_args: list[str]) -> None:
+    """`vllm serve` itself, started as users start it (its own defaults, the access log off,
+    then `extra_args`).
     It only serves: the parent drives its /v1/completions with the same client it points at
     the shim (tests.bench.clients.openai_load), from READY's port until stdin closes."""
     import socket
@@ -237,7 +238,7 @@ async def vllm_serve_http_worker(model_dir: str, memory: float) -> None:
     with open(log_path, "w") as log_file:
         server = subprocess.Popen([sys.executable, "-m", *vllm_serve_command(), model_dir, "--host", "127.0.0.1",
                                    "--port", str(port), "--dtype", "bfloat16",
-                                   "--gpu-memory-utilization", str(memory), "--disable-uvicorn-access-log"],
+                                   "--gpu-memory-utilization", str(memory), "--disable-uvicorn-access-log", *extra_args],
                                   stdout=log_file, stderr=subprocess.STDOUT)
     try:
         async with aiohttp.ClientSession() as session:
@@ -268,9 +269,10 @@ async def vllm_serve_http_worker(model_dir: str, memory: float) -> None:
 class Worker:
     """The parent's handle on one resident baseline engine."""
 
-    def __init__(self, kind: str, model_dir: str, memory: float, env: dict | None = None):
+    def __init__(self, kind: str, model_dir: str, memory: float, env: dict | None = None, extra_args=()):
         self.kind = kind
-        self.process = subprocess.Popen([sys.executable, "-m", "tests.bench.workers", kind, model_dir, str(memory)],
+        self.process = subprocess.Popen([sys.executable, "-m", "tests.bench.workers", kind, model_dir, str(memory),
+                                         *extra_args],
                                         cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                         env=env)
         self.scheduler = json.loads(self._expect("READY "))
@@ -304,7 +306,7 @@ def main() -> None:
     if kind == "async-serve":
         asyncio.run(async_serve_worker(model_dir, memory))
     elif kind == "vllm-serve-http":
-        asyncio.run(vllm_serve_http_worker(model_dir, memory))
+        asyncio.run(vllm_serve_http_worker(model_dir, memory, sys.argv[4:]))
     else:
         offline_worker(kind, model_dir, memory)
 
