@@ -73,10 +73,12 @@ class EngineSettings:
     scheduler_defaults: str = "offline"  # whose batch-size defaults: offline LLM, vllm serve, bare engine
     async_scheduling: bool | None = None
     max_cudagraph_capture_size: int | None = None
-    # VLLM_STREAM_INTERVAL: tokens per streamed piece after the first (vLLM's --stream-interval);
-    # the first and the last piece go out at once. Larger pieces cost every process on the
-    # stream path less per token (docs/performance.md, "Streams in pieces of several tokens").
-    stream_interval: int | None = None
+    # VLLM_STREAM_INTERVAL: tokens per streamed piece after the first (vLLM's --stream-interval,
+    # whose default is 1); the first and the last piece go out at once. Every process on the
+    # stream path (generator, relay, tritonserver, shim) pays per piece, and with a piece a token
+    # the relay and the shim are what limits many streams (docs/performance.md, "Streams in
+    # pieces of 8 tokens").
+    stream_interval: int = 8
     # VLLM_ENGINE_STATS: vLLM's per-step statistics, which feed time to first token and the
     # KV-cache blocks in use; off spares the stub their cost and drops those two figures.
     # Default: off under BATCH_MODE (throughput first), on otherwise.
@@ -179,7 +181,7 @@ def load_engine(environ: Mapping[str, str], metax: bool | None = None, cpu_only:
         async_scheduling=env.optional_bool("VLLM_ASYNC_SCHEDULING"),
         max_cudagraph_capture_size=env.optional_int("VLLM_MAX_CUDAGRAPH_CAPTURE_SIZE", 1)
         or default_capture_size(max_num_seqs, graphs),
-        stream_interval=env.optional_int("VLLM_STREAM_INTERVAL", 1, 1024),
+        stream_interval=env.int("VLLM_STREAM_INTERVAL", 8, 1, 1024),
         # Off under BATCH_MODE: faster where the generator stub is the limit (docs/performance.md,
         # "vLLM's per-step statistics").
         engine_stats=env.bool("VLLM_ENGINE_STATS", not env.bool("BATCH_MODE", False)),

@@ -79,6 +79,7 @@ def engine_kwargs(settings: EngineSettings, model_dir: str) -> dict[str, Any]:
         "enable_prefix_caching": settings.enable_prefix_caching,
         "disable_log_stats": not settings.engine_stats,
         "enforce_eager": settings.enforce_eager,
+        "stream_interval": settings.stream_interval,
     }
     optional = {
         "max_model_len": settings.max_model_len,
@@ -94,7 +95,6 @@ def engine_kwargs(settings: EngineSettings, model_dir: str) -> dict[str, Any]:
         "compilation_config": settings.compilation_config,
         "async_scheduling": settings.async_scheduling,
         "max_cudagraph_capture_size": settings.max_cudagraph_capture_size,
-        "stream_interval": settings.stream_interval,
     }
     kwargs.update({k: v for k, v in optional.items() if v is not None})
     if settings.speculative is not None:

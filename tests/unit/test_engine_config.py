@@ -13,6 +13,7 @@ def test_reference_defaults_on_gpu():
     assert kw["enable_prefix_caching"] is True and kw["tensor_parallel_size"] == 1 and kw["enforce_eager"] is False
     assert kw["max_cudagraph_capture_size"] == 1024
     assert kw["compilation_config"] == {"backend": "eager"}
+    assert kw["stream_interval"] == 8  # a streamed piece per 8 tokens after the first (vLLM's: 1)
     for unset in ("max_model_len", "quantization", "load_format", "kv_cache_dtype", "max_num_seqs",
                   "max_num_batched_tokens", "enable_chunked_prefill", "speculative_config"):
         assert unset not in kw
