@@ -58,7 +58,7 @@ FIRST_ONLY = [
      True, "11 relay has the piece"),
     ("model_repository/generator_stream/1/model.py", "                if last:\n                    return\n", True,
      "12 relay sent it to Triton"),
-    ("shim/streaming.py", "                yield piece\n", True, "13 shim has the piece"),
+    ("shim/streaming.py", "                piece = read_piece(result)\n", False, "13 shim has the piece"),
     ("shim/routes/openai.py", "    include_usage = body.stream_options is not None", True, "14 shim route has it"),
 ]
 

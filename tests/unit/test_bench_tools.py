@@ -1,4 +1,6 @@
 """The benchmarks' own parsing: what they record must be what the GPU and the command line said."""
+import shutil
+
 import pytest
 
 from tests.bench.cpu import latencies_ms
@@ -92,3 +94,16 @@ def test_the_in_process_judge_counts_the_characters_of_its_cleaned_answers(token
     cleaned, _ = PostprocessStage(load({})).run(texts, [r.decision.route.value for r in rows],
                                                 [r.decision.is_code for r in rows])
     assert cleaned_chars(rows, texts) == sum(len(a) for a in cleaned) > 40
+
+
+def test_every_probe_of_the_first_piece_trace_finds_its_line_once(tmp_path):
+    """The trace patches probes into a copy of this tree at lines it finds by their text: a
+    change to one of those lines must fail here, not in a GPU session."""
+    from tests.bench.first_piece_trace import instrumented_copy
+
+    copy = instrumented_copy(tmp_path)
+    try:
+        assert "06 relay sent" in (copy / "preprocess/engine/stream_socket.py").read_text()
+        assert "13 shim has the piece" in (copy / "shim/streaming.py").read_text()
+    finally:
+        shutil.rmtree(copy)
