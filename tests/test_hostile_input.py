@@ -236,6 +236,9 @@ def test_a_body_shorter_than_its_length_is_answered_408_and_closed(server):
                  b"Content-Length: 100\r\n\r\n{\"prompt\": ")
     reply = read_all(sock)
     assert reply.startswith(b"HTTP/1.1 408") and b"SHIM_BODY_TIMEOUT_S" in reply
+    # The body was never read to its end: the answer ends the connection, so a client that
+    # goes on sending cannot hold it open (each byte would cancel the keep-alive timer).
+    assert b"connection: close" in reply.lower(), reply[:300]
 
 
 def trickle(sock, data: bytes, gap_s: float, bound_s: float) -> bytes:
@@ -270,6 +273,7 @@ def test_a_trickled_head_or_body_meets_the_door_timeout_though_bytes_keep_coming
     sock.sendall(sent)
     reply = trickle(sock, trickled, 0.2, 3 * limit + 5)
     assert reply.startswith(b"HTTP/1.1 408") and variable.encode() in reply, reply[:300]
+    assert b"connection: close" in reply.lower(), reply[:300]
 
 
 def test_a_huge_header_is_refused(server):

@@ -34,12 +34,13 @@ def test_body_over_the_limit_is_a_413(server):
     reply = raw_post(server, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                              b"Content-Length: 9437184\r\n\r\n", b'{"prompt": "')
     assert reply.startswith(b"HTTP/1.1 413") and b"SHIM_MAX_BODY_BYTES" in reply
+    assert b"connection: close" in reply.lower()  # the unread body ends the connection
     # A chunked body (no length up front) is counted as it arrives.
     chunk = b"x" * (1024 * 1024)
     body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(9)) + b"0\r\n\r\n"
     reply = raw_post(server, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                              b"Transfer-Encoding: chunked\r\n\r\n", body)
-    assert reply.startswith(b"HTTP/1.1 413")
+    assert reply.startswith(b"HTTP/1.1 413") and b"connection: close" in reply.lower()
     assert server.post("/predict", {"prompt": "still fine"})[0] == 200
 
 

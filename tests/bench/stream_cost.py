@@ -7,7 +7,8 @@ tiny test model keeps the engine cheap, so the rest of the stream path shows.
         [--concurrency 64] [--out FILE]
 
 `--checkout`: run that source tree's shim and model repository (another commit) on this
-venv; `--env`: variables on top of the server's (VLLM_STREAM_INTERVAL=8). Prints one JSON line per window; `--out` keeps them all.
+venv; `--env`: variables on top of the server's (VLLM_STREAM_INTERVAL=1). Prints one JSON
+line per window; `--out` keeps them all.
 """
 from __future__ import annotations
 
