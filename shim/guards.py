@@ -80,7 +80,10 @@ def from_loopback(scope) -> bool:
     return (mapped or address).is_loopback
 
 
-CLOSE = {"Connection": "close"}  # a refusal that leaves the body unread ends the connection
+# A refusal that leaves the request's body unread ends the connection with its answer: the
+# connection cannot carry another request, and left open, a client that keeps sending holds it
+# (each byte it sends cancels the server's keep-alive timer; nothing else bounds it).
+CLOSE = {"Connection": "close"}
 
 
 class BodyRefused(Exception):
@@ -135,6 +138,7 @@ class Guards:
         try:
             refusal, receive = await self._check(scope, receive, working)
             if refusal is not None:
+                refusal.headers.update(CLOSE)  # answered before any body was read
                 await refusal(scope, receive, send_and_record)
             else:
                 await self.app(scope, receive, send_and_record)
@@ -142,9 +146,6 @@ class Guards:
             if exc.message is None:  # the client went away mid-body: nobody to answer
                 status["code"] = 499
             else:
-                # The body was not read to its end: the connection cannot carry another request,
-                # and left open, a client that keeps sending holds it (each byte it sends
-                # cancels the server's keep-alive timer). Closed once the answer is out.
                 await error(exc.status, exc.message, CLOSE, path=scope["path"])(scope, receive, send_and_record)
         except Exception:
             log.exception("unhandled error on %s %s", scope["method"], route)
@@ -164,7 +165,7 @@ class Guards:
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             return error(413, f"request body of {length} bytes is over the limit of "
-                              f"{self.max_body_bytes} (SHIM_MAX_BODY_BYTES)", CLOSE, path=scope["path"]), receive
+                              f"{self.max_body_bytes} (SHIM_MAX_BODY_BYTES)", path=scope["path"]), receive
         if self.api_key and scope["path"].startswith(OPENAI_ROUTES):
             if not bearer_matches(headers, self.api_key):
                 why = "no API key given" if not headers.get("authorization") else "the API key is not this server's"

@@ -99,7 +99,9 @@ def test_admin_token_guards_system_prompt_updates_only(server, caplog):
                "MODEL_DIR": server.env["MODEL_DIR"], "SHIM_ADMIN_TOKEN": "s3cret-admin"}
     with TestClient(create_app(load(environ), live_environ=environ)) as client:
         warmed(client)  # the app warms up through the ensemble first
-        assert client.post("/system_prompt", json={"system_prompt": "x"}).status_code == 401
+        denied = client.post("/system_prompt", json={"system_prompt": "x"})
+        # Refused before its body was read: the answer ends the connection (guards.CLOSE).
+        assert denied.status_code == 401 and denied.headers["connection"] == "close"
         wrong = client.post("/system_prompt", json={"system_prompt": "x"}, headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and "s3cret" not in wrong.text
         right = client.post("/system_prompt", json={"system_prompt": "x"},
