@@ -55,7 +55,7 @@ def test_every_variable_reaches_its_argument():
            "VLLM_MAX_NUM_SEQS": "64", "VLLM_MAX_NUM_BATCHED_TOKENS": "8192", "VLLM_TOKENIZER_POOL_SIZE": "2",
            "VLLM_TOKENIZER_POOL_TYPE": "ray", "TENSOR_PARALLEL_SIZE": "2", "VLLM_ENFORCE_EAGER": "1",
            "ENABLE_CHUNKED_PREFILL": "1", "VLLM_COMPILATION_CONFIG": '{"level": 3}',
-           "VLLM_ATTENTION_BACKEND": "TRITON_ATTN", "VLLM_STREAM_INTERVAL": "8"}
+           "VLLM_ATTENTION_BACKEND": "TRITON_ATTN", "VLLM_STREAM_INTERVAL": "16"}
     kw = engine_kwargs(load_engine(env, metax=False), "/m")
     assert kw == {"model": "/m", "tokenizer": "/m", "tensor_parallel_size": 2, "gpu_memory_utilization": 0.5,
                   "dtype": "bfloat16", "enable_prefix_caching": False, "disable_log_stats": False,
@@ -63,7 +63,7 @@ def test_every_variable_reaches_its_argument():
                   "kv_cache_dtype": "fp8", "max_num_seqs": 64, "max_num_batched_tokens": 8192,
                   "tokenizer_pool_size": 2, "tokenizer_pool_type": "ray", "enable_chunked_prefill": True,
                   "compilation_config": {"level": 3}, "attention_backend": "TRITON_ATTN",
-                  "stream_interval": 8}
+                  "stream_interval": 16}
     assert engine_kwargs(load_engine({"VLLM_KV_CACHE_DTYPE": "fp8_e5m2", "KV_CACHE_DTYPE": "fp8"}), "/m")[
         "kv_cache_dtype"] == "fp8_e5m2"
 
