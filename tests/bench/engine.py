@@ -168,7 +168,8 @@ def main(argv=None):
     parser.add_argument("--vllm-serve-http", action="store_true",
                         help="online plan: also `vllm serve` itself over HTTP (path baseline4-vllm-serve-http)")
     parser.add_argument("--vllm-serve-args", default="", metavar="'ARGS'",
-                        help="more arguments for that `vllm serve`, one string: --vllm-serve-args='--stream-interval 8'")
+                        help="more arguments for that `vllm serve`, one string: "
+                        "--vllm-serve-args='--stream-interval 8'")
     parser.add_argument("--shim-http", action="store_true",
                         help="online plan: also the shim's /v1/completions over HTTP (path `shim /v1`)")
     parser.add_argument("--skip-ensemble", action="store_true",

@@ -52,8 +52,8 @@ def main(argv=None) -> None:
             result = openai_load(server.url, model.name, prompts, args.concurrency, args.tokens, stream=True)
             spent, _ = cpu.spent()
             chunks = round(result["chunks_per_stream"] * args.concurrency)
-            window = {"checkout": str(checkout), "env": args.env, "round": round_, "streams": args.concurrency, "tokens": result["tokens"],
-                      "seconds": round(result["seconds"], 2), "tok_s": round(result["tokens"] / result["seconds"], 1),
+            window = {"checkout": str(checkout), "env": args.env, "round": round_, "streams": args.concurrency,
+                      "tokens": result["tokens"], "seconds": round(result["seconds"], 2), "tok_s": round(result["tokens"] / result["seconds"], 1),
                       "chunks": chunks, "cpu_ms_per_100_chunks": {k: round(1e5 * v / chunks, 1) for k, v in sorted(spent.items())},
                       "cpu_ms_per_stream": {k: round(1e3 * v / args.concurrency, 2) for k, v in sorted(spent.items())},
                       "ttft_p50_ms": round(result["ttft_p50_ms"], 1), "at": time.strftime("%H:%M:%S")}

@@ -238,7 +238,8 @@ async def vllm_serve_http_worker(model_dir: str, memory: float, extra_args: list
     with open(log_path, "w") as log_file:
         server = subprocess.Popen([sys.executable, "-m", *vllm_serve_command(), model_dir, "--host", "127.0.0.1",
                                    "--port", str(port), "--dtype", "bfloat16",
-                                   "--gpu-memory-utilization", str(memory), "--disable-uvicorn-access-log", *extra_args],
+                                   "--gpu-memory-utilization", str(memory), "--disable-uvicorn-access-log",
+                                   *extra_args],
                                   stdout=log_file, stderr=subprocess.STDOUT)
     try:
         async with aiohttp.ClientSession() as session:
