@@ -5,7 +5,8 @@ the time a client may take to send its request head (its keep-alive timer only r
 between requests). This h11 protocol adds both:
 - the request head must be complete within SHIM_HEADER_TIMEOUT_S of the connection (or of
   the previous response), else 408 and the connection is closed;
-- a head larger than SHIM_MAX_HEADER_BYTES is refused (431) by h11's own event-size limit.
+- a head larger than SHIM_MAX_HEADER_BYTES is refused (431) by h11's own event-size limit;
+- a connection whose request was answered before its body was read is closed after the answer.
 The body's size and deadline are the Guards middleware's (shim/guards.py).
 """
 from __future__ import annotations
@@ -61,8 +62,16 @@ def hardened_protocol(header_timeout_s: float) -> type[H11Protocol]:
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            if not self.transport.is_closing():
-                self._arm()  # the next request's head on this kept-alive connection
+            if self.transport.is_closing():
+                return
+            if self.conn.their_state is h11.SEND_BODY:
+                # Answered before its declared body was read (a GET with a body, a refusal):
+                # uvicorn would read the rest and drop it with no deadline, each byte cancelling
+                # its keep-alive timer, so a trickling client could hold the connection forever.
+                log.info("closing a connection answered before its request body was read")
+                self.transport.close()
+                return
+            self._arm()  # the next request's head on this kept-alive connection
 
         def connection_lost(self, exc) -> None:
             self._disarm()

@@ -3,6 +3,8 @@ every error is clean JSON and counted, and the door closes what is never finishe
 from __future__ import annotations
 
 import json
+import re
+import select
 import socket
 import time
 import urllib.request
@@ -244,8 +246,6 @@ def test_a_body_shorter_than_its_length_is_answered_408_and_closed(server):
 def trickle(sock, data: bytes, gap_s: float, bound_s: float) -> bytes:
     """Sends `data` a byte every `gap_s`, never finishing it within `bound_s`, and returns what
     the server answered (b"" when it answered nothing within the bound)."""
-    import select
-
     deadline = time.monotonic() + bound_s
     for byte in data:
         if time.monotonic() > deadline:
@@ -274,6 +274,48 @@ def test_a_trickled_head_or_body_meets_the_door_timeout_though_bytes_keep_coming
     reply = trickle(sock, trickled, 0.2, 3 * limit + 5)
     assert reply.startswith(b"HTTP/1.1 408") and variable.encode() in reply, reply[:300]
     assert b"connection: close" in reply.lower(), reply[:300]
+
+
+def read_one_answer(sock) -> bytes:
+    """Reads one HTTP answer with a content-length, leaving the connection as it is."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before a whole answer: {data[:300]!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: *(\d+)", head, re.I).group(1))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+@pytest.mark.parametrize("head", [
+    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 10000\r\n\r\n",
+    b"GET /v1/models HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+], ids=["length", "chunked"])
+def test_an_answer_given_before_the_body_was_read_ends_the_connection(server, head):
+    """A request answered without its declared body being read (a GET that declares one): the
+    server closes the connection after the answer, so a client that goes on sending that body a
+    byte every 0.2 s cannot hold the connection open (each byte would cancel the keep-alive
+    timer, and the rest of the body would be read and dropped with no deadline)."""
+    sock = connect(server)
+    sock.sendall(head)
+    assert read_one_answer(sock).startswith(b"HTTP/1.1 200")
+    closed = False
+    for _ in range(100):  # 20 s of trickling at most; the close comes with the answer
+        if select.select([sock], [], [], 0.2)[0]:
+            try:
+                closed = sock.recv(1) == b""
+            except ConnectionResetError:
+                closed = True
+            break
+        try:
+            sock.sendall(b"a")
+        except OSError:
+            closed = True
+            break
+    assert closed, "the connection stayed open while the client trickled a body nobody reads"
 
 
 def test_a_huge_header_is_refused(server):
