@@ -166,24 +166,43 @@ def openai_load(base_url: str, model: str, prompts: list[str], concurrency: int,
     return asyncio.run(_openai_window(base_url, model, prompts, concurrency, tokens, stream))
 
 
-def engine_latency(before: dict, after: dict, client_mean_ms: float) -> dict | None:
-    """How much of a window's mean client latency its requests spent inside the engine,
-    from two scrapes of the generator's metrics around the window (`scrape_metrics`): the
-    `llm_generator_e2e_latency_seconds` histogram times each prompt from the start of its
-    `generate` on the engine's loop to its final output (vLLM's queue, prefill, decode and
-    output handling). The rest (`outside_engine_ms`) is HTTP, Triton, the three stages, their
-    queues, the hand-off to the loop and the answer's way back. None when the histogram is
-    absent (a Triton without histogram metrics) or saw no prompt in the window."""
-    from tests.conftest import over_replicas
+# The engine's own histograms of a request's time to first token and its whole time: the
+# product's generator (from the start of its `generate` on the engine's loop) and `vllm serve`
+# (vLLM's request statistics, from the request's arrival at its engine client). Both leave out
+# HTTP, the chat template and tokenizing.
+PRODUCT_ENGINE_HISTOGRAMS = ("llm_generator_time_to_first_token_seconds", "llm_generator_e2e_latency_seconds")
+VLLM_SERVE_ENGINE_HISTOGRAMS = ("vllm:time_to_first_token_seconds", "vllm:e2e_request_latency_seconds")
 
-    before, after = over_replicas(before), over_replicas(after)
-    name = "llm_generator_e2e_latency_seconds"
-    count = after.get(f"{name}_count", 0.0) - before.get(f"{name}_count", 0.0)
+
+def histogram_window(before: dict, after: dict, name: str) -> tuple[float, float]:
+    """(observations, their sum) that histogram `name` gained between two scrapes
+    (`scrape_metrics`), over all its label sets (replicas, engines, models)."""
+    def total(values: dict, suffix: str) -> float:
+        return sum(v for k, v in values.items() if k == name + suffix or k.startswith(f"{name}{suffix}{{"))
+
+    return (total(after, "_count") - total(before, "_count"), total(after, "_sum") - total(before, "_sum"))
+
+
+def engine_latency(before: dict, after: dict, client_mean_ms: float,
+                   histograms: tuple[str, str] = PRODUCT_ENGINE_HISTOGRAMS) -> dict | None:
+    """How much of a window's mean client latency its requests spent inside the engine, from
+    two scrapes of the engine's metrics around the window: the end-to-end histogram of
+    `histograms` times each prompt from its arrival at the engine to its final output (the
+    engine's queue, prefill, decode and output handling), and the first one its time to first
+    token. The rest (`outside_engine_ms`) is HTTP, the server's stages and queues, and the
+    answer's way back. None when the histogram is absent (a Triton without histogram metrics)
+    or saw no prompt in the window."""
+    ttft_name, e2e_name = histograms
+    count, seconds = histogram_window(before, after, e2e_name)
     if count <= 0:
         return None
-    engine_ms = 1000 * (after.get(f"{name}_sum", 0.0) - before.get(f"{name}_sum", 0.0)) / count
-    return {"prompts": int(count), "engine_mean_ms": round(engine_ms, 1),
-            "outside_engine_ms": round(client_mean_ms - engine_ms, 1)}
+    engine_ms = 1000 * seconds / count
+    split = {"prompts": int(count), "engine_mean_ms": round(engine_ms, 1),
+             "outside_engine_ms": round(client_mean_ms - engine_ms, 1)}
+    ttft_count, ttft_seconds = histogram_window(before, after, ttft_name)
+    if ttft_count > 0:
+        split["engine_ttft_mean_ms"] = round(1000 * ttft_seconds / ttft_count, 1)
+    return split
 
 
 STAGE_PHASES = ("queue", "compute_input", "compute_infer", "compute_output")

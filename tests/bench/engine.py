@@ -42,7 +42,8 @@ from tests.bench.cpu import (QUESTIONS, check_generated, device_name, generated_
                          tagged_questions)
 from tests.bench.hops import ttft_by_door  # noqa: E402
 from tests.bench.record import Record, print_table  # noqa: E402
-from tests.bench.clients import engine_latency, model_stats, online_load, openai_load, stage_times  # noqa: E402
+from tests.bench.clients import (VLLM_SERVE_ENGINE_HISTOGRAMS, engine_latency, model_stats, online_load,  # noqa: E402
+                                 openai_load, stage_times)
 from tests.bench.workers import Worker  # noqa: E402
 from tests.conftest import http_json, scrape_metrics, server_env, start_server, stop_server  # noqa: E402
 from tests.bench.gpu_watch import GpuSampler, gpu_processes  # noqa: E402
@@ -124,10 +125,13 @@ class Product:
     def http(self, concurrency: int, requests: int, tokens: int, tag: str, stream: bool = False) -> dict:
         """The shim's /v1/completions (the prompt verbatim, as `vllm serve` takes it), with
         each of its processes' share of a core over the window."""
+        url, metrics_url = self.server.triton_url, self.server.metrics_url
+        before, metrics_before = model_stats(url), scrape_metrics(metrics_url)
         window = CpuWindow(self.server.process.pid)
         result = openai_load(self.server.url, self.model_dir.name, tagged_questions(requests, tag), concurrency,
                              tokens, stream)
-        return {**result, "cpu_core_share": window.core_shares()}
+        return {**result, "cpu_core_share": window.core_shares(), "stages": stage_times(before, model_stats(url)),
+                "engine": engine_latency(metrics_before, scrape_metrics(metrics_url), result["mean_ms"])}
 
     def close(self) -> None:
         stop_server(self.server)
@@ -136,10 +140,14 @@ class Product:
 def vllm_serve_load(worker, concurrency: int, requests: int, tokens: int, tag: str, stream: bool = False) -> dict:
     """Baseline 4's /v1/completions, through the same client as `Product.http`, with its
     processes' shares of a core (its API server is the worker's child)."""
+    metrics_url = f"{worker.scheduler['url']}/metrics"
+    metrics_before = scrape_metrics(metrics_url)
     window = CpuWindow(worker.process.pid, "bench worker")
     result = openai_load(worker.scheduler["url"], worker.scheduler["model"], tagged_questions(requests, tag),
                          concurrency, tokens, stream)
-    return {**result, "cpu_core_share": window.core_shares()}
+    return {**result, "cpu_core_share": window.core_shares(),
+            "engine": engine_latency(metrics_before, scrape_metrics(metrics_url), result["mean_ms"],
+                                     VLLM_SERVE_ENGINE_HISTOGRAMS)}
 
 
 def main(argv=None):

@@ -38,8 +38,9 @@ class Record:
         if shares := result.get("cpu_core_share"):
             log.info("    cores busy: %s", ", ".join(f"{role} {share:.2f}" for role, share in shares.items() if share >= 0.05))
         if engine := result.get("engine"):
-            log.info("    client mean %.1f ms: %.1f ms in the engine, %.1f ms outside it (%d prompts)",
-                     result["mean_ms"], engine["engine_mean_ms"], engine["outside_engine_ms"], engine["prompts"])
+            log.info("    client mean %.1f ms: %.1f ms in the engine (first token %s ms), %.1f ms outside it "
+                     "(%d prompts)", result["mean_ms"], engine["engine_mean_ms"], engine.get("engine_ttft_mean_ms"),
+                     engine["outside_engine_ms"], engine["prompts"])
         self.write()
 
     def table(self) -> dict:

@@ -4,7 +4,7 @@ import shutil
 import pytest
 
 from tests.bench.cpu import latencies_ms
-from tests.bench.clients import engine_latency, stage_times
+from tests.bench.clients import VLLM_SERVE_ENGINE_HISTOGRAMS, engine_latency, stage_times
 from tests.bench.gpu_watch import parse_gpu_samples
 from tests.bench.replicas import grouped_by_limit, parse_case
 from tests.bench.engine import judge_questions
@@ -74,6 +74,20 @@ def test_engine_latency_splits_the_client_mean_at_the_engine():
     assert split == {"prompts": 90, "engine_mean_ms": 1000.0, "outside_engine_ms": 100.0}
     assert engine_latency(scrape(5, 4.0, 5, 6.0), scrape(5, 4.0, 5, 6.0), 10.0) is None  # no prompt in the window
     assert engine_latency({}, {}, 10.0) is None  # no histogram metrics on this Triton
+
+
+def test_engine_latency_reads_vllm_serve_s_histograms_with_their_time_to_first_token():
+    """`vllm serve`'s names and labels (as scrape_metrics keys them); a histogram whose name
+    begins with another's (`..._seconds_count` of a longer name) is not counted."""
+    ttft, e2e = VLLM_SERVE_ENGINE_HISTOGRAMS
+    labels = "{engine=0,model_name=m}"
+
+    def scrape(n, ttft_s, e2e_s):
+        return {f"{ttft}_count{labels}": n, f"{ttft}_sum{labels}": ttft_s, f"{e2e}_count{labels}": n,
+                f"{e2e}_sum{labels}": e2e_s, f"{e2e}_created{labels}": 1.7e9, f"{e2e}x_count{labels}": 1e6}
+
+    split = engine_latency(scrape(10, 1.0, 8.0), scrape(74, 7.4, 72.0), 1010.0, VLLM_SERVE_ENGINE_HISTOGRAMS)
+    assert split == {"prompts": 64, "engine_mean_ms": 1000.0, "outside_engine_ms": 10.0, "engine_ttft_mean_ms": 100.0}
 
 
 def test_latencies_ms_are_the_window_s_mean_and_percentiles():
