@@ -45,8 +45,10 @@ def test_generator_figures_after_real_requests(server):
     before = scrape(server.metrics_url)
     status, body = server.post("/predict", {"prompt": prompts, "max_new_tokens": 3, "ignore_eos": True})
     assert status == 200 and len(body["response"]) == 2
+    finished = "llm_generator_engine_requests_finished_total"  # vLLM's figures, sent every 0.5 s
     m = scrape_until(server.metrics_url, lambda m: m["llm_generator_e2e_latency_seconds_count"] >=
-                     before["llm_generator_e2e_latency_seconds_count"] + 2)
+                     before["llm_generator_e2e_latency_seconds_count"] + 2
+                     and m.get(finished, 0) >= before.get(finished, 0) + 2)
 
     def delta(name):
         return m[name] - before.get(name, 0)
@@ -55,6 +57,12 @@ def test_generator_figures_after_real_requests(server):
     assert delta("llm_generator_generation_tokens_total") == 6
     assert delta("llm_generator_e2e_latency_seconds_count") == 2
     assert delta("llm_generator_time_to_first_token_seconds_count") == 2
+    # vLLM's own phases of these requests, on its engine's clock: some prefill and, with 3
+    # tokens, some decode. (At least 2: the /explain requests' figures may come in late, as
+    # vLLM's figures are sent every 0.5 s.)
+    assert delta(finished) >= 2
+    phases = [delta(f"llm_generator_engine_{phase}_seconds_total") for phase in ("queue", "prefill", "decode")]
+    assert phases[1] > 0 and phases[2] > 0 and phases[0] >= 0, phases
     assert m["llm_generator_engine_up"] == 1
     # The concurrency the KV cache holds: its tokens over the mean tokens per request so far.
     scheduler = server.get("/info")[1]["scheduler"]

@@ -3,8 +3,9 @@
 `pb_utils` is passed in (this package never imports Triton). Figures:
 prompts and engine submissions (a batch of N prompts with one sampling setting is one
 submission), prompt/generated tokens, requests per token-limit bucket, time to first token
-and end-to-end latency, KV-cache blocks in use and in total, and the concurrency the cache
-can hold at the current average request length (blocks x block size / average tokens).
+and end-to-end latency, KV-cache blocks in use and in total, the concurrency the cache
+can hold at the current average request length (blocks x block size / average tokens), and
+vLLM's own per-request phases on its engine's clock (queue, prefill, decode), as running sums.
 """
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ SCHEDULER_FIGURES_S = 0.5  # how often the scheduler's figures are sent (each is
 LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
 
 
+# What a replica's engine keeps as running totals (KvCacheGauge.totals), each sent as a counter.
+ENGINE_TOTALS = ("engine_tokens", "engine_requests", "engine_queue_s", "engine_prefill_s", "engine_decode_s")
+
+
 class KvCacheGauge:
     """The engine's latest scheduler figures, fed by a vLLM stat logger (vLLM's own
     numbers): KV-cache usage, and the requests running and waiting in its scheduler."""
@@ -34,17 +39,25 @@ class KvCacheGauge:
         self.block_size = 0
         self.running = 0
         self.waiting = 0
-        self.generation_tokens = 0  # vLLM's count, step by step: aborted requests' tokens included
+        # Running sums since this engine started, by ENGINE_TOTALS family: vLLM's token count,
+        # step by step (aborted requests' tokens included), and its finished requests' phases
+        # (vLLM's FinishedRequestStats, timed by the engine core: what `vllm serve` exports as
+        # vllm:request_queue_time_seconds, ..._prefill_..., ..._decode_...).
+        self.totals = dict.fromkeys(ENGINE_TOTALS, 0.0)
         self.recorded = False  # whether vLLM has reported at all (not with VLLM_ENGINE_STATS=0)
+
+    @property
+    def generation_tokens(self) -> int:
+        return int(self.totals["engine_tokens"])
 
     def figures(self) -> tuple:
         """Everything above, as one message (a replica's child process sends it to the stub)."""
-        return (self.usage, self.total_blocks, self.block_size, self.running, self.waiting, self.generation_tokens,
-                self.recorded)
+        return (self.usage, self.total_blocks, self.block_size, self.running, self.waiting,
+                tuple(self.totals[name] for name in ENGINE_TOTALS), self.recorded)
 
     def load_figures(self, figures: tuple) -> None:
-        (self.usage, self.total_blocks, self.block_size, self.running, self.waiting, self.generation_tokens,
-         self.recorded) = figures
+        (self.usage, self.total_blocks, self.block_size, self.running, self.waiting, totals, self.recorded) = figures
+        self.totals = dict(zip(ENGINE_TOTALS, totals))
 
     def stat_logger_factory(self):
         gauge = self
@@ -67,7 +80,13 @@ class KvCacheGauge:
                     gauge.waiting = int(getattr(scheduler_stats, "num_waiting_reqs", 0))
                     gauge.recorded = True
                 if iteration_stats is not None:
-                    gauge.generation_tokens += int(getattr(iteration_stats, "num_generation_tokens", 0) or 0)
+                    totals = gauge.totals
+                    totals["engine_tokens"] += int(getattr(iteration_stats, "num_generation_tokens", 0) or 0)
+                    for finished in getattr(iteration_stats, "finished_requests", None) or ():
+                        totals["engine_requests"] += 1
+                        totals["engine_queue_s"] += max(0.0, float(getattr(finished, "queued_time", 0.0)))
+                        totals["engine_prefill_s"] += max(0.0, float(getattr(finished, "prefill_time", 0.0)))
+                        totals["engine_decode_s"] += max(0.0, float(getattr(finished, "decode_time", 0.0)))
 
             def log_engine_initialized(self):
                 pass
@@ -132,7 +151,7 @@ class Tally:
 
 # The families every replica has its own labelled metric of, in ReplicaFigures' order.
 REPLICA_FAMILIES = ("prompts", "submissions", "prompt_tokens", "generated_tokens", "kv_used", "kv_total",
-                    "kv_concurrency", "engine_up", "waiting", "running", "kv_usage", "engine_tokens")
+                    "kv_concurrency", "engine_up", "waiting", "running", "kv_usage")
 
 
 class ReplicaFigures:
@@ -146,9 +165,10 @@ class ReplicaFigures:
         self.tokens_seen = 0
         self.requests_seen = 0
         (self.prompts, self.submissions, self.prompt_tokens, self.generated_tokens, self.kv_used, self.kv_total,
-         self.kv_concurrency, self.engine_up, self.waiting, self.running, self.kv_usage, self.engine_tokens) = (
+         self.kv_concurrency, self.engine_up, self.waiting, self.running, self.kv_usage) = (
             families[name].Metric(labels=labels) for name in REPLICA_FAMILIES)
-        self.engine_tokens_sent = 0
+        self.engine_totals = {name: families[name].Metric(labels=labels) for name in ENGINE_TOTALS}
+        self.engine_totals_sent = dict.fromkeys(ENGINE_TOTALS, 0.0)
         self.scheduler_sent: tuple | None = None
         # Without vLLM's statistics (VLLM_ENGINE_STATS=0): () -> (prompts in flight, max_num_seqs)
         self.load = None
@@ -198,13 +218,13 @@ class ReplicaFigures:
         """vLLM's scheduler figures, sent when they changed. Without vLLM's statistics, the
         running and waiting counts follow from the prompts in flight and max_num_seqs (what
         the scheduler runs at once; a preemption for lack of KV cache is not seen then)."""
-        kv = self.kv
-        if kv.generation_tokens < self.engine_tokens_sent:  # a rebuilt engine's child counts from 0
-            self.engine_tokens_sent = 0
-        fresh = kv.generation_tokens - self.engine_tokens_sent
-        if fresh > 0:
-            self.engine_tokens.increment(fresh)
-            self.engine_tokens_sent += fresh
+        kv, sent = self.kv, self.engine_totals_sent
+        if any(kv.totals[name] < sent[name] for name in ENGINE_TOTALS):  # a rebuilt engine's child counts from 0
+            sent.update(dict.fromkeys(ENGINE_TOTALS, 0.0))
+        for name in ENGINE_TOTALS:  # each sum as its increase since the last send
+            if (fresh := kv.totals[name] - sent[name]) > 0:
+                self.engine_totals[name].increment(fresh)
+                sent[name] = kv.totals[name]
         if kv.recorded:
             figures = (kv.waiting, kv.running, round(kv.usage, 4))
         elif self.load is not None:
@@ -265,6 +285,14 @@ class GeneratorMetrics:
             "kv_usage": ("vllm:kv_cache_usage_perc", gauge, "KV-cache usage, 0 to 1"),
             "engine_tokens": ("vllm:generation_tokens_total", counter,
                               "Tokens vLLM generated, counted step by step (aborted requests' included)"),
+            "engine_requests": ("llm_generator_engine_requests_finished_total", counter,
+                                "Requests vLLM's engine finished (the count the engine_*_seconds sums are over)"),
+            "engine_queue_s": ("llm_generator_engine_queue_seconds_total", counter,
+                               "Seconds finished requests waited in vLLM's scheduler queue (engine core's clock)"),
+            "engine_prefill_s": ("llm_generator_engine_prefill_seconds_total", counter,
+                                 "Seconds finished requests spent from first scheduled to first token"),
+            "engine_decode_s": ("llm_generator_engine_decode_seconds_total", counter,
+                                "Seconds finished requests spent from first token to last token"),
             "streams": ("llm_generator_streams_total", counter,
                         "Streamed answers by outcome: finished, cancelled (aborted in vLLM) or failed"),
         }

@@ -166,42 +166,55 @@ def openai_load(base_url: str, model: str, prompts: list[str], concurrency: int,
     return asyncio.run(_openai_window(base_url, model, prompts, concurrency, tokens, stream))
 
 
-# The engine's own histograms of a request's time to first token and its whole time: the
-# product's generator (from the start of its `generate` on the engine's loop) and `vllm serve`
-# (vLLM's request statistics, from the request's arrival at its engine client). Both leave out
-# HTTP, the chat template and tokenizing.
-PRODUCT_ENGINE_HISTOGRAMS = ("llm_generator_time_to_first_token_seconds", "llm_generator_e2e_latency_seconds")
-VLLM_SERVE_ENGINE_HISTOGRAMS = ("vllm:time_to_first_token_seconds", "vllm:e2e_request_latency_seconds")
+# The engine's own view of a request, as (count, sum) series: its time to first token and its
+# whole time, from the product's generator (from the start of its `generate` on the engine's
+# loop) and `vllm serve` (vLLM's request statistics, from the request's arrival at its engine
+# client); both leave out HTTP, the chat template and tokenizing. Then vLLM's phases of a
+# finished request on its engine core's clock (queue, prefill, decode), the same on both sides.
+PHASES = ("queue", "prefill", "decode")
+PRODUCT_ENGINE_SERIES = {
+    "ttft": ("llm_generator_time_to_first_token_seconds_count", "llm_generator_time_to_first_token_seconds_sum"),
+    "e2e": ("llm_generator_e2e_latency_seconds_count", "llm_generator_e2e_latency_seconds_sum"),
+    **{phase: ("llm_generator_engine_requests_finished_total", f"llm_generator_engine_{phase}_seconds_total")
+       for phase in PHASES}}
+VLLM_SERVE_ENGINE_SERIES = {
+    "ttft": ("vllm:time_to_first_token_seconds_count", "vllm:time_to_first_token_seconds_sum"),
+    "e2e": ("vllm:e2e_request_latency_seconds_count", "vllm:e2e_request_latency_seconds_sum"),
+    **{phase: (f"vllm:request_{phase}_time_seconds_count", f"vllm:request_{phase}_time_seconds_sum")
+       for phase in PHASES}}
 
 
-def histogram_window(before: dict, after: dict, name: str) -> tuple[float, float]:
-    """(observations, their sum) that histogram `name` gained between two scrapes
-    (`scrape_metrics`), over all its label sets (replicas, engines, models)."""
-    def total(values: dict, suffix: str) -> float:
-        return sum(v for k, v in values.items() if k == name + suffix or k.startswith(f"{name}{suffix}{{"))
+def window_mean_ms(before: dict, after: dict, series: tuple[str, str]) -> tuple[int, float | None]:
+    """(observations, their mean in ms) that a (count, sum) series pair gained between two
+    scrapes (`scrape_metrics`), over all label sets (replicas, engines, models); the mean is
+    None when nothing was observed."""
+    def gained(name: str) -> float:
+        def total(values: dict) -> float:
+            return sum(v for k, v in values.items() if k == name or k.startswith(name + "{"))
+        return total(after) - total(before)
 
-    return (total(after, "_count") - total(before, "_count"), total(after, "_sum") - total(before, "_sum"))
+    count, seconds = (gained(name) for name in series)
+    return int(count), (1000 * seconds / count if count > 0 else None)
 
 
 def engine_latency(before: dict, after: dict, client_mean_ms: float,
-                   histograms: tuple[str, str] = PRODUCT_ENGINE_HISTOGRAMS) -> dict | None:
+                   series: dict = PRODUCT_ENGINE_SERIES) -> dict | None:
     """How much of a window's mean client latency its requests spent inside the engine, from
-    two scrapes of the engine's metrics around the window: the end-to-end histogram of
-    `histograms` times each prompt from its arrival at the engine to its final output (the
-    engine's queue, prefill, decode and output handling), and the first one its time to first
-    token. The rest (`outside_engine_ms`) is HTTP, the server's stages and queues, and the
-    answer's way back. None when the histogram is absent (a Triton without histogram metrics)
-    or saw no prompt in the window."""
-    ttft_name, e2e_name = histograms
-    count, seconds = histogram_window(before, after, e2e_name)
-    if count <= 0:
+    two scrapes of the engine's metrics around the window (`series`: PRODUCT_ENGINE_SERIES or
+    VLLM_SERVE_ENGINE_SERIES): the engine's mean whole time and time to first token, and
+    vLLM's queue, prefill and decode means where the engine reports them. The rest
+    (`outside_engine_ms`) is HTTP, the server's stages and queues, and the answer's way back.
+    None when the end-to-end series is absent (a Triton without histogram metrics) or saw no
+    prompt in the window."""
+    count, engine_ms = window_mean_ms(before, after, series["e2e"])
+    if engine_ms is None:
         return None
-    engine_ms = 1000 * seconds / count
-    split = {"prompts": int(count), "engine_mean_ms": round(engine_ms, 1),
+    split = {"prompts": count, "engine_mean_ms": round(engine_ms, 1),
              "outside_engine_ms": round(client_mean_ms - engine_ms, 1)}
-    ttft_count, ttft_seconds = histogram_window(before, after, ttft_name)
-    if ttft_count > 0:
-        split["engine_ttft_mean_ms"] = round(1000 * ttft_seconds / ttft_count, 1)
+    for name in ("ttft", *PHASES):
+        mean = window_mean_ms(before, after, series[name])[1] if name in series else None
+        if mean is not None:
+            split[f"engine_{name}_mean_ms"] = round(mean, 1)
     return split
 
 

@@ -42,7 +42,7 @@ from tests.bench.cpu import (QUESTIONS, check_generated, device_name, generated_
                          tagged_questions)
 from tests.bench.hops import ttft_by_door  # noqa: E402
 from tests.bench.record import Record, print_table  # noqa: E402
-from tests.bench.clients import (VLLM_SERVE_ENGINE_HISTOGRAMS, engine_latency, model_stats, online_load,  # noqa: E402
+from tests.bench.clients import (VLLM_SERVE_ENGINE_SERIES, engine_latency, model_stats, online_load,  # noqa: E402
                                  openai_load, stage_times)
 from tests.bench.workers import Worker  # noqa: E402
 from tests.conftest import http_json, scrape_metrics, server_env, start_server, stop_server  # noqa: E402
@@ -126,15 +126,23 @@ class Product:
         """The shim's /v1/completions (the prompt verbatim, as `vllm serve` takes it), with
         each of its processes' share of a core over the window."""
         url, metrics_url = self.server.triton_url, self.server.metrics_url
+        time.sleep(FIGURES_SETTLE_S)
         before, metrics_before = model_stats(url), scrape_metrics(metrics_url)
         window = CpuWindow(self.server.process.pid)
         result = openai_load(self.server.url, self.model_dir.name, tagged_questions(requests, tag), concurrency,
                              tokens, stream)
-        return {**result, "cpu_core_share": window.core_shares(), "stages": stage_times(before, model_stats(url)),
+        shares, stages = window.core_shares(), stage_times(before, model_stats(url))
+        time.sleep(FIGURES_SETTLE_S)
+        return {**result, "cpu_core_share": shares, "stages": stages,
                 "engine": engine_latency(metrics_before, scrape_metrics(metrics_url), result["mean_ms"])}
 
     def close(self) -> None:
         stop_server(self.server)
+
+
+# vLLM's figures reach the generator's metrics every 0.5 s (0.25 s more from a replica's own
+# process): a window's scrapes wait this long so its requests' phases fall inside it.
+FIGURES_SETTLE_S = 1.0
 
 
 def vllm_serve_load(worker, concurrency: int, requests: int, tokens: int, tag: str, stream: bool = False) -> dict:
@@ -147,7 +155,7 @@ def vllm_serve_load(worker, concurrency: int, requests: int, tokens: int, tag: s
                          concurrency, tokens, stream)
     return {**result, "cpu_core_share": window.core_shares(),
             "engine": engine_latency(metrics_before, scrape_metrics(metrics_url), result["mean_ms"],
-                                     VLLM_SERVE_ENGINE_HISTOGRAMS)}
+                                     VLLM_SERVE_ENGINE_SERIES)}
 
 
 def main(argv=None):

@@ -38,9 +38,11 @@ class Record:
         if shares := result.get("cpu_core_share"):
             log.info("    cores busy: %s", ", ".join(f"{role} {share:.2f}" for role, share in shares.items() if share >= 0.05))
         if engine := result.get("engine"):
-            log.info("    client mean %.1f ms: %.1f ms in the engine (first token %s ms), %.1f ms outside it "
-                     "(%d prompts)", result["mean_ms"], engine["engine_mean_ms"], engine.get("engine_ttft_mean_ms"),
-                     engine["outside_engine_ms"], engine["prompts"])
+            phases = ", ".join(f"{name} {engine[f'engine_{name}_mean_ms']:.1f}" for name in
+                               ("ttft", "queue", "prefill", "decode") if f"engine_{name}_mean_ms" in engine)
+            log.info("    client mean %.1f ms: %.1f ms in the engine (means, ms: %s), %.1f ms outside it (%d prompts)",
+                     result["mean_ms"], engine["engine_mean_ms"], phases or "none", engine["outside_engine_ms"],
+                     engine["prompts"])
         self.write()
 
     def table(self) -> dict:

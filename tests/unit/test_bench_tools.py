@@ -4,7 +4,7 @@ import shutil
 import pytest
 
 from tests.bench.cpu import latencies_ms
-from tests.bench.clients import VLLM_SERVE_ENGINE_HISTOGRAMS, engine_latency, stage_times
+from tests.bench.clients import VLLM_SERVE_ENGINE_SERIES, engine_latency, stage_times
 from tests.bench.gpu_watch import parse_gpu_samples
 from tests.bench.replicas import grouped_by_limit, parse_case
 from tests.bench.engine import judge_questions
@@ -76,18 +76,24 @@ def test_engine_latency_splits_the_client_mean_at_the_engine():
     assert engine_latency({}, {}, 10.0) is None  # no histogram metrics on this Triton
 
 
-def test_engine_latency_reads_vllm_serve_s_histograms_with_their_time_to_first_token():
-    """`vllm serve`'s names and labels (as scrape_metrics keys them); a histogram whose name
-    begins with another's (`..._seconds_count` of a longer name) is not counted."""
-    ttft, e2e = VLLM_SERVE_ENGINE_HISTOGRAMS
+def test_engine_latency_reads_vllm_serve_s_histograms_with_their_phases():
+    """`vllm serve`'s names and labels (as scrape_metrics keys them): time to first token and
+    vLLM's queue, prefill and decode means; a series whose name begins with another's is not
+    counted, and a phase that saw nothing is left out."""
     labels = "{engine=0,model_name=m}"
 
-    def scrape(n, ttft_s, e2e_s):
-        return {f"{ttft}_count{labels}": n, f"{ttft}_sum{labels}": ttft_s, f"{e2e}_count{labels}": n,
-                f"{e2e}_sum{labels}": e2e_s, f"{e2e}_created{labels}": 1.7e9, f"{e2e}x_count{labels}": 1e6}
+    def scrape(n, scale):
+        values = {f"{count}{labels}": n for count, _ in VLLM_SERVE_ENGINE_SERIES.values()}
+        values |= {f"{total}{labels}": n * scale * seconds for (_, total), seconds in zip(
+            VLLM_SERVE_ENGINE_SERIES.values(), (0.1, 1.0, 0.01, 0.05, 0.8))}
+        values |= {f"vllm:e2e_request_latency_seconds_created{labels}": 1.7e9,
+                   f"vllm:e2e_request_latency_seconds_countx{labels}": 1e6}
+        return values
 
-    split = engine_latency(scrape(10, 1.0, 8.0), scrape(74, 7.4, 72.0), 1010.0, VLLM_SERVE_ENGINE_HISTOGRAMS)
-    assert split == {"prompts": 64, "engine_mean_ms": 1000.0, "outside_engine_ms": 10.0, "engine_ttft_mean_ms": 100.0}
+    split = engine_latency(scrape(10, 1.0), scrape(74, 1.0), 1010.0, VLLM_SERVE_ENGINE_SERIES)
+    assert split == pytest.approx({"prompts": 64, "engine_mean_ms": 1000.0, "outside_engine_ms": 10.0,
+                                   "engine_ttft_mean_ms": 100.0, "engine_queue_mean_ms": 10.0,
+                                   "engine_prefill_mean_ms": 50.0, "engine_decode_mean_ms": 800.0})
 
 
 def test_latencies_ms_are_the_window_s_mean_and_percentiles():

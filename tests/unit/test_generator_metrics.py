@@ -264,3 +264,40 @@ def test_vllm_generated_tokens_count_step_by_step_and_cross_the_process_boundary
         assert wait_for(lambda: pb_utils.value("vllm:generation_tokens_total") == 45, 10)
     finally:
         metrics.close()
+
+
+def test_vllm_s_request_phases_are_summed_on_the_engine_s_clock_and_cross_the_process_boundary():
+    """Each finished request's queue, prefill and decode seconds (vLLM's FinishedRequestStats)
+    add to running sums beside a count of requests; the stub sends each sum's increase; a
+    rebuilt engine's child starts its sums from 0 and the counters only grow."""
+    from types import SimpleNamespace
+
+    from preprocess.engine.metrics import KvCacheGauge
+
+    def finished(queued, prefill, decode):
+        return SimpleNamespace(queued_time=queued, prefill_time=prefill, decode_time=decode)
+
+    config = SimpleNamespace(cache_config=SimpleNamespace(block_size=16, num_gpu_blocks=80))
+    scheduler = SimpleNamespace(kv_cache_usage=0.1, num_running_reqs=1, num_waiting_reqs=0)
+    child = KvCacheGauge()
+    recorder = child.stat_logger_factory()(config)
+    recorder.record(scheduler, SimpleNamespace(num_generation_tokens=4, finished_requests=[]))
+    recorder.record(scheduler, SimpleNamespace(num_generation_tokens=2, finished_requests=[
+        finished(0.5, 0.25, 2.0), finished(0.25, 0.125, 1.0)]))
+    names = {"llm_generator_engine_requests_finished_total": 2, "llm_generator_engine_queue_seconds_total": 0.75,
+             "llm_generator_engine_prefill_seconds_total": 0.375, "llm_generator_engine_decode_seconds_total": 3.0}
+    pb_utils = RecordingPbUtils()
+    metrics = GeneratorMetrics(pb_utils, replicas=1)
+    try:
+        metrics.kv_gauge(0).load_figures(child.figures())
+        assert wait_for(lambda: all(pb_utils.metrics.get((name, (("replica", "0"),))) and pb_utils.value(name) == value
+                                    for name, value in names.items()), 10), {n: pb_utils.value(n) for n in names}
+        reborn = KvCacheGauge()
+        reborn.stat_logger_factory()(config).record(scheduler, SimpleNamespace(
+            num_generation_tokens=1, finished_requests=[finished(0.0, 0.5, 4.0)]))
+        metrics.kv_gauge(0).load_figures(reborn.figures())
+        assert wait_for(lambda: pb_utils.value("llm_generator_engine_decode_seconds_total") == 7.0
+                        and pb_utils.value("llm_generator_engine_requests_finished_total") == 3, 10)
+        assert pb_utils.value("llm_generator_engine_queue_seconds_total") == 0.75
+    finally:
+        metrics.close()
