@@ -78,7 +78,8 @@ def figures_without_engine_stats(server) -> None:
 
     assert delta("llm_generator_prompts_total") == 1 and delta("llm_generator_generation_tokens_total") == 8
     for empty in ("llm_generator_time_to_first_token_seconds_count", "llm_generator_kv_cache_blocks_used",
-                  "vllm:kv_cache_usage_perc", "vllm:generation_tokens_total"):
+                  "vllm:kv_cache_usage_perc", "vllm:generation_tokens_total",
+                  "llm_generator_engine_requests_finished_total", "llm_generator_engine_decode_seconds_total"):
         assert figures.get(f"{empty}{{replica=0}}", 0) == 0, empty
 
 
